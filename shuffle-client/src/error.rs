@@ -1,0 +1,68 @@
+//! The client's one error type.
+
+use shuffle_protocol::{ErrorKind, MapId, PartitionId, ServiceError, ShuffleId};
+use thiserror::Error;
+
+/// What went wrong talking to the shuffle service.
+#[derive(Debug, Error)]
+pub enum ClientError {
+    /// The connection could not be set up.
+    #[error("cannot connect to {addr}: {reason}")]
+    Connect {
+        addr: std::net::SocketAddr,
+        reason: String,
+    },
+    /// Options that cannot work (no trusted certificate, say).
+    #[error("invalid client options: {0}")]
+    Options(String),
+    /// The server answered the request with an error.
+    #[error("server error ({:?}): {}", .0.kind, .0.message)]
+    Server(ServiceError),
+    /// The connection or stream broke.
+    #[error("connection lost: {0}")]
+    ConnectionLost(String),
+    /// The server sent something the protocol does not allow here.
+    #[error("protocol violation by the server: {0}")]
+    Protocol(String),
+    /// A write named a partition the shuffle does not have.
+    #[error("partition {partition} is out of range: shuffle {shuffle} has {partitions} partitions")]
+    PartitionOutOfRange {
+        shuffle: ShuffleId,
+        partition: PartitionId,
+        partitions: u32,
+    },
+    /// A single record is larger than a block may hold.
+    #[error("record of {len} bytes exceeds the largest block of {max} bytes")]
+    RecordTooLarge { len: usize, max: usize },
+    /// What a reader received does not match what the maps committed.
+    #[error("integrity check failed for shuffle {shuffle}, partition {partition}{}: {detail}",
+        .map.map(|m| format!(", map {m}")).unwrap_or_default())]
+    Integrity {
+        shuffle: ShuffleId,
+        partition: PartitionId,
+        map: Option<MapId>,
+        detail: String,
+    },
+}
+
+impl ClientError {
+    /// The server's error kind, if the server refused the request.
+    pub fn service_kind(&self) -> Option<ErrorKind> {
+        match self {
+            Self::Server(e) => Some(e.kind),
+            _ => None,
+        }
+    }
+}
+
+impl From<quinn::ConnectionError> for ClientError {
+    fn from(e: quinn::ConnectionError) -> Self {
+        match e {
+            quinn::ConnectionError::ApplicationClosed(close) => Self::ConnectionLost(format!(
+                "the server closed the connection: {}",
+                String::from_utf8_lossy(&close.reason)
+            )),
+            other => Self::ConnectionLost(other.to_string()),
+        }
+    }
+}

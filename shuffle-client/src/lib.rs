@@ -1,0 +1,42 @@
+//! The client library that compute processes link to use the shuffle service.
+//!
+//! A [`ShuffleClient`] holds one QUIC connection to a server, bound to one app.
+//! Through it a job registers shuffles ([`ShuffleSpec`]), writes each map
+//! attempt's output with a [`MapWriter`] (records buffered per partition and
+//! pushed as ~64 KiB lz4 blocks, never one message per record), and reads each
+//! partition with a [`PartitionReader`], which checks every block's CRC and
+//! the per-map totals the server reports, so that nothing is lost or
+//! duplicated silently.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), shuffle_client::ClientError> {
+//! use shuffle_client::{ClientOptions, ShuffleClient, ShuffleId, ShuffleSpec};
+//! let options = ClientOptions::new("my-job").trusted_cert("shuffle-data/tls/cert.pem");
+//! let client = ShuffleClient::connect("127.0.0.1:7337".parse().unwrap(), options).await?;
+//! client.register_shuffle(ShuffleId(0), ShuffleSpec::hash(1, 2)).await?;
+//! let mut writer = client.writer(ShuffleId(0), 0, 0).await?;
+//! writer.write(1, b"key", b"value").await?;
+//! writer.finish().await?;
+//! let mut reader = client.reader(ShuffleId(0), 1).await?;
+//! while let Some(record) = reader.next_record().await? {
+//!     println!("{:?} => {:?}", record.key, record.value);
+//! }
+//! # Ok(()) }
+//! ```
+
+mod client;
+mod error;
+mod options;
+mod reader;
+mod transport;
+mod writer;
+
+pub use client::ShuffleClient;
+pub use error::ClientError;
+pub use options::ClientOptions;
+pub use reader::{PartitionReader, Record, RecordBlock};
+pub use shuffle_protocol::{
+    AppId, AttemptId, Codec, ErrorKind, ExchangeMode, MapId, PartitionId, ServiceError, ShuffleId,
+    ShuffleSpec,
+};
+pub use writer::{CommitOutcome, MapWriter};

@@ -1,0 +1,36 @@
+//! The shared vocabulary of the shuffle service, with no I/O of its own.
+//!
+//! Everything a server and a client must agree on lives here: the ids of the
+//! things being shuffled ([`AppId`], [`ShuffleId`]), the control messages
+//! ([`Request`], [`Response`]) encoded with postcard, the one frame codec that
+//! carries both control messages and data blocks over any ordered byte stream
+//! ([`frame`]), the block format with lz4 compression and CRC32C integrity
+//! ([`block`]), and the framing of records inside a block ([`record`]).
+//!
+//! Like `quinn-proto`, this crate never touches a socket, a file or a clock:
+//! decoders take bytes and return values or errors, so they are tested (and
+//! fuzzed) without a network.
+
+pub mod block;
+pub mod error;
+pub mod frame;
+pub mod ids;
+pub mod limits;
+pub mod message;
+pub mod record;
+pub mod totals;
+
+pub use block::{
+    BLOCK_HEADER_LEN, Block, BlockHeader, BlockId, Codec, MAX_BLOCK_RAW_LEN, encode_block,
+};
+pub use error::ProtocolError;
+pub use frame::{
+    FRAME_HEADER_LEN, Frame, FrameKind, MAX_FRAME_LEN, decode_frame, encode_frame_header,
+};
+pub use ids::{AppId, AttemptId, MapId, PartitionId, ShuffleId};
+pub use message::{
+    ErrorKind, ExchangeMode, MapCommit, MapEnd, PROTOCOL_VERSION, Request, Response, ServiceError,
+    ShuffleSpec,
+};
+pub use record::{RecordIter, append_record, record_len};
+pub use totals::PartitionTotals;

@@ -1,0 +1,382 @@
+//! Control messages: what a client asks ([`Request`]) and what the server
+//! answers ([`Response`]), encoded with postcard inside request and response
+//! frames. Block payloads never pass through here.
+//!
+//! Each request runs on its own bidirectional stream:
+//!
+//! - `Hello` is the first stream of a connection; nothing else is served
+//!   before it succeeds.
+//! - `RegisterShuffle`, `UnregisterShuffle`, `UnregisterApp`: one request, one
+//!   `Ok` or `Error`.
+//! - `OpenPush`: answered by `PushAccepted`; then the client sends block
+//!   frames and one `MapEnd` request, and the server answers `Committed`,
+//!   `AttemptRefused` or `Error`.
+//! - `OpenPartition`: answered by block frames and a closing `PartitionEnd`
+//!   (or an `Error` at any point).
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    AppId, AttemptId, Codec, MapId, PartitionId, PartitionTotals, ProtocolError, ShuffleId,
+};
+
+/// Version of this message set; a server refuses a `Hello` with another.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Upper bound on maps and on partitions of one shuffle. It bounds the
+/// per-shuffle tables the server allocates from a client's `ShuffleSpec`.
+pub const MAX_MAPS_OR_PARTITIONS: u32 = 1_000_000;
+
+/// How a shuffle's data is laid out and exchanged (DESIGN.md, "The three exchange modes").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ExchangeMode {
+    /// Push-merge into one file per partition; readers start when all maps committed.
+    Hash,
+}
+
+/// What a client declares when it registers a shuffle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShuffleSpec {
+    /// Number of map tasks, M.
+    pub maps: u32,
+    /// Number of partitions, R.
+    pub partitions: u32,
+    /// Exchange mode.
+    pub mode: ExchangeMode,
+    /// Codec writers should use for blocks (a block may still be stored raw).
+    pub codec: Codec,
+}
+
+impl ShuffleSpec {
+    /// A hash shuffle of `maps` × `partitions` with lz4 blocks.
+    pub fn hash(maps: u32, partitions: u32) -> Self {
+        Self {
+            maps,
+            partitions,
+            mode: ExchangeMode::Hash,
+            codec: Codec::Lz4,
+        }
+    }
+
+    /// Checks the spec against the limits of this protocol version.
+    pub fn validate(&self) -> Result<(), String> {
+        for (what, n) in [("maps", self.maps), ("partitions", self.partitions)] {
+            if n == 0 || n > MAX_MAPS_OR_PARTITIONS {
+                return Err(format!(
+                    "{what} = {n} is outside 1..={MAX_MAPS_OR_PARTITIONS}"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The end of a map attempt: what it wrote to each partition it wrote to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MapEnd {
+    /// The map task.
+    pub map: MapId,
+    /// Its attempt.
+    pub attempt: AttemptId,
+    /// Totals of every partition this attempt wrote at least one block to, by ascending partition.
+    pub partitions: Vec<PartitionTotals>,
+}
+
+/// A request from client to server.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// Opens a connection for `app`, presenting the server's token if it has one.
+    Hello {
+        protocol_version: u16,
+        app: AppId,
+        auth_token: Option<String>,
+    },
+    /// Registers a shuffle of the connection's app; idempotent for an equal spec.
+    RegisterShuffle {
+        shuffle: ShuffleId,
+        spec: ShuffleSpec,
+    },
+    /// Removes a shuffle with its memory and files.
+    UnregisterShuffle { shuffle: ShuffleId },
+    /// Removes every shuffle of the connection's app, and the app itself.
+    UnregisterApp,
+    /// Starts pushing the blocks of one map attempt on this stream.
+    OpenPush {
+        shuffle: ShuffleId,
+        map: MapId,
+        attempt: AttemptId,
+    },
+    /// Ends the map attempt pushing on this stream.
+    MapEnd(MapEnd),
+    /// Reads one partition on this stream.
+    OpenPartition {
+        shuffle: ShuffleId,
+        partition: PartitionId,
+    },
+}
+
+/// The committed attempt of one map, and what it wrote to the partition being read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MapCommit {
+    /// The map task.
+    pub map: MapId,
+    /// Its committed attempt.
+    pub attempt: AttemptId,
+    /// What that attempt declared for this partition (zero blocks if it wrote none).
+    pub totals: PartitionTotals,
+}
+
+/// What went wrong, as a category a program can act on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ErrorKind {
+    /// Bytes that are not a valid frame, message or block.
+    Malformed,
+    /// A frame larger than the maximum frame size.
+    FrameTooLarge,
+    /// A message that is valid but not expected at this point of the stream.
+    UnexpectedMessage,
+    /// The client speaks another protocol version.
+    ProtocolVersion,
+    /// The connection did not present the server's auth token.
+    Unauthenticated,
+    /// The connection's app was unregistered or expired.
+    UnknownApp,
+    /// No such shuffle in this app.
+    UnknownShuffle,
+    /// A shuffle id registered again with a different spec.
+    ShuffleExists,
+    /// A spec outside the server's limits.
+    InvalidSpec,
+    /// A partition id not below the shuffle's partition count.
+    PartitionOutOfRange,
+    /// A map id not below the shuffle's map count.
+    MapOutOfRange,
+    /// A write to a shuffle whose maps have all committed.
+    ShuffleSealed,
+    /// A second `MapEnd` for an attempt that already ended.
+    DuplicateMapEnd,
+    /// Blocks for an attempt of a map that another attempt already committed.
+    AttemptSuperseded,
+    /// Blocks out of sequence, or totals that do not match what was received.
+    IntegrityMismatch,
+    /// The disk (or its reserve) is full.
+    DiskFull,
+    /// Any other I/O failure on the server.
+    Io,
+    /// The server is shutting down and takes no new work.
+    ShuttingDown,
+    /// The server has no room for another connection or stream.
+    Busy,
+}
+
+/// An error sent back to the client that caused it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceError {
+    /// The category.
+    pub kind: ErrorKind,
+    /// A sentence naming the cause and the ids involved.
+    pub message: String,
+}
+
+impl ServiceError {
+    /// An error of `kind` described by `message`.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for ServiceError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}: {}", self.kind, self.message)
+    }
+}
+
+impl From<ProtocolError> for ServiceError {
+    fn from(e: ProtocolError) -> Self {
+        let kind = match e {
+            ProtocolError::FrameTooLarge { .. } => ErrorKind::FrameTooLarge,
+            ProtocolError::BlockChecksum { .. } => ErrorKind::IntegrityMismatch,
+            _ => ErrorKind::Malformed,
+        };
+        Self::new(kind, e.to_string())
+    }
+}
+
+/// A response from server to client.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// The request succeeded and has nothing to return.
+    Ok,
+    /// The `Hello` succeeded.
+    Welcome { server_version: String },
+    /// The push may begin; the shuffle has this spec.
+    PushAccepted { spec: ShuffleSpec },
+    /// This attempt is the map's committed attempt.
+    Committed { map: MapId, attempt: AttemptId },
+    /// Another attempt of the map committed first; this one's blocks are discarded.
+    AttemptRefused {
+        map: MapId,
+        attempt: AttemptId,
+        committed_attempt: AttemptId,
+    },
+    /// All blocks of the partition were sent; here is what each map committed to it.
+    PartitionEnd {
+        partition: PartitionId,
+        maps: Vec<MapCommit>,
+    },
+    /// The request failed.
+    Error(ServiceError),
+}
+
+impl Request {
+    /// Encodes for a request frame.
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).expect("requests always serialize")
+    }
+
+    /// Decodes a request frame's payload.
+    pub fn decode(bytes: &[u8]) -> Result<Self, ProtocolError> {
+        postcard::from_bytes(bytes).map_err(|e| ProtocolError::MalformedMessage {
+            what: "request",
+            reason: e.to_string(),
+        })
+    }
+}
+
+impl Response {
+    /// Encodes for a response frame.
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).expect("responses always serialize")
+    }
+
+    /// Decodes a response frame's payload.
+    pub fn decode(bytes: &[u8]) -> Result<Self, ProtocolError> {
+        postcard::from_bytes(bytes).map_err(|e| ProtocolError::MalformedMessage {
+            what: "response",
+            reason: e.to_string(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn totals() -> impl Strategy<Value = PartitionTotals> {
+        (any::<u32>(), any::<u32>(), any::<u64>(), any::<u32>()).prop_map(
+            |(partition, blocks, records, checksum)| PartitionTotals {
+                partition,
+                blocks,
+                records,
+                checksum,
+            },
+        )
+    }
+
+    fn spec() -> impl Strategy<Value = ShuffleSpec> {
+        (any::<u32>(), any::<u32>(), any::<bool>()).prop_map(|(maps, partitions, lz4)| {
+            ShuffleSpec {
+                maps,
+                partitions,
+                mode: ExchangeMode::Hash,
+                codec: if lz4 { Codec::Lz4 } else { Codec::None },
+            }
+        })
+    }
+
+    fn request() -> impl Strategy<Value = Request> {
+        prop_oneof![
+            (
+                "[a-z0-9_.-]{1,64}",
+                any::<u16>(),
+                proptest::option::of(".{0,40}")
+            )
+                .prop_map(|(app, v, t)| {
+                    Request::Hello {
+                        protocol_version: v,
+                        app: AppId::new(app).unwrap(),
+                        auth_token: t,
+                    }
+                }),
+            (any::<u32>(), spec()).prop_map(|(s, spec)| Request::RegisterShuffle {
+                shuffle: ShuffleId(s),
+                spec
+            }),
+            any::<u32>().prop_map(|s| Request::UnregisterShuffle {
+                shuffle: ShuffleId(s)
+            }),
+            Just(Request::UnregisterApp),
+            (any::<u32>(), any::<u32>(), any::<u32>()).prop_map(|(s, map, attempt)| {
+                Request::OpenPush {
+                    shuffle: ShuffleId(s),
+                    map,
+                    attempt,
+                }
+            }),
+            (
+                any::<u32>(),
+                any::<u32>(),
+                proptest::collection::vec(totals(), 0..20)
+            )
+                .prop_map(|(map, attempt, partitions)| Request::MapEnd(MapEnd {
+                    map,
+                    attempt,
+                    partitions
+                })),
+            (any::<u32>(), any::<u32>()).prop_map(|(s, partition)| Request::OpenPartition {
+                shuffle: ShuffleId(s),
+                partition
+            }),
+        ]
+    }
+
+    fn response() -> impl Strategy<Value = Response> {
+        let commit =
+            (any::<u32>(), any::<u32>(), totals()).prop_map(|(map, attempt, totals)| MapCommit {
+                map,
+                attempt,
+                totals,
+            });
+        prop_oneof![
+            Just(Response::Ok),
+            ".{0,20}".prop_map(|v| Response::Welcome { server_version: v }),
+            spec().prop_map(|spec| Response::PushAccepted { spec }),
+            (any::<u32>(), any::<u32>())
+                .prop_map(|(map, attempt)| Response::Committed { map, attempt }),
+            (any::<u32>(), any::<u32>(), any::<u32>()).prop_map(|(map, attempt, c)| {
+                Response::AttemptRefused {
+                    map,
+                    attempt,
+                    committed_attempt: c,
+                }
+            }),
+            (any::<u32>(), proptest::collection::vec(commit, 0..10))
+                .prop_map(|(partition, maps)| Response::PartitionEnd { partition, maps }),
+            ".{0,80}"
+                .prop_map(|m| Response::Error(ServiceError::new(ErrorKind::UnknownShuffle, m))),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn requests_round_trip(req in request()) {
+            prop_assert_eq!(Request::decode(&req.encode()).unwrap(), req);
+        }
+
+        #[test]
+        fn responses_round_trip(resp in response()) {
+            prop_assert_eq!(Response::decode(&resp.encode()).unwrap(), resp);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic_the_message_decoders(bytes in proptest::collection::vec(any::<u8>(), 0..100)) {
+            let _ = Request::decode(&bytes);
+            let _ = Response::decode(&bytes);
+        }
+    }
+}

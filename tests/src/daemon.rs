@@ -1,0 +1,166 @@
+//! Runs the `shuffle-server` binary as a child process on a free port with a
+//! temporary data dir, for end-to-end tests that cross process boundaries.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+use shuffle_client::{ClientError, ClientOptions, ShuffleClient};
+
+/// How long the daemon may take to print its listening address.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The path of the built `shuffle-server` binary: `$SHUFFLE_SERVER_BIN`, or
+/// beside the test executable's directory in cargo's target dir. `cargo test
+/// --workspace` builds it (the server package has integration tests of its own).
+pub fn server_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("SHUFFLE_SERVER_BIN") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/<test>");
+    let path = profile_dir.join("shuffle-server");
+    assert!(
+        path.exists(),
+        "{} does not exist: run `cargo build -p shuffle-server` (or `cargo test --workspace`) first",
+        path.display()
+    );
+    path
+}
+
+/// A running daemon; killed (if still running) and its data dir removed on drop.
+pub struct Daemon {
+    /// The child process.
+    pub child: Child,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its data dir (a temporary directory unless given).
+    pub data_dir: PathBuf,
+    /// Keeps the temporary data dir alive.
+    _temp: Option<tempfile::TempDir>,
+    /// Lines the daemon logged after start-up, for assertions.
+    pub log: mpsc::Receiver<String>,
+}
+
+impl Daemon {
+    /// Starts the daemon on `127.0.0.1:0` with a fresh data dir and extra `args`.
+    pub fn start(args: &[&str]) -> Self {
+        let temp = tempfile::tempdir().expect("temporary data dir");
+        let data_dir = temp.path().to_path_buf();
+        let mut daemon = Self::start_in(&data_dir, args);
+        daemon._temp = Some(temp);
+        daemon
+    }
+
+    /// Starts the daemon with `data_dir` and extra `args`.
+    pub fn start_in(data_dir: &Path, args: &[&str]) -> Self {
+        let mut child = Command::new(server_binary())
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning shuffle-server");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let addr = loop {
+            let line = rx.recv_timeout(START_TIMEOUT).unwrap_or_else(|_| {
+                let _ = child.kill();
+                panic!("shuffle-server did not report its address within {START_TIMEOUT:?}")
+            });
+            if let Some(rest) = line.split("listening on ").nth(1) {
+                let addr = rest
+                    .split_whitespace()
+                    .next()
+                    .expect("address after 'listening on'");
+                break addr.parse().expect("a socket address");
+            }
+        };
+        Self {
+            child,
+            addr,
+            data_dir: data_dir.to_path_buf(),
+            _temp: None,
+            log: rx,
+        }
+    }
+
+    /// The generated certificate clients trust.
+    pub fn cert_path(&self) -> PathBuf {
+        self.data_dir.join("tls").join("cert.pem")
+    }
+
+    /// Client options for `app` trusting this daemon.
+    pub fn options(&self, app: &str) -> ClientOptions {
+        ClientOptions::new(app).trusted_cert(self.cert_path())
+    }
+
+    /// Connects a client for `app`.
+    pub async fn connect(&self, app: &str) -> Result<ShuffleClient, ClientError> {
+        ShuffleClient::connect(self.addr, self.options(app)).await
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        // SAFETY: kill(2) with a pid we own and a valid signal number.
+        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        assert_eq!(rc, 0, "sending SIGTERM");
+    }
+
+    /// Waits for the process to exit, at most `timeout`; returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().expect("waiting for the daemon") {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Bytes of all files under the daemon's `apps` directory.
+    pub fn shuffle_file_bytes(&self) -> u64 {
+        dir_bytes(&self.data_dir.join("apps"))
+    }
+}
+
+/// Bytes of all regular files under `dir`, recursively (0 if it does not exist).
+pub fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(Result::ok)
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => dir_bytes(&e.path()),
+            Ok(_) => e.metadata().map(|m| m.len()).unwrap_or(0),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

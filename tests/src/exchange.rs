@@ -1,0 +1,146 @@
+//! W1 `exchange` over a real client: M map tasks write the generated records,
+//! R reducers (started together with the maps) read their partitions, count,
+//! sum the keys and check that every key belongs to their partition.
+
+use std::time::{Duration, Instant};
+
+use shuffle_client::{ClientError, CommitOutcome, ShuffleClient, ShuffleId, ShuffleSpec};
+
+use crate::workload::{
+    W1_KEY_LEN, W1_RECORD_LEN, W1_VALUE_LEN, W1Totals, map_range, w1_partition, w1_record,
+};
+
+/// Parameters of one W1 run.
+#[derive(Clone, Copy, Debug)]
+pub struct ExchangeParams {
+    pub records: u64,
+    pub maps: u32,
+    pub partitions: u32,
+    pub seed: u64,
+}
+
+impl Default for ExchangeParams {
+    fn default() -> Self {
+        Self {
+            records: 10_000_000,
+            maps: 4,
+            partitions: 16,
+            seed: 42,
+        }
+    }
+}
+
+/// What a W1 run measured and received.
+#[derive(Clone, Copy, Debug)]
+pub struct ExchangeOutcome {
+    /// Totals over all reducers.
+    pub received: W1Totals,
+    /// Wall time from the first map starting to the last reducer finishing.
+    pub elapsed: Duration,
+    /// Input bytes (records × 100).
+    pub input_bytes: u64,
+}
+
+/// Writes map `m`'s records (attempt `attempt`) and finishes the attempt.
+pub async fn write_map(
+    client: &ShuffleClient,
+    shuffle: ShuffleId,
+    params: ExchangeParams,
+    map: u32,
+    attempt: u32,
+) -> Result<CommitOutcome, ClientError> {
+    let mut writer = client.writer(shuffle, map, attempt).await?;
+    let (mut key, mut value) = ([0u8; W1_KEY_LEN], [0u8; W1_VALUE_LEN]);
+    for i in map_range(params.records, params.maps, map) {
+        w1_record(params.seed, i, &mut key, &mut value);
+        writer
+            .write(w1_partition(&key, params.partitions), &key, &value)
+            .await?;
+    }
+    writer.finish().await
+}
+
+/// Reads one partition, checking that every key belongs to it.
+pub async fn read_partition(
+    client: &ShuffleClient,
+    shuffle: ShuffleId,
+    partition: u32,
+    partitions: u32,
+) -> Result<W1Totals, String> {
+    let mut reader = client
+        .reader(shuffle, partition)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut totals = W1Totals::default();
+    while let Some(block) = reader.next_block().await.map_err(|e| e.to_string())? {
+        for (key, value) in block.records() {
+            if key.len() != W1_KEY_LEN || value.len() != W1_VALUE_LEN {
+                return Err(format!(
+                    "partition {partition}: record of {}+{} bytes",
+                    key.len(),
+                    value.len()
+                ));
+            }
+            if w1_partition(key, partitions) != partition {
+                return Err(format!(
+                    "partition {partition} received a key of partition {}",
+                    w1_partition(key, partitions)
+                ));
+            }
+            totals.add_key(key);
+        }
+    }
+    Ok(totals)
+}
+
+/// Registers `shuffle`, runs W1 through it with readers started alongside the
+/// maps, and returns what the reducers received (unverified: see [`verify`]).
+pub async fn run_exchange(
+    client: &ShuffleClient,
+    shuffle: ShuffleId,
+    params: ExchangeParams,
+) -> Result<ExchangeOutcome, String> {
+    client
+        .register_shuffle(shuffle, ShuffleSpec::hash(params.maps, params.partitions))
+        .await
+        .map_err(|e| e.to_string())?;
+    let start = Instant::now();
+    let maps: Vec<_> = (0..params.maps)
+        .map(|m| {
+            let client = client.clone();
+            tokio::spawn(async move { write_map(&client, shuffle, params, m, 0).await })
+        })
+        .collect();
+    let reducers: Vec<_> = (0..params.partitions)
+        .map(|p| {
+            let client = client.clone();
+            tokio::spawn(
+                async move { read_partition(&client, shuffle, p, params.partitions).await },
+            )
+        })
+        .collect();
+    for (m, task) in maps.into_iter().enumerate() {
+        match task.await.map_err(|e| e.to_string())? {
+            Ok(CommitOutcome::Committed) => {}
+            other => return Err(format!("map {m} did not commit: {other:?}")),
+        }
+    }
+    let mut received = W1Totals::default();
+    for task in reducers {
+        received.merge(task.await.map_err(|e| e.to_string())??);
+    }
+    Ok(ExchangeOutcome {
+        received,
+        elapsed: start.elapsed(),
+        input_bytes: params.records * W1_RECORD_LEN as u64,
+    })
+}
+
+/// Checks a run's totals against the generator's.
+pub fn verify(params: ExchangeParams, received: W1Totals) -> Result<(), String> {
+    let expected = W1Totals::expected(params.seed, params.records);
+    if received != expected {
+        return Err(format!("received {received:?}, expected {expected:?}"));
+    }
+    Ok(())
+}

@@ -1,0 +1,121 @@
+//! A deliberately low-level client for bad-input tests: it speaks frames
+//! directly over QUIC so tests can send what `shuffle-client` never would
+//! (malformed frames, oversized headers, corrupt blocks, lying totals).
+
+use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
+
+use bytes::{Bytes, BytesMut};
+use rustls::pki_types::{CertificateDer, pem::PemObject};
+use shuffle_protocol::{
+    AppId, Frame, FrameKind, PROTOCOL_VERSION, Request, Response, decode_frame, frame::encode_frame,
+};
+use tokio::io::AsyncReadExt;
+
+/// A QUIC connection that has said `Hello`.
+pub struct RawConnection {
+    pub endpoint: quinn::Endpoint,
+    pub connection: quinn::Connection,
+}
+
+/// What a server sent back on one stream.
+#[derive(Debug)]
+pub struct Reply {
+    /// Responses in order.
+    pub responses: Vec<Response>,
+    /// Number of block frames received.
+    pub blocks: usize,
+}
+
+impl Reply {
+    /// The first error response, if any.
+    pub fn error(&self) -> Option<&shuffle_protocol::ServiceError> {
+        self.responses.iter().find_map(|r| match r {
+            Response::Error(e) => Some(e),
+            _ => None,
+        })
+    }
+}
+
+/// A request frame's bytes.
+pub fn request_bytes(request: &Request) -> Bytes {
+    encode_frame(FrameKind::Request, &request.encode())
+}
+
+impl RawConnection {
+    /// Connects and sends `Hello` for `app`; returns the server's answer to it too.
+    pub async fn connect(
+        addr: SocketAddr,
+        cert: &Path,
+        app: &str,
+        token: Option<&str>,
+    ) -> (Self, Reply) {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(cert).expect("cert file") {
+            roots.add(c.expect("cert")).expect("root");
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("tls13")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        tls.alpn_protocols = vec![b"shuffle/1".to_vec()];
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("quic tls");
+        let mut endpoint =
+            quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).expect("endpoint");
+        endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+        let connection = endpoint
+            .connect(addr, "localhost")
+            .expect("connect")
+            .await
+            .expect("handshake");
+        let raw = Self {
+            endpoint,
+            connection,
+        };
+        let hello = Request::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            app: AppId::new(app).expect("app id"),
+            auth_token: token.map(str::to_string),
+        };
+        let reply = raw.exchange(&[request_bytes(&hello)]).await;
+        (raw, reply)
+    }
+
+    /// Opens a stream, sends `chunks`, finishes, and collects everything the server sends back.
+    pub async fn exchange(&self, chunks: &[Bytes]) -> Reply {
+        let (mut send, mut recv) = self.connection.open_bi().await.expect("open stream");
+        for chunk in chunks {
+            if send.write_all(chunk).await.is_err() {
+                break; // the server stopped the stream; its reply says why
+            }
+        }
+        let _ = send.finish();
+        let mut buf = BytesMut::new();
+        let mut reply = Reply {
+            responses: Vec::new(),
+            blocks: 0,
+        };
+        let read = async {
+            loop {
+                while let Ok(Some(Frame { kind, payload })) = decode_frame(&mut buf) {
+                    match kind {
+                        FrameKind::Response => reply
+                            .responses
+                            .push(Response::decode(&payload).expect("response")),
+                        FrameKind::Block => reply.blocks += 1,
+                        FrameKind::Request => panic!("server sent a request frame"),
+                    }
+                }
+                match recv.read_buf(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), read)
+            .await
+            .expect("server reply within 20 s");
+        reply
+    }
+}
