@@ -76,9 +76,11 @@ impl ServerHandle {
     }
 
     /// Waits until the server has stopped (after a shutdown signal).
+    /// Cancel-safe: dropping this future leaves the handle able to wait again.
     pub async fn stopped(&mut self) {
-        if let Some(task) = self.task.take() {
+        if let Some(task) = &mut self.task {
             let _ = task.await;
+            self.task = None;
         }
     }
 
