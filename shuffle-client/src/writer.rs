@@ -3,9 +3,9 @@
 
 use bytes::Bytes;
 use shuffle_protocol::{
-    AttemptId, BlockHeader, BlockId, FrameKind, MAX_BLOCK_RAW_LEN, MapEnd, MapId, PartitionId,
-    PartitionTotals, Request, Response, ShuffleId, ShuffleSpec, append_record, encode_block,
-    encode_frame_header, record_len,
+    AttemptId, BLOCK_HEADER_LEN, BlockId, CodecChooser, FRAME_HEADER_LEN, FrameKind,
+    MAX_BLOCK_RAW_LEN, MapEnd, MapId, PartitionId, PartitionTotals, Request, Response, ShuffleId,
+    ShuffleSpec, append_record, encode_block_parts, encode_frame_header, record_len,
 };
 
 use crate::{
@@ -53,8 +53,11 @@ pub struct MapWriter {
     block_size: usize,
     /// Most bytes held across all buffers.
     write_buffer: usize,
-    /// Whether partition buffers keep their allocation after a push (only when R buffers fit the budget).
+    /// Whether partition buffers are allocated at full block size up front
+    /// (only when R such buffers fit the budget); otherwise they grow on demand.
     keep_allocations: bool,
+    /// Whether to try lz4 for the next block.
+    codec: CodecChooser,
     /// Set once the stream failed or finished, so drop does not reset it again.
     done: bool,
 }
@@ -87,6 +90,7 @@ impl MapWriter {
             block_size,
             write_buffer: options.write_buffer.max(block_size),
             keep_allocations,
+            codec: CodecChooser::new(spec.codec),
             done: false,
         }
     }
@@ -150,20 +154,24 @@ impl MapWriter {
             partition,
             sequence: buffer.totals.blocks,
         };
-        let block = encode_block(id, &buffer.records, buffer.count, self.spec.codec);
-        let header =
-            BlockHeader::decode(&block).map_err(|e| ClientError::Protocol(e.to_string()))?;
-        buffer.totals.add(&header);
         self.buffered -= buffer.records.len();
-        if self.keep_allocations {
-            buffer.records.clear();
+        // The buffer becomes the block's payload when stored raw, so the next
+        // records go to a fresh allocation of the usual size.
+        let capacity = if self.keep_allocations {
+            self.block_size + self.block_size / 8
         } else {
-            buffer.records = Vec::new();
-        }
-        buffer.count = 0;
-        let frame_header =
-            Bytes::copy_from_slice(&encode_frame_header(FrameKind::Block, block.len()));
-        self.send_chunks(&mut [frame_header, block]).await
+            0
+        };
+        let records = std::mem::replace(&mut buffer.records, Vec::with_capacity(capacity));
+        let tried = self.codec.choose();
+        let block = encode_block_parts(id, records, std::mem::take(&mut buffer.count), tried);
+        self.codec.observe(tried, &block.header);
+        buffer.totals.add(&block.header);
+        let mut head = Vec::with_capacity(FRAME_HEADER_LEN + BLOCK_HEADER_LEN);
+        head.extend_from_slice(&encode_frame_header(FrameKind::Block, block.len()));
+        head.extend_from_slice(&block.header_bytes);
+        self.send_chunks(&mut [Bytes::from(head), block.payload])
+            .await
     }
 
     /// Sends chunks; if the server stopped the stream, returns the error it sent.

@@ -81,7 +81,8 @@ pub struct BlockHeader {
 }
 
 impl BlockHeader {
-    fn encode(&self) -> [u8; BLOCK_HEADER_LEN] {
+    /// The header's bytes, header checksum included.
+    pub fn encode(&self) -> [u8; BLOCK_HEADER_LEN] {
         let mut h = [0u8; BLOCK_HEADER_LEN];
         h[0..2].copy_from_slice(&BLOCK_MAGIC.to_le_bytes());
         h[2] = BLOCK_VERSION;
@@ -244,48 +245,132 @@ impl Block {
     }
 }
 
-/// Encodes framed `records` (holding `record_count` records) as one block.
+/// A block ready to send: its header, and its payload as a separate buffer so
+/// that a payload stored raw is the writer's own buffer, never copied.
+#[derive(Clone, Debug)]
+pub struct EncodedBlock {
+    /// The parsed header fields.
+    pub header: BlockHeader,
+    /// The encoded header, to precede the payload.
+    pub header_bytes: [u8; BLOCK_HEADER_LEN],
+    /// The stored payload.
+    pub payload: Bytes,
+}
+
+impl EncodedBlock {
+    /// Header and payload as one contiguous buffer.
+    pub fn to_bytes(&self) -> Bytes {
+        let mut out = Vec::with_capacity(BLOCK_HEADER_LEN + self.payload.len());
+        out.extend_from_slice(&self.header_bytes);
+        out.extend_from_slice(&self.payload);
+        Bytes::from(out)
+    }
+
+    /// Whole block length on the wire.
+    pub fn len(&self) -> usize {
+        BLOCK_HEADER_LEN + self.payload.len()
+    }
+
+    /// Whether the block has no payload (a block always has a header).
+    pub fn is_empty(&self) -> bool {
+        self.payload.is_empty()
+    }
+}
+
+/// Encodes framed `records` (holding `record_count` records) as one block,
+/// taking ownership of the buffer.
 ///
 /// With [`Codec::Lz4`] the payload is compressed, and stored raw instead when
-/// compression does not shrink it. Panics if `records` exceeds
-/// [`MAX_BLOCK_RAW_LEN`], which writers must check first.
-pub fn encode_block(id: BlockId, records: &[u8], record_count: u32, codec: Codec) -> Bytes {
+/// compression does not shrink it; a raw payload is `records` itself. Panics
+/// if `records` exceeds [`MAX_BLOCK_RAW_LEN`], which writers must check first.
+pub fn encode_block_parts(
+    id: BlockId,
+    records: Vec<u8>,
+    record_count: u32,
+    codec: Codec,
+) -> EncodedBlock {
     assert!(
         records.len() <= MAX_BLOCK_RAW_LEN,
         "block of {} bytes exceeds MAX_BLOCK_RAW_LEN",
         records.len()
     );
-    let mut out = Vec::with_capacity(
-        BLOCK_HEADER_LEN + lz4_flex::block::get_maximum_output_size(records.len()),
-    );
-    out.resize(BLOCK_HEADER_LEN, 0);
-    let mut stored_codec = Codec::None;
+    let raw_len = records.len() as u32;
+    let mut stored = None;
     if codec == Codec::Lz4 {
-        out.resize(
-            BLOCK_HEADER_LEN + lz4_flex::block::get_maximum_output_size(records.len()),
-            0,
-        );
-        if let Ok(n) = lz4_flex::block::compress_into(records, &mut out[BLOCK_HEADER_LEN..])
+        let mut out = vec![0u8; lz4_flex::block::get_maximum_output_size(records.len())];
+        if let Ok(n) = lz4_flex::block::compress_into(&records, &mut out)
             && n < records.len()
         {
-            out.truncate(BLOCK_HEADER_LEN + n);
-            stored_codec = Codec::Lz4;
+            out.truncate(n);
+            stored = Some((Codec::Lz4, Bytes::from(out)));
         }
     }
-    if stored_codec == Codec::None {
-        out.truncate(BLOCK_HEADER_LEN);
-        out.extend_from_slice(records);
-    }
+    let (codec, payload) = stored.unwrap_or_else(|| (Codec::None, Bytes::from(records)));
     let header = BlockHeader {
         id,
-        codec: stored_codec,
+        codec,
         record_count,
-        raw_len: records.len() as u32,
-        stored_len: (out.len() - BLOCK_HEADER_LEN) as u32,
-        crc: crc32c::crc32c(&out[BLOCK_HEADER_LEN..]),
+        raw_len,
+        stored_len: payload.len() as u32,
+        crc: crc32c::crc32c(&payload),
     };
-    out[..BLOCK_HEADER_LEN].copy_from_slice(&header.encode());
-    Bytes::from(out)
+    EncodedBlock {
+        header,
+        header_bytes: header.encode(),
+        payload,
+    }
+}
+
+/// Encodes framed `records` as one contiguous block (see [`encode_block_parts`]).
+pub fn encode_block(id: BlockId, records: &[u8], record_count: u32, codec: Codec) -> Bytes {
+    encode_block_parts(id, records.to_vec(), record_count, codec).to_bytes()
+}
+
+/// Smallest saving, in 1/16ths of the raw size, for which lz4 is worth its
+/// CPU: below 1/16 (about 6%) a writer stops trying for a while. Random or
+/// already-compressed values (W1's hex digits, say) save nothing, and the
+/// attempt costs as much as everything else the writer does per byte.
+pub const MIN_LZ4_SAVING_SIXTEENTHS: usize = 1;
+
+/// Blocks a writer stores raw, without trying lz4, after an attempt that did
+/// not pay; then it tries again, so data that becomes compressible is caught.
+pub const LZ4_BACKOFF_BLOCKS: u32 = 16;
+
+/// Per-writer choice of codec for each block: lz4 while it pays, with a
+/// back-off after blocks where it did not. Plain state, no clock.
+#[derive(Clone, Debug)]
+pub struct CodecChooser {
+    /// The codec the shuffle asks for.
+    wanted: Codec,
+    /// Blocks left to store raw before trying lz4 again.
+    skip: u32,
+}
+
+impl CodecChooser {
+    /// A chooser for a shuffle whose spec asks for `wanted`.
+    pub fn new(wanted: Codec) -> Self {
+        Self { wanted, skip: 0 }
+    }
+
+    /// The codec to try for the next block.
+    pub fn choose(&mut self) -> Codec {
+        if self.wanted == Codec::None || self.skip > 0 {
+            self.skip = self.skip.saturating_sub(1);
+            return Codec::None;
+        }
+        Codec::Lz4
+    }
+
+    /// Records how a block that tried `tried` came out.
+    pub fn observe(&mut self, tried: Codec, header: &BlockHeader) {
+        if tried == Codec::Lz4 {
+            let raw = header.raw_len as usize;
+            let saved = raw.saturating_sub(header.stored_len as usize);
+            if saved * 16 < raw * MIN_LZ4_SAVING_SIXTEENTHS {
+                self.skip = LZ4_BACKOFF_BLOCKS;
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -366,6 +451,40 @@ mod tests {
             block.into_records(),
             Err(ProtocolError::MalformedRecords(_))
         ));
+    }
+
+    #[test]
+    fn codec_chooser_backs_off_when_lz4_does_not_pay_and_retries_later() {
+        let mut chooser = CodecChooser::new(Codec::Lz4);
+        let header = |raw_len, stored_len| BlockHeader {
+            id: id(),
+            codec: Codec::None,
+            record_count: 1,
+            raw_len,
+            stored_len,
+            crc: 0,
+        };
+        assert_eq!(chooser.choose(), Codec::Lz4);
+        chooser.observe(Codec::Lz4, &header(1600, 1000));
+        assert_eq!(chooser.choose(), Codec::Lz4, "a 37% saving keeps lz4 on");
+        chooser.observe(Codec::Lz4, &header(1600, 1550));
+        for _ in 0..LZ4_BACKOFF_BLOCKS {
+            assert_eq!(chooser.choose(), Codec::None, "a 3% saving is not worth it");
+        }
+        assert_eq!(chooser.choose(), Codec::Lz4, "then it probes again");
+        assert_eq!(CodecChooser::new(Codec::None).choose(), Codec::None);
+    }
+
+    #[test]
+    fn raw_payload_is_the_callers_buffer_uncopied() {
+        let raw = framed(&[(b"k".to_vec(), b"v".to_vec())]);
+        let ptr = raw.as_ptr();
+        let encoded = encode_block_parts(id(), raw, 1, Codec::None);
+        assert_eq!(encoded.payload.as_ptr(), ptr);
+        assert_eq!(
+            Block::parse(encoded.to_bytes()).unwrap().header,
+            encoded.header
+        );
     }
 
     proptest! {

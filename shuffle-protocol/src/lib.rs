@@ -21,7 +21,8 @@ pub mod record;
 pub mod totals;
 
 pub use block::{
-    BLOCK_HEADER_LEN, Block, BlockHeader, BlockId, Codec, MAX_BLOCK_RAW_LEN, encode_block,
+    BLOCK_HEADER_LEN, Block, BlockHeader, BlockId, Codec, CodecChooser, EncodedBlock,
+    MAX_BLOCK_RAW_LEN, encode_block, encode_block_parts,
 };
 pub use error::ProtocolError;
 pub use frame::{

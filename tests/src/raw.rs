@@ -41,6 +41,29 @@ pub fn request_bytes(request: &Request) -> Bytes {
     encode_frame(FrameKind::Request, &request.encode())
 }
 
+/// A QUIC client configuration trusting the PEM certificate at `cert`, with
+/// the service's transport settings.
+pub fn client_config(cert: &Path) -> quinn::ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(cert).expect("cert file") {
+        roots.add(c.expect("cert")).expect("root");
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("tls13")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"shuffle/1".to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("quic tls");
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    config.transport_config(shuffle_server::transport::transport_config(
+        Duration::from_secs(30),
+        0,
+    ));
+    config
+}
+
 impl RawConnection {
     /// Connects and sends `Hello` for `app`; returns the server's answer to it too.
     pub async fn connect(
@@ -49,21 +72,9 @@ impl RawConnection {
         app: &str,
         token: Option<&str>,
     ) -> (Self, Reply) {
-        let mut roots = rustls::RootCertStore::empty();
-        for c in CertificateDer::pem_file_iter(cert).expect("cert file") {
-            roots.add(c.expect("cert")).expect("root");
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .expect("tls13")
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        tls.alpn_protocols = vec![b"shuffle/1".to_vec()];
-        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("quic tls");
         let mut endpoint =
             quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).expect("endpoint");
-        endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+        endpoint.set_default_client_config(client_config(cert));
         let connection = endpoint
             .connect(addr, "localhost")
             .expect("connect")
