@@ -4,8 +4,7 @@ use std::{net::SocketAddr, sync::Arc};
 
 use rustls::pki_types::{CertificateDer, pem::PemObject};
 use shuffle_protocol::{
-    AppId, AttemptId, MapId, PROTOCOL_VERSION, PartitionId, Request, Response, ShuffleId,
-    ShuffleSpec,
+    AppId, AttemptId, MapId, PROTOCOL_VERSION, PartitionId, Request, Response, ShuffleId, ShuffleSpec,
 };
 
 use crate::{
@@ -36,24 +35,15 @@ struct Inner {
 impl ShuffleClient {
     /// Connects to the server at `addr` and binds the connection to `options.app`.
     pub async fn connect(addr: SocketAddr, options: ClientOptions) -> Result<Self, ClientError> {
-        let app =
-            AppId::new(options.app.clone()).map_err(|e| ClientError::Options(e.to_string()))?;
+        let app = AppId::new(options.app.clone()).map_err(|e| ClientError::Options(e.to_string()))?;
         let connect_err = |reason: String| ClientError::Connect { addr, reason };
         let crypto = client_crypto(&options)?;
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
         config.transport_config(transport_config(options.idle_timeout));
-        let bind: SocketAddr = if addr.is_ipv6() {
-            "[::]:0"
-        } else {
-            "0.0.0.0:0"
-        }
-        .parse()
-        .expect("valid literal");
+        let bind: SocketAddr = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().expect("valid literal");
         let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| connect_err(e.to_string()))?;
         endpoint.set_default_client_config(config);
-        let connecting = endpoint
-            .connect(addr, &options.server_name)
-            .map_err(|e| connect_err(e.to_string()))?;
+        let connecting = endpoint.connect(addr, &options.server_name).map_err(|e| connect_err(e.to_string()))?;
         let timeout = options.connect_timeout;
         let connection = tokio::time::timeout(timeout, connecting)
             .await
@@ -71,25 +61,14 @@ impl ShuffleClient {
         match tokio::time::timeout(timeout, welcome).await {
             Ok(Ok(Response::Welcome { .. })) => {}
             Ok(Ok(other)) => {
-                return Err(ClientError::Protocol(format!(
-                    "expected Welcome, got {other:?}"
-                )));
+                return Err(ClientError::Protocol(format!("expected Welcome, got {other:?}")));
             }
             Ok(Err(e)) => return Err(e),
             Err(_) => {
-                return Err(connect_err(format!(
-                    "no answer to Hello within {timeout:?}"
-                )));
+                return Err(connect_err(format!("no answer to Hello within {timeout:?}")));
             }
         }
-        Ok(Self {
-            inner: Arc::new(Inner {
-                endpoint,
-                connection,
-                options,
-                app,
-            }),
-        })
+        Ok(Self { inner: Arc::new(Inner { endpoint, connection, options, app }) })
     }
 
     /// The app this client is bound to.
@@ -112,13 +91,8 @@ impl ShuffleClient {
     }
 
     /// Registers a shuffle; registering the same id with an equal spec again is a no-op.
-    pub async fn register_shuffle(
-        &self,
-        shuffle: ShuffleId,
-        spec: ShuffleSpec,
-    ) -> Result<(), ClientError> {
-        self.call_ok(&Request::RegisterShuffle { shuffle, spec })
-            .await
+    pub async fn register_shuffle(&self, shuffle: ShuffleId, spec: ShuffleSpec) -> Result<(), ClientError> {
+        self.call_ok(&Request::RegisterShuffle { shuffle, spec }).await
     }
 
     /// Removes a shuffle with its memory and files on the server.
@@ -132,38 +106,19 @@ impl ShuffleClient {
     }
 
     /// Opens a writer for attempt `attempt` of map `map`.
-    pub async fn writer(
-        &self,
-        shuffle: ShuffleId,
-        map: MapId,
-        attempt: AttemptId,
-    ) -> Result<MapWriter, ClientError> {
-        let request = Request::OpenPush {
-            shuffle,
-            map,
-            attempt,
-        };
+    pub async fn writer(&self, shuffle: ShuffleId, map: MapId, attempt: AttemptId) -> Result<MapWriter, ClientError> {
+        let request = Request::OpenPush { shuffle, map, attempt };
         let (send, mut reader) = open_request(&self.inner.connection, &request, false).await?;
         match reader.response().await? {
-            Response::PushAccepted { spec } => Ok(MapWriter::new(
-                send,
-                reader,
-                (shuffle, map, attempt),
-                spec,
-                &self.inner.options,
-            )),
-            other => Err(ClientError::Protocol(format!(
-                "expected PushAccepted, got {other:?}"
-            ))),
+            Response::PushAccepted { spec } => {
+                Ok(MapWriter::new(send, reader, (shuffle, map, attempt), spec, &self.inner.options))
+            }
+            other => Err(ClientError::Protocol(format!("expected PushAccepted, got {other:?}"))),
         }
     }
 
     /// Opens a reader of `partition`; it yields records once every map has committed.
-    pub async fn reader(
-        &self,
-        shuffle: ShuffleId,
-        partition: PartitionId,
-    ) -> Result<PartitionReader, ClientError> {
+    pub async fn reader(&self, shuffle: ShuffleId, partition: PartitionId) -> Result<PartitionReader, ClientError> {
         let request = Request::OpenPartition { shuffle, partition };
         let (_send, reader) = open_request(&self.inner.connection, &request, true).await?;
         Ok(PartitionReader::new(reader, shuffle, partition))
@@ -177,14 +132,9 @@ impl ShuffleClient {
 }
 
 /// TLS 1.3 client configuration trusting the configured certificate.
-fn client_crypto(
-    options: &ClientOptions,
-) -> Result<quinn::crypto::rustls::QuicClientConfig, ClientError> {
+fn client_crypto(options: &ClientOptions) -> Result<quinn::crypto::rustls::QuicClientConfig, ClientError> {
     let path = options.trusted_cert.as_ref().ok_or_else(|| {
-        ClientError::Options(
-            "no trusted certificate: set ClientOptions::trusted_cert to the server's cert.pem"
-                .into(),
-        )
+        ClientError::Options("no trusted certificate: set ClientOptions::trusted_cert to the server's cert.pem".into())
     })?;
     let bad = |e: &dyn std::fmt::Display| ClientError::Options(format!("{}: {e}", path.display()));
     let mut roots = rustls::RootCertStore::empty();
@@ -201,6 +151,5 @@ fn client_crypto(
         .with_root_certificates(roots)
         .with_no_client_auth();
     tls.alpn_protocols = vec![ALPN.to_vec()];
-    quinn::crypto::rustls::QuicClientConfig::try_from(tls)
-        .map_err(|e| ClientError::Options(e.to_string()))
+    quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| ClientError::Options(e.to_string()))
 }

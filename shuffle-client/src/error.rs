@@ -8,10 +8,7 @@ use thiserror::Error;
 pub enum ClientError {
     /// The connection could not be set up.
     #[error("cannot connect to {addr}: {reason}")]
-    Connect {
-        addr: std::net::SocketAddr,
-        reason: String,
-    },
+    Connect { addr: std::net::SocketAddr, reason: String },
     /// Options that cannot work (no trusted certificate, say).
     #[error("invalid client options: {0}")]
     Options(String),
@@ -26,23 +23,14 @@ pub enum ClientError {
     Protocol(String),
     /// A write named a partition the shuffle does not have.
     #[error("partition {partition} is out of range: shuffle {shuffle} has {partitions} partitions")]
-    PartitionOutOfRange {
-        shuffle: ShuffleId,
-        partition: PartitionId,
-        partitions: u32,
-    },
+    PartitionOutOfRange { shuffle: ShuffleId, partition: PartitionId, partitions: u32 },
     /// A single record is larger than a block may hold.
     #[error("record of {len} bytes exceeds the largest block of {max} bytes")]
     RecordTooLarge { len: usize, max: usize },
     /// What a reader received does not match what the maps committed.
     #[error("integrity check failed for shuffle {shuffle}, partition {partition}{}: {detail}",
         .map.map(|m| format!(", map {m}")).unwrap_or_default())]
-    Integrity {
-        shuffle: ShuffleId,
-        partition: PartitionId,
-        map: Option<MapId>,
-        detail: String,
-    },
+    Integrity { shuffle: ShuffleId, partition: PartitionId, map: Option<MapId>, detail: String },
 }
 
 impl ClientError {

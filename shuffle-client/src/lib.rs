@@ -36,7 +36,6 @@ pub use error::ClientError;
 pub use options::ClientOptions;
 pub use reader::{PartitionReader, Record, RecordBlock};
 pub use shuffle_protocol::{
-    AppId, AttemptId, Codec, ErrorKind, ExchangeMode, MapId, PartitionId, ServiceError, ShuffleId,
-    ShuffleSpec,
+    AppId, AttemptId, Codec, ErrorKind, ExchangeMode, MapId, PartitionId, ServiceError, ShuffleId, ShuffleSpec,
 };
 pub use writer::{CommitOutcome, MapWriter};

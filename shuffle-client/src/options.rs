@@ -13,6 +13,12 @@ pub const DEFAULT_BLOCK_SIZE: usize = 64 * 1024;
 /// whatever R is.
 pub const DEFAULT_WRITE_BUFFER: usize = 32 * 1024 * 1024;
 
+/// Bytes of one sort-mode writer's sort buffer (keys, values and 16 bytes
+/// per record), 32 MiB: large enough that a map of a few hundred MB emits
+/// a handful of runs (few regions per partition to read and merge), small
+/// enough for several writers per compute process.
+pub const DEFAULT_SORT_BUFFER: usize = 32 * 1024 * 1024;
+
 /// Options of a [`crate::ShuffleClient`].
 #[derive(Clone, Debug)]
 pub struct ClientOptions {
@@ -26,8 +32,10 @@ pub struct ClientOptions {
     pub auth_token: Option<String>,
     /// Target size of a block's records before compression.
     pub block_size: usize,
-    /// Most bytes one writer buffers across its partitions.
+    /// Most bytes one hash-mode writer buffers across its partitions.
     pub write_buffer: usize,
+    /// Size of one sort-mode writer's sort buffer; each full buffer becomes a run.
+    pub sort_buffer: usize,
     /// How long connecting (handshake and Hello) may take.
     pub connect_timeout: Duration,
     /// A connection silent for this long is considered lost.
@@ -44,6 +52,7 @@ impl ClientOptions {
             auth_token: None,
             block_size: DEFAULT_BLOCK_SIZE,
             write_buffer: DEFAULT_WRITE_BUFFER,
+            sort_buffer: DEFAULT_SORT_BUFFER,
             connect_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(30),
         }

@@ -5,13 +5,21 @@
 //! `PartitionEnd` lists each map's committed attempt and declared totals, and
 //! what arrived must equal them exactly; any difference is an
 //! [`ClientError::Integrity`] naming the shuffle, partition and map.
+//!
+//! For a sort shuffle with key ordering, [`PartitionReader::next_record`]
+//! yields the partition's records in key order: it receives and checks every
+//! block first, then k-way merges the sorted runs (one per writer run of every
+//! map). That holds the partition's records in memory while it is read.
 
-use std::collections::HashMap;
+use std::{
+    cmp::Reverse,
+    collections::{BinaryHeap, HashMap},
+};
 
 use bytes::Bytes;
 use shuffle_protocol::{
-    AttemptId, Block, Frame, FrameKind, MapCommit, MapId, PartitionId, PartitionTotals, RecordIter,
-    Response, ShuffleId,
+    AttemptId, Block, Frame, FrameKind, MapCommit, MapId, PartitionId, PartitionTotals, RecordIter, Response,
+    ShuffleId, ShuffleSpec,
 };
 
 use crate::{ClientError, transport::FrameReader};
@@ -32,6 +40,8 @@ pub struct RecordBlock {
     count: u32,
     /// The map that wrote the block.
     map: MapId,
+    /// The writer's run the block belongs to (sort mode).
+    run: u32,
 }
 
 impl RecordBlock {
@@ -48,6 +58,11 @@ impl RecordBlock {
     /// The map task that wrote this block.
     pub fn map(&self) -> MapId {
         self.map
+    }
+
+    /// The writer's run this block belongs to (sort mode; 0 in hash mode).
+    pub fn run(&self) -> u32 {
+        self.run
     }
 
     /// The records as `(key, value)` slices.
@@ -70,6 +85,10 @@ pub struct PartitionReader {
     current: Option<(Bytes, usize)>,
     /// Set once `PartitionEnd` was received and checked.
     finished: bool,
+    /// The shuffle's spec, from the server's `PartitionOpened`.
+    spec: Option<ShuffleSpec>,
+    /// Key-ordered reads: the merge of all runs, once every block has arrived.
+    merge: Option<RunMerge>,
 }
 
 impl PartitionReader {
@@ -81,50 +100,49 @@ impl PartitionReader {
             received: HashMap::new(),
             current: None,
             finished: false,
+            spec: None,
+            merge: None,
         }
+    }
+
+    /// The shuffle's spec, once the server has opened the partition (after the first read call).
+    pub fn spec(&self) -> Option<ShuffleSpec> {
+        self.spec
     }
 
     fn integrity(&self, map: Option<MapId>, detail: String) -> ClientError {
-        ClientError::Integrity {
-            shuffle: self.shuffle,
-            partition: self.partition,
-            map,
-            detail,
-        }
+        ClientError::Integrity { shuffle: self.shuffle, partition: self.partition, map, detail }
     }
 
-    /// The next block of records; `None` once the partition is complete and checked.
+    /// The next block of records, in the order the server sends them (for a
+    /// key-ordered shuffle use [`PartitionReader::next_record`] to get key
+    /// order); `None` once the partition is complete and checked.
     pub async fn next_block(&mut self) -> Result<Option<RecordBlock>, ClientError> {
         if self.finished {
             return Ok(None);
         }
+        if self.spec.is_none() {
+            match self.reader.response().await? {
+                Response::PartitionOpened { spec } => self.spec = Some(spec),
+                other => return Err(ClientError::Protocol(format!("expected PartitionOpened, got {other:?}"))),
+            }
+        }
         match self.reader.next_frame().await? {
-            Some(Frame {
-                kind: FrameKind::Block,
-                payload,
-            }) => self.accept_block(payload).map(Some),
-            Some(Frame {
-                kind: FrameKind::Response,
-                payload,
-            }) => {
-                match Response::decode(&payload)
-                    .map_err(|e| ClientError::Protocol(e.to_string()))?
-                {
+            Some(Frame { kind: FrameKind::Block, payload }) => self.accept_block(payload).map(Some),
+            Some(Frame { kind: FrameKind::Response, payload }) => {
+                match Response::decode(&payload).map_err(|e| ClientError::Protocol(e.to_string()))? {
                     Response::PartitionEnd { partition, maps } if partition == self.partition => {
                         self.check_end(&maps)?;
                         self.finished = true;
                         Ok(None)
                     }
                     Response::Error(e) => Err(ClientError::Server(e)),
-                    other => Err(ClientError::Protocol(format!(
-                        "unexpected {other:?} on a partition stream"
-                    ))),
+                    other => Err(ClientError::Protocol(format!("unexpected {other:?} on a partition stream"))),
                 }
             }
-            Some(frame) => Err(ClientError::Protocol(format!(
-                "unexpected {:?} frame on a partition stream",
-                frame.kind
-            ))),
+            Some(frame) => {
+                Err(ClientError::Protocol(format!("unexpected {:?} frame on a partition stream", frame.kind)))
+            }
             None => Err(ClientError::ConnectionLost(format!(
                 "partition {} of shuffle {} ended before PartitionEnd",
                 self.partition, self.shuffle
@@ -138,48 +156,28 @@ impl PartitionReader {
         let header = block.header;
         let map = header.id.map;
         if header.id.partition != self.partition {
-            return Err(self.integrity(
-                Some(map),
-                format!("received a block of partition {}", header.id.partition),
-            ));
+            return Err(self.integrity(Some(map), format!("received a block of partition {}", header.id.partition)));
         }
-        let raw = block
-            .into_records()
-            .map_err(|e| self.integrity(Some(map), e.to_string()))?;
-        let (attempt, totals) = self
-            .received
-            .entry(map)
-            .or_insert_with(|| (header.id.attempt, PartitionTotals::new(header.id.partition)));
+        let raw = block.into_records().map_err(|e| self.integrity(Some(map), e.to_string()))?;
+        let (attempt, totals) =
+            self.received.entry(map).or_insert_with(|| (header.id.attempt, PartitionTotals::new(header.id.partition)));
         if *attempt != header.id.attempt {
-            let detail = format!(
-                "received blocks of attempts {} and {}",
-                *attempt, header.id.attempt
-            );
+            let detail = format!("received blocks of attempts {} and {}", *attempt, header.id.attempt);
             return Err(self.integrity(Some(map), detail));
         }
         if header.id.sequence != totals.blocks {
-            let detail = format!(
-                "block {} arrived where block {} was expected",
-                header.id.sequence, totals.blocks
-            );
+            let detail = format!("block {} arrived where block {} was expected", header.id.sequence, totals.blocks);
             return Err(self.integrity(Some(map), detail));
         }
         totals.add(&header);
-        Ok(RecordBlock {
-            raw,
-            count: header.record_count,
-            map,
-        })
+        Ok(RecordBlock { raw, count: header.record_count, map, run: header.id.run })
     }
 
     /// Checks what arrived against what every map committed.
     fn check_end(&self, maps: &[MapCommit]) -> Result<(), ClientError> {
         for (index, commit) in maps.iter().enumerate() {
             if commit.map as usize != index {
-                return Err(self.integrity(
-                    None,
-                    format!("PartitionEnd lists map {} at position {index}", commit.map),
-                ));
+                return Err(self.integrity(None, format!("PartitionEnd lists map {} at position {index}", commit.map)));
             }
             let empty = (commit.attempt, PartitionTotals::new(self.partition));
             let (attempt, got) = self.received.get(&commit.map).copied().unwrap_or(empty);
@@ -196,24 +194,37 @@ impl PartitionReader {
             }
         }
         if let Some(extra) = self.received.keys().find(|m| **m as usize >= maps.len()) {
-            return Err(self.integrity(
-                Some(*extra),
-                "received blocks of a map the shuffle does not have".into(),
-            ));
+            return Err(self.integrity(Some(*extra), "received blocks of a map the shuffle does not have".into()));
         }
         Ok(())
     }
 
-    /// The next record; `None` once the partition is complete and checked.
+    /// The next record — in key order for a key-ordered sort shuffle —;
+    /// `None` once the partition is complete and checked.
     pub async fn next_record(&mut self) -> Result<Option<Record>, ClientError> {
+        if self.merge.is_none() && self.current.is_none() && !self.finished {
+            // The first call learns the spec (and may already hold a block).
+            let first = self.next_block().await?;
+            if self.spec.is_some_and(|s| s.key_ordering) {
+                let mut runs: HashMap<(MapId, u32), Vec<Bytes>> = HashMap::new();
+                let mut block = first;
+                while let Some(b) = block {
+                    runs.entry((b.map, b.run)).or_default().push(b.raw);
+                    block = self.next_block().await?;
+                }
+                self.merge = Some(RunMerge::new(runs.into_values().collect()));
+            } else if let Some(b) = first {
+                self.current = Some((b.raw, 0));
+            }
+        }
+        if let Some(merge) = &mut self.merge {
+            return Ok(merge.next());
+        }
         loop {
             if let Some((raw, offset)) = &mut self.current {
                 let mut records = RecordIter::new(&raw[*offset..]);
                 if let Some(Ok((key, value))) = records.next() {
-                    let record = Record {
-                        key: raw.slice_ref(key),
-                        value: raw.slice_ref(value),
-                    };
+                    let record = Record { key: raw.slice_ref(key), value: raw.slice_ref(value) };
                     *offset = raw.len() - records.remaining_bytes();
                     return Ok(Some(record));
                 }
@@ -224,5 +235,61 @@ impl PartitionReader {
                 None => return Ok(None),
             }
         }
+    }
+}
+
+/// Reads the records of one sorted run, block after block.
+struct RunCursor {
+    /// Blocks not yet started.
+    blocks: std::vec::IntoIter<Bytes>,
+    /// The block being read and the offset reached.
+    raw: Bytes,
+    offset: usize,
+}
+
+impl RunCursor {
+    fn next(&mut self) -> Option<Record> {
+        loop {
+            if self.offset < self.raw.len() {
+                let mut records = RecordIter::new(&self.raw[self.offset..]);
+                // Blocks were validated on receipt, so records parse.
+                let (key, value) = records.next()?.ok()?;
+                let record = Record { key: self.raw.slice_ref(key), value: self.raw.slice_ref(value) };
+                self.offset = self.raw.len() - records.remaining_bytes();
+                return Some(record);
+            }
+            self.raw = self.blocks.next()?;
+            self.offset = 0;
+        }
+    }
+}
+
+/// A k-way merge of sorted runs by key (bytewise); ties go to the lower run index.
+struct RunMerge {
+    cursors: Vec<RunCursor>,
+    /// The head record of every run not yet exhausted.
+    heads: BinaryHeap<Reverse<(Bytes, usize, Bytes)>>,
+}
+
+impl RunMerge {
+    fn new(runs: Vec<Vec<Bytes>>) -> Self {
+        let mut cursors: Vec<RunCursor> = runs
+            .into_iter()
+            .map(|blocks| RunCursor { blocks: blocks.into_iter(), raw: Bytes::new(), offset: 0 })
+            .collect();
+        let heads = cursors
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(i, c)| c.next().map(|r| Reverse((r.key, i, r.value))))
+            .collect();
+        Self { cursors, heads }
+    }
+
+    fn next(&mut self) -> Option<Record> {
+        let Reverse((key, i, value)) = self.heads.pop()?;
+        if let Some(r) = self.cursors[i].next() {
+            self.heads.push(Reverse((r.key, i, r.value)));
+        }
+        Some(Record { key, value })
     }
 }

@@ -4,9 +4,7 @@
 use std::{sync::Arc, time::Duration};
 
 use bytes::{Bytes, BytesMut};
-use shuffle_protocol::{
-    Frame, FrameKind, Request, Response, decode_frame, frame::encode_frame, limits,
-};
+use shuffle_protocol::{Frame, FrameKind, Request, Response, decode_frame, frame::encode_frame, limits};
 use tokio::io::AsyncReadExt;
 
 use crate::ClientError;
@@ -24,35 +22,24 @@ pub struct FrameReader {
 
 impl FrameReader {
     pub fn new(recv: quinn::RecvStream) -> Self {
-        Self {
-            recv,
-            buf: BytesMut::with_capacity(READ_CHUNK),
-        }
+        Self { recv, buf: BytesMut::with_capacity(READ_CHUNK) }
     }
 
     /// The next frame; `None` when the stream ended cleanly between frames.
     pub async fn next_frame(&mut self) -> Result<Option<Frame>, ClientError> {
         loop {
-            if let Some(frame) =
-                decode_frame(&mut self.buf).map_err(|e| ClientError::Protocol(e.to_string()))?
-            {
+            if let Some(frame) = decode_frame(&mut self.buf).map_err(|e| ClientError::Protocol(e.to_string()))? {
                 return Ok(Some(frame));
             }
             if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
                 self.buf.reserve(READ_CHUNK);
             }
-            let n = self
-                .recv
-                .read_buf(&mut self.buf)
-                .await
-                .map_err(|e| ClientError::ConnectionLost(e.to_string()))?;
+            let n = self.recv.read_buf(&mut self.buf).await.map_err(|e| ClientError::ConnectionLost(e.to_string()))?;
             if n == 0 {
                 if self.buf.is_empty() {
                     return Ok(None);
                 }
-                return Err(ClientError::ConnectionLost(
-                    "stream ended inside a frame".into(),
-                ));
+                return Err(ClientError::ConnectionLost("stream ended inside a frame".into()));
             }
         }
     }
@@ -60,21 +47,13 @@ impl FrameReader {
     /// The next frame, which must be a response (an error response becomes `Err`).
     pub async fn response(&mut self) -> Result<Response, ClientError> {
         match self.next_frame().await? {
-            Some(Frame {
-                kind: FrameKind::Response,
-                payload,
-            }) => match Response::decode(&payload) {
+            Some(Frame { kind: FrameKind::Response, payload }) => match Response::decode(&payload) {
                 Ok(Response::Error(e)) => Err(ClientError::Server(e)),
                 Ok(response) => Ok(response),
                 Err(e) => Err(ClientError::Protocol(e.to_string())),
             },
-            Some(frame) => Err(ClientError::Protocol(format!(
-                "expected a response, got a {:?} frame",
-                frame.kind
-            ))),
-            None => Err(ClientError::ConnectionLost(
-                "stream ended before the server's response".into(),
-            )),
+            Some(frame) => Err(ClientError::Protocol(format!("expected a response, got a {:?} frame", frame.kind))),
+            None => Err(ClientError::ConnectionLost("stream ended before the server's response".into())),
         }
     }
 }
@@ -91,9 +70,7 @@ pub async fn open_request(
     finish: bool,
 ) -> Result<(quinn::SendStream, FrameReader), ClientError> {
     let (mut send, recv) = connection.open_bi().await?;
-    send.write_all_chunks(&mut [request_frame(request)])
-        .await
-        .map_err(write_error)?;
+    send.write_all_chunks(&mut [request_frame(request)]).await.map_err(write_error)?;
     if finish {
         let _ = send.finish();
     }

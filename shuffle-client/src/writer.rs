@@ -1,11 +1,21 @@
-//! [`MapWriter`]: the output of one map attempt, buffered per partition and
-//! pushed as blocks on one stream, ended by `MapEnd`.
+//! [`MapWriter`]: the output of one map attempt, pushed as blocks on one
+//! stream and ended by `MapEnd`.
+//!
+//! In hash mode records are buffered per partition and a partition's buffer
+//! is pushed as a block when it reaches the block size (or the largest one
+//! when the writer's budget is used up). In sort mode records go into one
+//! bounded sort buffer; when it fills, it is sorted by partition (and by key
+//! when the shuffle asks for key ordering) and emitted as a *run*: for each
+//! partition in order, its blocks. Either way memory is bounded however much
+//! a map writes, and sort mode allocates nothing per partition but totals.
+
+use std::collections::BTreeMap;
 
 use bytes::Bytes;
 use shuffle_protocol::{
-    AttemptId, BLOCK_HEADER_LEN, BlockId, CodecChooser, FRAME_HEADER_LEN, FrameKind,
-    MAX_BLOCK_RAW_LEN, MapEnd, MapId, PartitionId, PartitionTotals, Request, Response, ShuffleId,
-    ShuffleSpec, append_record, encode_block_parts, encode_frame_header, record_len,
+    AttemptId, BLOCK_HEADER_LEN, BlockId, CodecChooser, ExchangeMode, FRAME_HEADER_LEN, FrameKind, MAX_BLOCK_RAW_LEN,
+    MapEnd, MapId, PartitionId, PartitionTotals, Request, Response, ShuffleId, ShuffleSpec, append_record,
+    encode_block_parts, encode_frame_header, record_len,
 };
 
 use crate::{
@@ -22,15 +32,51 @@ pub enum CommitOutcome {
     Refused { committed_attempt: AttemptId },
 }
 
-/// One partition's pending records and what was pushed for it so far.
-#[derive(Default)]
-struct PartitionBuffer {
-    /// Framed records not yet pushed.
-    records: Vec<u8>,
-    /// Number of records in `records`.
-    count: u32,
-    /// Totals of the blocks pushed so far (the sequence number of the next block is `totals.blocks`).
-    totals: PartitionTotals,
+/// Hash mode: one buffer of framed records per partition.
+struct HashBuffers {
+    /// Framed records not yet pushed, per partition.
+    records: Vec<Vec<u8>>,
+    /// Number of records in each buffer.
+    counts: Vec<u32>,
+    /// Whether buffers are allocated at full block size up front (only when
+    /// R such buffers fit the budget); otherwise they grow on demand.
+    preallocate: bool,
+}
+
+/// Bytes a sort buffer accounts per record besides its key and value.
+pub const SORT_ENTRY_BYTES: usize = std::mem::size_of::<SortEntry>();
+
+/// One record in the sort buffer: where its key and value lie in the arena.
+#[derive(Clone, Copy, Debug)]
+struct SortEntry {
+    partition: PartitionId,
+    offset: u32,
+    key_len: u32,
+    value_len: u32,
+}
+
+/// Sort mode: keys and values back to back in an arena, one entry per record.
+struct SortBuffer {
+    arena: Vec<u8>,
+    entries: Vec<SortEntry>,
+    /// Most bytes (arena + entries) before a run is emitted.
+    capacity: usize,
+    /// Whether runs are sorted by key within each partition.
+    key_ordering: bool,
+    /// Number of the next run.
+    run: u32,
+}
+
+impl SortBuffer {
+    fn used(&self) -> usize {
+        self.arena.len() + self.entries.len() * SORT_ENTRY_BYTES
+    }
+}
+
+/// How a writer buffers records before they become blocks.
+enum Layout {
+    Hash(HashBuffers),
+    Sort(SortBuffer),
 }
 
 /// Writes one map attempt's records. Call [`MapWriter::finish`] to commit;
@@ -45,17 +91,19 @@ pub struct MapWriter {
     attempt: AttemptId,
     /// The shuffle's spec, as the server reported it.
     spec: ShuffleSpec,
-    /// One buffer per partition.
-    buffers: Vec<PartitionBuffer>,
-    /// Bytes of records held across all buffers.
+    /// The buffers of the shuffle's mode.
+    layout: Layout,
+    /// Totals of the blocks pushed so far per partition written; the
+    /// sequence number of a partition's next block is its `blocks`.
+    totals: BTreeMap<PartitionId, PartitionTotals>,
+    /// Bytes of records held now (hash: framed records; sort: arena and entries).
     buffered: usize,
+    /// The most `buffered` has been.
+    peak_buffered: usize,
     /// Target block size.
     block_size: usize,
-    /// Most bytes held across all buffers.
+    /// Most bytes held in hash buffers.
     write_buffer: usize,
-    /// Whether partition buffers are allocated at full block size up front
-    /// (only when R such buffers fit the budget); otherwise they grow on demand.
-    keep_allocations: bool,
     /// Whether to try lz4 for the next block.
     codec: CodecChooser,
     /// Set once the stream failed or finished, so drop does not reset it again.
@@ -71,107 +119,187 @@ impl MapWriter {
         options: &ClientOptions,
     ) -> Self {
         let block_size = options.block_size.clamp(1024, MAX_BLOCK_RAW_LEN);
-        let keep_allocations =
-            (spec.partitions as usize).saturating_mul(block_size) <= options.write_buffer;
+        let write_buffer = options.write_buffer.max(block_size);
+        let layout = match spec.mode {
+            ExchangeMode::Hash => Layout::Hash(HashBuffers {
+                records: (0..spec.partitions).map(|_| Vec::new()).collect(),
+                counts: vec![0; spec.partitions as usize],
+                preallocate: (spec.partitions as usize).saturating_mul(block_size) <= write_buffer,
+            }),
+            ExchangeMode::Sort => Layout::Sort(SortBuffer {
+                arena: Vec::new(),
+                entries: Vec::new(),
+                // Offsets into the arena are u32.
+                capacity: options.sort_buffer.clamp(64 * 1024, u32::MAX as usize / 2),
+                key_ordering: spec.key_ordering,
+                run: 0,
+            }),
+        };
         Self {
             send,
             reader,
             shuffle,
             map,
             attempt,
-            buffers: (0..spec.partitions)
-                .map(|p| PartitionBuffer {
-                    totals: PartitionTotals::new(p),
-                    ..Default::default()
-                })
-                .collect(),
             spec,
+            layout,
+            totals: BTreeMap::new(),
             buffered: 0,
+            peak_buffered: 0,
             block_size,
-            write_buffer: options.write_buffer.max(block_size),
-            keep_allocations,
+            write_buffer,
             codec: CodecChooser::new(spec.codec),
             done: false,
         }
     }
 
-    /// Bytes of records buffered now, across all partitions (bounded by the write budget).
+    /// Bytes of records buffered now (bounded by the write or sort buffer size).
     pub fn buffered_bytes(&self) -> usize {
         self.buffered
     }
 
-    /// Adds one record to `partition`. Pushes a block when the partition's
-    /// buffer reaches the block size, or the largest buffer when the writer's
-    /// budget is used up; waits while the server applies backpressure.
-    pub async fn write(
-        &mut self,
-        partition: PartitionId,
-        key: &[u8],
-        value: &[u8],
-    ) -> Result<(), ClientError> {
+    /// The most bytes this writer has buffered at once.
+    pub fn peak_buffered_bytes(&self) -> usize {
+        self.peak_buffered
+    }
+
+    /// Sort mode: the number of runs emitted so far.
+    pub fn runs(&self) -> u32 {
+        match &self.layout {
+            Layout::Sort(s) => s.run,
+            Layout::Hash(_) => 0,
+        }
+    }
+
+    /// Adds one record to `partition`. Pushes blocks as buffers fill; waits
+    /// while the server applies backpressure.
+    pub async fn write(&mut self, partition: PartitionId, key: &[u8], value: &[u8]) -> Result<(), ClientError> {
         let len = record_len(key.len(), value.len());
         if len > MAX_BLOCK_RAW_LEN {
-            return Err(ClientError::RecordTooLarge {
-                len,
-                max: MAX_BLOCK_RAW_LEN,
-            });
+            return Err(ClientError::RecordTooLarge { len, max: MAX_BLOCK_RAW_LEN });
         }
-        let Some(buffer) = self.buffers.get(partition as usize) else {
+        if partition >= self.spec.partitions {
             return Err(ClientError::PartitionOutOfRange {
                 shuffle: self.shuffle,
                 partition,
                 partitions: self.spec.partitions,
             });
-        };
-        if !buffer.records.is_empty() && buffer.records.len() + len > self.block_size {
-            self.push(partition).await?;
         }
-        let buffer = &mut self.buffers[partition as usize];
-        append_record(&mut buffer.records, key, value);
-        buffer.count += 1;
-        self.buffered += len;
-        if buffer.records.len() >= self.block_size {
-            self.push(partition).await?;
-        }
-        while self.buffered > self.write_buffer {
-            let largest = (0..self.buffers.len())
-                .max_by_key(|&p| self.buffers[p].records.len())
-                .unwrap_or(0);
-            self.push(largest as PartitionId).await?;
+        match &mut self.layout {
+            Layout::Hash(h) => {
+                let p = partition as usize;
+                if !h.records[p].is_empty() && h.records[p].len() + len > self.block_size {
+                    self.push_partition(partition).await?;
+                }
+                let Layout::Hash(h) = &mut self.layout else { unreachable!() };
+                append_record(&mut h.records[p], key, value);
+                h.counts[p] += 1;
+                self.buffered += len;
+                self.peak_buffered = self.peak_buffered.max(self.buffered);
+                if h.records[p].len() >= self.block_size {
+                    self.push_partition(partition).await?;
+                }
+                while self.buffered > self.write_buffer {
+                    let Layout::Hash(h) = &self.layout else { unreachable!() };
+                    let largest = (0..h.records.len()).max_by_key(|&p| h.records[p].len()).unwrap_or(0);
+                    self.push_partition(largest as PartitionId).await?;
+                }
+            }
+            Layout::Sort(s) => {
+                let need = key.len() + value.len() + SORT_ENTRY_BYTES;
+                if !s.entries.is_empty() && s.used() + need > s.capacity {
+                    self.emit_run().await?;
+                }
+                let Layout::Sort(s) = &mut self.layout else { unreachable!() };
+                let offset = s.arena.len() as u32;
+                s.arena.extend_from_slice(key);
+                s.arena.extend_from_slice(value);
+                s.entries.push(SortEntry {
+                    partition,
+                    offset,
+                    key_len: key.len() as u32,
+                    value_len: value.len() as u32,
+                });
+                self.buffered = s.used();
+                self.peak_buffered = self.peak_buffered.max(self.buffered);
+            }
         }
         Ok(())
     }
 
-    /// Encodes `partition`'s buffer as a block and sends it.
-    async fn push(&mut self, partition: PartitionId) -> Result<(), ClientError> {
-        let buffer = &mut self.buffers[partition as usize];
-        if buffer.count == 0 {
+    /// Hash mode: pushes `partition`'s buffer as a block.
+    async fn push_partition(&mut self, partition: PartitionId) -> Result<(), ClientError> {
+        let Layout::Hash(h) = &mut self.layout else { return Ok(()) };
+        let p = partition as usize;
+        if h.counts[p] == 0 {
             return Ok(());
         }
-        let id = BlockId {
-            map: self.map,
-            attempt: self.attempt,
-            partition,
-            sequence: buffer.totals.blocks,
-        };
-        self.buffered -= buffer.records.len();
+        self.buffered -= h.records[p].len();
         // The buffer becomes the block's payload when stored raw, so the next
         // records go to a fresh allocation of the usual size.
-        let capacity = if self.keep_allocations {
-            self.block_size + self.block_size / 8
+        let capacity = if h.preallocate { self.block_size + self.block_size / 8 } else { 0 };
+        let records = std::mem::replace(&mut h.records[p], Vec::with_capacity(capacity));
+        let count = std::mem::take(&mut h.counts[p]);
+        self.push_block(partition, 0, records, count).await
+    }
+
+    /// Sort mode: sorts the buffer and pushes it as one run.
+    async fn emit_run(&mut self) -> Result<(), ClientError> {
+        let Layout::Sort(s) = &mut self.layout else { return Ok(()) };
+        if s.entries.is_empty() {
+            return Ok(());
+        }
+        let (arena, mut entries, run) = (std::mem::take(&mut s.arena), std::mem::take(&mut s.entries), s.run);
+        let key = |e: &SortEntry| &arena[e.offset as usize..(e.offset + e.key_len) as usize];
+        if s.key_ordering {
+            entries.sort_unstable_by(|a, b| a.partition.cmp(&b.partition).then_with(|| key(a).cmp(key(b))));
         } else {
-            0
-        };
-        let records = std::mem::replace(&mut buffer.records, Vec::with_capacity(capacity));
+            entries.sort_unstable_by_key(|e| e.partition);
+        }
+        let mut block = Vec::with_capacity(self.block_size + self.block_size / 8);
+        let mut count = 0u32;
+        for (i, e) in entries.iter().enumerate() {
+            let start = e.offset as usize;
+            let (k, v) = arena[start..start + (e.key_len + e.value_len) as usize].split_at(e.key_len as usize);
+            if count > 0 && block.len() + record_len(k.len(), v.len()) > self.block_size {
+                let full = std::mem::replace(&mut block, Vec::with_capacity(self.block_size + self.block_size / 8));
+                self.push_block(e.partition, run, full, std::mem::take(&mut count)).await?;
+            }
+            append_record(&mut block, k, v);
+            count += 1;
+            if entries.get(i + 1).is_none_or(|next| next.partition != e.partition) {
+                let full = std::mem::replace(&mut block, Vec::with_capacity(self.block_size + self.block_size / 8));
+                self.push_block(e.partition, run, full, std::mem::take(&mut count)).await?;
+            }
+        }
+        let Layout::Sort(s) = &mut self.layout else { unreachable!() };
+        // Keep the allocations for the next run.
+        (s.arena, s.entries) = (arena, entries);
+        s.arena.clear();
+        s.entries.clear();
+        s.run += 1;
+        self.buffered = 0;
+        Ok(())
+    }
+
+    /// Encodes framed `records` as the partition's next block and sends it.
+    async fn push_block(
+        &mut self,
+        partition: PartitionId,
+        run: u32,
+        records: Vec<u8>,
+        count: u32,
+    ) -> Result<(), ClientError> {
+        let totals = self.totals.entry(partition).or_insert_with(|| PartitionTotals::new(partition));
+        let id = BlockId { map: self.map, attempt: self.attempt, partition, run, sequence: totals.blocks };
         let tried = self.codec.choose();
-        let block = encode_block_parts(id, records, std::mem::take(&mut buffer.count), tried);
+        let block = encode_block_parts(id, records, count, tried);
         self.codec.observe(tried, &block.header);
-        buffer.totals.add(&block.header);
+        totals.add(&block.header);
         let mut head = Vec::with_capacity(FRAME_HEADER_LEN + BLOCK_HEADER_LEN);
         head.extend_from_slice(&encode_frame_header(FrameKind::Block, block.len()));
         head.extend_from_slice(&block.header_bytes);
-        self.send_chunks(&mut [Bytes::from(head), block.payload])
-            .await
+        self.send_chunks(&mut [Bytes::from(head), block.payload]).await
     }
 
     /// Sends chunks; if the server stopped the stream, returns the error it sent.
@@ -182,9 +310,7 @@ impl MapWriter {
                 self.done = true;
                 Err(match self.reader.response().await {
                     Err(e) => e,
-                    Ok(other) => ClientError::Protocol(format!(
-                        "server stopped the push stream after {other:?}"
-                    )),
+                    Ok(other) => ClientError::Protocol(format!("server stopped the push stream after {other:?}")),
                 })
             }
             Err(e) => {
@@ -197,31 +323,23 @@ impl MapWriter {
     /// Pushes what is buffered, sends `MapEnd` with the totals of every
     /// partition written, and returns the server's commit decision.
     pub async fn finish(mut self) -> Result<CommitOutcome, ClientError> {
-        for partition in 0..self.spec.partitions {
-            self.push(partition).await?;
+        match &self.layout {
+            Layout::Hash(_) => {
+                for partition in 0..self.spec.partitions {
+                    self.push_partition(partition).await?;
+                }
+            }
+            Layout::Sort(_) => self.emit_run().await?,
         }
-        let partitions = self
-            .buffers
-            .iter()
-            .map(|b| b.totals)
-            .filter(|t| t.blocks > 0)
-            .collect();
-        let end = Request::MapEnd(MapEnd {
-            map: self.map,
-            attempt: self.attempt,
-            partitions,
-        });
+        let partitions = self.totals.values().copied().collect();
+        let end = Request::MapEnd(MapEnd { map: self.map, attempt: self.attempt, partitions });
         self.send_chunks(&mut [request_frame(&end)]).await?;
         self.done = true;
         let _ = self.send.finish();
         match self.reader.response().await? {
             Response::Committed { .. } => Ok(CommitOutcome::Committed),
-            Response::AttemptRefused {
-                committed_attempt, ..
-            } => Ok(CommitOutcome::Refused { committed_attempt }),
-            other => Err(ClientError::Protocol(format!(
-                "expected a commit decision, got {other:?}"
-            ))),
+            Response::AttemptRefused { committed_attempt, .. } => Ok(CommitOutcome::Refused { committed_attempt }),
+            other => Err(ClientError::Protocol(format!("expected a commit decision, got {other:?}"))),
         }
     }
 

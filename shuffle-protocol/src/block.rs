@@ -1,6 +1,6 @@
 //! The block: the unit of data on the wire and on disk.
 //!
-//! A block is a fixed 40-byte header followed by the stored payload: framed
+//! A block is a fixed 44-byte header followed by the stored payload: framed
 //! records (see [`crate::record`]), lz4-compressed unless compression did not
 //! shrink them. Blocks are self-contained, so the server can move, merge or
 //! spill them without looking inside, and a reader can check each one on its own.
@@ -15,12 +15,13 @@
 //! | 4 | map `u32` | |
 //! | 8 | attempt `u32` | |
 //! | 12 | partition `u32` | |
-//! | 16 | sequence `u32` | per (map, attempt, partition), from 0 |
-//! | 20 | record count `u32` | |
-//! | 24 | raw length `u32` | bytes of framed records |
-//! | 28 | stored length `u32` | bytes following the header |
-//! | 32 | CRC32C of the stored bytes `u32` | |
-//! | 36 | CRC32C of header bytes 0..36 `u32` | catches a flipped id or length |
+//! | 16 | run `u32` | sort mode: which of the writer's sorted runs (0 in hash mode) |
+//! | 20 | sequence `u32` | per (map, attempt, partition), from 0 |
+//! | 24 | record count `u32` | |
+//! | 28 | raw length `u32` | bytes of framed records |
+//! | 32 | stored length `u32` | bytes following the header |
+//! | 36 | CRC32C of the stored bytes `u32` | |
+//! | 40 | CRC32C of header bytes 0..40 `u32` | catches a flipped id or length |
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -28,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use crate::{AttemptId, MapId, PartitionId, ProtocolError, RecordIter};
 
 /// Bytes of a block header.
-pub const BLOCK_HEADER_LEN: usize = 40;
+pub const BLOCK_HEADER_LEN: usize = 44;
 /// First two bytes of every block, `"SB"`.
 pub const BLOCK_MAGIC: u16 = u16::from_le_bytes(*b"SB");
 /// Version of the block format described above.
@@ -59,6 +60,9 @@ pub struct BlockId {
     pub attempt: AttemptId,
     /// The partition the block's records belong to.
     pub partition: PartitionId,
+    /// In sort mode, the writer's run the block belongs to: its records are in
+    /// key order within the run, and runs are numbered from 0. Always 0 in hash mode.
+    pub run: u32,
     /// Position of the block among this (map, attempt, partition)'s blocks.
     pub sequence: u32,
 }
@@ -91,6 +95,7 @@ impl BlockHeader {
             self.id.map,
             self.id.attempt,
             self.id.partition,
+            self.id.run,
             self.id.sequence,
             self.record_count,
             self.raw_len,
@@ -102,8 +107,8 @@ impl BlockHeader {
         {
             h[4 + 4 * i..8 + 4 * i].copy_from_slice(&v.to_le_bytes());
         }
-        let header_crc = crc32c::crc32c(&h[..36]);
-        h[36..40].copy_from_slice(&header_crc.to_le_bytes());
+        let header_crc = crc32c::crc32c(&h[..40]);
+        h[40..44].copy_from_slice(&header_crc.to_le_bytes());
         h
     }
 
@@ -111,24 +116,16 @@ impl BlockHeader {
     pub fn decode(bytes: &[u8]) -> Result<Self, ProtocolError> {
         let bad = |why: String| Err(ProtocolError::MalformedBlock(why));
         if bytes.len() < BLOCK_HEADER_LEN {
-            return bad(format!(
-                "{} bytes is shorter than a block header",
-                bytes.len()
-            ));
+            return bad(format!("{} bytes is shorter than a block header", bytes.len()));
         }
-        let u32_at = |at: usize| {
-            u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
-        };
+        let u32_at = |at: usize| u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
         let magic = u16::from_le_bytes([bytes[0], bytes[1]]);
         if magic != BLOCK_MAGIC {
             return bad(format!("bad magic {magic:#06x}"));
         }
-        let header_crc = crc32c::crc32c(&bytes[..36]);
-        if header_crc != u32_at(36) {
-            return bad(format!(
-                "header checksum {:#010x} does not match {header_crc:#010x}",
-                u32_at(36)
-            ));
+        let header_crc = crc32c::crc32c(&bytes[..40]);
+        if header_crc != u32_at(40) {
+            return bad(format!("header checksum {:#010x} does not match {header_crc:#010x}", u32_at(40)));
         }
         if bytes[2] != BLOCK_VERSION {
             return bad(format!("unsupported block version {}", bytes[2]));
@@ -143,17 +140,16 @@ impl BlockHeader {
                 map: u32_at(4),
                 attempt: u32_at(8),
                 partition: u32_at(12),
-                sequence: u32_at(16),
+                run: u32_at(16),
+                sequence: u32_at(20),
             },
             codec,
-            record_count: u32_at(20),
-            raw_len: u32_at(24),
-            stored_len: u32_at(28),
-            crc: u32_at(32),
+            record_count: u32_at(24),
+            raw_len: u32_at(28),
+            stored_len: u32_at(32),
+            crc: u32_at(36),
         };
-        if header.raw_len as usize > MAX_BLOCK_RAW_LEN
-            || header.stored_len as usize > MAX_BLOCK_RAW_LEN
-        {
+        if header.raw_len as usize > MAX_BLOCK_RAW_LEN || header.stored_len as usize > MAX_BLOCK_RAW_LEN {
             return bad(format!(
                 "raw length {} or stored length {} exceeds the block limit of {MAX_BLOCK_RAW_LEN}",
                 header.raw_len, header.stored_len
@@ -203,10 +199,7 @@ impl Block {
     pub fn verify(&self) -> Result<(), ProtocolError> {
         let actual = crc32c::crc32c(self.payload());
         if actual != self.header.crc {
-            return Err(ProtocolError::BlockChecksum {
-                expected: self.header.crc,
-                actual,
-            });
+            return Err(ProtocolError::BlockChecksum { expected: self.header.crc, actual });
         }
         Ok(())
     }
@@ -283,17 +276,8 @@ impl EncodedBlock {
 /// With [`Codec::Lz4`] the payload is compressed, and stored raw instead when
 /// compression does not shrink it; a raw payload is `records` itself. Panics
 /// if `records` exceeds [`MAX_BLOCK_RAW_LEN`], which writers must check first.
-pub fn encode_block_parts(
-    id: BlockId,
-    records: Vec<u8>,
-    record_count: u32,
-    codec: Codec,
-) -> EncodedBlock {
-    assert!(
-        records.len() <= MAX_BLOCK_RAW_LEN,
-        "block of {} bytes exceeds MAX_BLOCK_RAW_LEN",
-        records.len()
-    );
+pub fn encode_block_parts(id: BlockId, records: Vec<u8>, record_count: u32, codec: Codec) -> EncodedBlock {
+    assert!(records.len() <= MAX_BLOCK_RAW_LEN, "block of {} bytes exceeds MAX_BLOCK_RAW_LEN", records.len());
     let raw_len = records.len() as u32;
     let mut stored = None;
     if codec == Codec::Lz4 {
@@ -314,11 +298,7 @@ pub fn encode_block_parts(
         stored_len: payload.len() as u32,
         crc: crc32c::crc32c(&payload),
     };
-    EncodedBlock {
-        header,
-        header_bytes: header.encode(),
-        payload,
-    }
+    EncodedBlock { header, header_bytes: header.encode(), payload }
 }
 
 /// Encodes framed `records` as one contiguous block (see [`encode_block_parts`]).
@@ -381,12 +361,7 @@ mod tests {
     use crate::append_record;
 
     fn id() -> BlockId {
-        BlockId {
-            map: 3,
-            attempt: 1,
-            partition: 7,
-            sequence: 42,
-        }
+        BlockId { map: 3, attempt: 1, partition: 7, run: 0, sequence: 42 }
     }
 
     fn framed(records: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
@@ -425,10 +400,7 @@ mod tests {
         let mut bytes = encode_block(id(), &raw, 1, Codec::Lz4).to_vec();
         let last = bytes.len() - 1;
         bytes[last] ^= 0x01;
-        let err = Block::parse(Bytes::from(bytes))
-            .unwrap()
-            .into_records()
-            .unwrap_err();
+        let err = Block::parse(Bytes::from(bytes)).unwrap().into_records().unwrap_err();
         assert!(matches!(err, ProtocolError::BlockChecksum { .. }), "{err}");
     }
 
@@ -437,20 +409,14 @@ mod tests {
         let raw = framed(&[(b"k".to_vec(), b"v".to_vec())]);
         let mut bytes = encode_block(id(), &raw, 1, Codec::None).to_vec();
         bytes[12] ^= 0x01; // the partition
-        assert!(matches!(
-            Block::parse(Bytes::from(bytes)),
-            Err(ProtocolError::MalformedBlock(_))
-        ));
+        assert!(matches!(Block::parse(Bytes::from(bytes)), Err(ProtocolError::MalformedBlock(_))));
     }
 
     #[test]
     fn wrong_record_count_is_detected() {
         let raw = framed(&[(b"k".to_vec(), b"v".to_vec())]);
         let block = Block::parse(encode_block(id(), &raw, 2, Codec::None)).unwrap();
-        assert!(matches!(
-            block.into_records(),
-            Err(ProtocolError::MalformedRecords(_))
-        ));
+        assert!(matches!(block.into_records(), Err(ProtocolError::MalformedRecords(_))));
     }
 
     #[test]
@@ -481,10 +447,7 @@ mod tests {
         let ptr = raw.as_ptr();
         let encoded = encode_block_parts(id(), raw, 1, Codec::None);
         assert_eq!(encoded.payload.as_ptr(), ptr);
-        assert_eq!(
-            Block::parse(encoded.to_bytes()).unwrap().header,
-            encoded.header
-        );
+        assert_eq!(Block::parse(encoded.to_bytes()).unwrap().header, encoded.header);
     }
 
     proptest! {
@@ -496,7 +459,7 @@ mod tests {
             compress in any::<bool>(),
         ) {
             let raw = framed(&records);
-            let id = BlockId { map, attempt, partition, sequence };
+            let id = BlockId { map, attempt, partition, run: 0, sequence };
             let codec = if compress { Codec::Lz4 } else { Codec::None };
             let block = Block::parse(encode_block(id, &raw, records.len() as u32, codec)).unwrap();
             prop_assert_eq!(block.header.id, id);

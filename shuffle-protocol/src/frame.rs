@@ -60,10 +60,7 @@ pub struct Frame {
 /// Panics if `len` exceeds [`MAX_FRAME_LEN`]: encoders construct payloads
 /// themselves and must respect the limit, so this is a programming error.
 pub fn encode_frame_header(kind: FrameKind, len: usize) -> [u8; FRAME_HEADER_LEN] {
-    assert!(
-        len <= MAX_FRAME_LEN,
-        "frame payload of {len} bytes exceeds MAX_FRAME_LEN"
-    );
+    assert!(len <= MAX_FRAME_LEN, "frame payload of {len} bytes exceeds MAX_FRAME_LEN");
     let mut header = [0u8; FRAME_HEADER_LEN];
     header[..4].copy_from_slice(&(len as u32).to_le_bytes());
     header[4] = kind as u8;
@@ -91,10 +88,7 @@ pub fn decode_frame(buf: &mut BytesMut) -> Result<Option<Frame>, ProtocolError> 
     }
     let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
     if len > MAX_FRAME_LEN {
-        return Err(ProtocolError::FrameTooLarge {
-            len,
-            max: MAX_FRAME_LEN,
-        });
+        return Err(ProtocolError::FrameTooLarge { len, max: MAX_FRAME_LEN });
     }
     let kind = FrameKind::try_from(buf[4])?;
     if buf.len() < FRAME_HEADER_LEN + len {
@@ -119,20 +113,14 @@ mod tests {
         buf.extend_from_slice(&[FrameKind::Block as u8]);
         assert_eq!(
             decode_frame(&mut buf),
-            Err(ProtocolError::FrameTooLarge {
-                len: MAX_FRAME_LEN + 1,
-                max: MAX_FRAME_LEN
-            })
+            Err(ProtocolError::FrameTooLarge { len: MAX_FRAME_LEN + 1, max: MAX_FRAME_LEN })
         );
     }
 
     #[test]
     fn unknown_kind_is_rejected() {
         let mut buf = BytesMut::from(&[0u8, 0, 0, 0, 9][..]);
-        assert_eq!(
-            decode_frame(&mut buf),
-            Err(ProtocolError::UnknownFrameKind(9))
-        );
+        assert_eq!(decode_frame(&mut buf), Err(ProtocolError::UnknownFrameKind(9)));
     }
 
     #[test]

@@ -27,14 +27,8 @@ impl AppId {
     /// and not made of dots alone (which would name a parent directory).
     pub fn new(id: impl Into<String>) -> Result<Self, ProtocolError> {
         let id = id.into();
-        let valid_chars = id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
-        if id.is_empty()
-            || id.len() > MAX_APP_ID_LEN
-            || !valid_chars
-            || id.bytes().all(|b| b == b'.')
-        {
+        let valid_chars = id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+        if id.is_empty() || id.len() > MAX_APP_ID_LEN || !valid_chars || id.bytes().all(|b| b == b'.') {
             return Err(ProtocolError::MalformedMessage {
                 what: "app id",
                 reason: format!(

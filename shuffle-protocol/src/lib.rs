@@ -21,17 +21,14 @@ pub mod record;
 pub mod totals;
 
 pub use block::{
-    BLOCK_HEADER_LEN, Block, BlockHeader, BlockId, Codec, CodecChooser, EncodedBlock,
-    MAX_BLOCK_RAW_LEN, encode_block, encode_block_parts,
+    BLOCK_HEADER_LEN, Block, BlockHeader, BlockId, Codec, CodecChooser, EncodedBlock, MAX_BLOCK_RAW_LEN, encode_block,
+    encode_block_parts,
 };
 pub use error::ProtocolError;
-pub use frame::{
-    FRAME_HEADER_LEN, Frame, FrameKind, MAX_FRAME_LEN, decode_frame, encode_frame_header,
-};
+pub use frame::{FRAME_HEADER_LEN, Frame, FrameKind, MAX_FRAME_LEN, decode_frame, encode_frame_header};
 pub use ids::{AppId, AttemptId, MapId, PartitionId, ShuffleId};
 pub use message::{
-    ErrorKind, ExchangeMode, MapCommit, MapEnd, PROTOCOL_VERSION, Request, Response, ServiceError,
-    ShuffleSpec,
+    ErrorKind, ExchangeMode, MapCommit, MapEnd, PROTOCOL_VERSION, Request, Response, ServiceError, ShuffleSpec,
 };
 pub use record::{RecordIter, append_record, record_len};
 pub use totals::PartitionTotals;

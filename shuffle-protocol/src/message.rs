@@ -11,14 +11,12 @@
 //! - `OpenPush`: answered by `PushAccepted`; then the client sends block
 //!   frames and one `MapEnd` request, and the server answers `Committed`,
 //!   `AttemptRefused` or `Error`.
-//! - `OpenPartition`: answered by block frames and a closing `PartitionEnd`
-//!   (or an `Error` at any point).
+//! - `OpenPartition`: answered by `PartitionOpened`, then block frames and a
+//!   closing `PartitionEnd` (or an `Error` at any point).
 
 use serde::{Deserialize, Serialize};
 
-use crate::{
-    AppId, AttemptId, Codec, MapId, PartitionId, PartitionTotals, ProtocolError, ShuffleId,
-};
+use crate::{AppId, AttemptId, Codec, MapId, PartitionId, PartitionTotals, ProtocolError, ShuffleId};
 
 /// Version of this message set; a server refuses a `Hello` with another.
 pub const PROTOCOL_VERSION: u16 = 1;
@@ -32,6 +30,9 @@ pub const MAX_MAPS_OR_PARTITIONS: u32 = 1_000_000;
 pub enum ExchangeMode {
     /// Push-merge into one file per partition; readers start when all maps committed.
     Hash,
+    /// Map-partition layout: one file per map attempt, written run by run by
+    /// writers that sort by partition (and key), with a region index per file.
+    Sort,
 }
 
 /// What a client declares when it registers a shuffle.
@@ -45,26 +46,30 @@ pub struct ShuffleSpec {
     pub mode: ExchangeMode,
     /// Codec writers should use for blocks (a block may still be stored raw).
     pub codec: Codec,
+    /// Sort mode only: writers sort each run by key (bytewise) as well as by
+    /// partition, and readers merge the runs so records come out in key order.
+    pub key_ordering: bool,
 }
 
 impl ShuffleSpec {
     /// A hash shuffle of `maps` × `partitions` with lz4 blocks.
     pub fn hash(maps: u32, partitions: u32) -> Self {
-        Self {
-            maps,
-            partitions,
-            mode: ExchangeMode::Hash,
-            codec: Codec::Lz4,
-        }
+        Self { maps, partitions, mode: ExchangeMode::Hash, codec: Codec::Lz4, key_ordering: false }
+    }
+
+    /// A sort shuffle of `maps` × `partitions` with lz4 blocks, ordered by key if asked.
+    pub fn sort(maps: u32, partitions: u32, key_ordering: bool) -> Self {
+        Self { maps, partitions, mode: ExchangeMode::Sort, codec: Codec::Lz4, key_ordering }
     }
 
     /// Checks the spec against the limits of this protocol version.
     pub fn validate(&self) -> Result<(), String> {
+        if self.key_ordering && self.mode != ExchangeMode::Sort {
+            return Err(format!("key ordering needs sort mode, not {:?}", self.mode));
+        }
         for (what, n) in [("maps", self.maps), ("partitions", self.partitions)] {
             if n == 0 || n > MAX_MAPS_OR_PARTITIONS {
-                return Err(format!(
-                    "{what} = {n} is outside 1..={MAX_MAPS_OR_PARTITIONS}"
-                ));
+                return Err(format!("{what} = {n} is outside 1..={MAX_MAPS_OR_PARTITIONS}"));
             }
         }
         Ok(())
@@ -86,33 +91,19 @@ pub struct MapEnd {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
     /// Opens a connection for `app`, presenting the server's token if it has one.
-    Hello {
-        protocol_version: u16,
-        app: AppId,
-        auth_token: Option<String>,
-    },
+    Hello { protocol_version: u16, app: AppId, auth_token: Option<String> },
     /// Registers a shuffle of the connection's app; idempotent for an equal spec.
-    RegisterShuffle {
-        shuffle: ShuffleId,
-        spec: ShuffleSpec,
-    },
+    RegisterShuffle { shuffle: ShuffleId, spec: ShuffleSpec },
     /// Removes a shuffle with its memory and files.
     UnregisterShuffle { shuffle: ShuffleId },
     /// Removes every shuffle of the connection's app, and the app itself.
     UnregisterApp,
     /// Starts pushing the blocks of one map attempt on this stream.
-    OpenPush {
-        shuffle: ShuffleId,
-        map: MapId,
-        attempt: AttemptId,
-    },
+    OpenPush { shuffle: ShuffleId, map: MapId, attempt: AttemptId },
     /// Ends the map attempt pushing on this stream.
     MapEnd(MapEnd),
     /// Reads one partition on this stream.
-    OpenPartition {
-        shuffle: ShuffleId,
-        partition: PartitionId,
-    },
+    OpenPartition { shuffle: ShuffleId, partition: PartitionId },
 }
 
 /// The committed attempt of one map, and what it wrote to the partition being read.
@@ -181,10 +172,7 @@ pub struct ServiceError {
 impl ServiceError {
     /// An error of `kind` described by `message`.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Self {
-            kind,
-            message: message.into(),
-        }
+        Self { kind, message: message.into() }
     }
 }
 
@@ -217,16 +205,11 @@ pub enum Response {
     /// This attempt is the map's committed attempt.
     Committed { map: MapId, attempt: AttemptId },
     /// Another attempt of the map committed first; this one's blocks are discarded.
-    AttemptRefused {
-        map: MapId,
-        attempt: AttemptId,
-        committed_attempt: AttemptId,
-    },
+    AttemptRefused { map: MapId, attempt: AttemptId, committed_attempt: AttemptId },
+    /// A partition read is open: its blocks follow (once the maps have committed).
+    PartitionOpened { spec: ShuffleSpec },
     /// All blocks of the partition were sent; here is what each map committed to it.
-    PartitionEnd {
-        partition: PartitionId,
-        maps: Vec<MapCommit>,
-    },
+    PartitionEnd { partition: PartitionId, maps: Vec<MapCommit> },
     /// The request failed.
     Error(ServiceError),
 }
@@ -239,10 +222,8 @@ impl Request {
 
     /// Decodes a request frame's payload.
     pub fn decode(bytes: &[u8]) -> Result<Self, ProtocolError> {
-        postcard::from_bytes(bytes).map_err(|e| ProtocolError::MalformedMessage {
-            what: "request",
-            reason: e.to_string(),
-        })
+        postcard::from_bytes(bytes)
+            .map_err(|e| ProtocolError::MalformedMessage { what: "request", reason: e.to_string() })
     }
 }
 
@@ -254,10 +235,8 @@ impl Response {
 
     /// Decodes a response frame's payload.
     pub fn decode(bytes: &[u8]) -> Result<Self, ProtocolError> {
-        postcard::from_bytes(bytes).map_err(|e| ProtocolError::MalformedMessage {
-            what: "response",
-            reason: e.to_string(),
-        })
+        postcard::from_bytes(bytes)
+            .map_err(|e| ProtocolError::MalformedMessage { what: "response", reason: e.to_string() })
     }
 }
 
@@ -268,97 +247,56 @@ mod tests {
     use super::*;
 
     fn totals() -> impl Strategy<Value = PartitionTotals> {
-        (any::<u32>(), any::<u32>(), any::<u64>(), any::<u32>()).prop_map(
-            |(partition, blocks, records, checksum)| PartitionTotals {
-                partition,
-                blocks,
-                records,
-                checksum,
-            },
-        )
+        (any::<u32>(), any::<u32>(), any::<u64>(), any::<u32>())
+            .prop_map(|(partition, blocks, records, checksum)| PartitionTotals { partition, blocks, records, checksum })
     }
 
     fn spec() -> impl Strategy<Value = ShuffleSpec> {
-        (any::<u32>(), any::<u32>(), any::<bool>()).prop_map(|(maps, partitions, lz4)| {
+        (any::<u32>(), any::<u32>(), any::<bool>(), any::<bool>()).prop_map(|(maps, partitions, lz4, sort)| {
             ShuffleSpec {
                 maps,
                 partitions,
-                mode: ExchangeMode::Hash,
+                mode: if sort { ExchangeMode::Sort } else { ExchangeMode::Hash },
                 codec: if lz4 { Codec::Lz4 } else { Codec::None },
+                key_ordering: sort && lz4,
             }
         })
     }
 
     fn request() -> impl Strategy<Value = Request> {
         prop_oneof![
-            (
-                "[a-z0-9_.-]{1,64}",
-                any::<u16>(),
-                proptest::option::of(".{0,40}")
-            )
-                .prop_map(|(app, v, t)| {
-                    Request::Hello {
-                        protocol_version: v,
-                        app: AppId::new(app).unwrap(),
-                        auth_token: t,
-                    }
-                }),
-            (any::<u32>(), spec()).prop_map(|(s, spec)| Request::RegisterShuffle {
-                shuffle: ShuffleId(s),
-                spec
+            ("[a-z0-9_.-]{1,64}", any::<u16>(), proptest::option::of(".{0,40}")).prop_map(|(app, v, t)| {
+                Request::Hello { protocol_version: v, app: AppId::new(app).unwrap(), auth_token: t }
             }),
-            any::<u32>().prop_map(|s| Request::UnregisterShuffle {
-                shuffle: ShuffleId(s)
-            }),
+            (any::<u32>(), spec()).prop_map(|(s, spec)| Request::RegisterShuffle { shuffle: ShuffleId(s), spec }),
+            any::<u32>().prop_map(|s| Request::UnregisterShuffle { shuffle: ShuffleId(s) }),
             Just(Request::UnregisterApp),
-            (any::<u32>(), any::<u32>(), any::<u32>()).prop_map(|(s, map, attempt)| {
-                Request::OpenPush {
-                    shuffle: ShuffleId(s),
-                    map,
-                    attempt,
-                }
-            }),
-            (
-                any::<u32>(),
-                any::<u32>(),
-                proptest::collection::vec(totals(), 0..20)
-            )
-                .prop_map(|(map, attempt, partitions)| Request::MapEnd(MapEnd {
-                    map,
-                    attempt,
-                    partitions
-                })),
-            (any::<u32>(), any::<u32>()).prop_map(|(s, partition)| Request::OpenPartition {
-                shuffle: ShuffleId(s),
-                partition
-            }),
+            (any::<u32>(), any::<u32>(), any::<u32>())
+                .prop_map(|(s, map, attempt)| { Request::OpenPush { shuffle: ShuffleId(s), map, attempt } }),
+            (any::<u32>(), any::<u32>(), proptest::collection::vec(totals(), 0..20))
+                .prop_map(|(map, attempt, partitions)| Request::MapEnd(MapEnd { map, attempt, partitions })),
+            (any::<u32>(), any::<u32>())
+                .prop_map(|(s, partition)| Request::OpenPartition { shuffle: ShuffleId(s), partition }),
         ]
     }
 
     fn response() -> impl Strategy<Value = Response> {
-        let commit =
-            (any::<u32>(), any::<u32>(), totals()).prop_map(|(map, attempt, totals)| MapCommit {
-                map,
-                attempt,
-                totals,
-            });
+        let commit = (any::<u32>(), any::<u32>(), totals()).prop_map(|(map, attempt, totals)| MapCommit {
+            map,
+            attempt,
+            totals,
+        });
         prop_oneof![
             Just(Response::Ok),
             ".{0,20}".prop_map(|v| Response::Welcome { server_version: v }),
             spec().prop_map(|spec| Response::PushAccepted { spec }),
-            (any::<u32>(), any::<u32>())
-                .prop_map(|(map, attempt)| Response::Committed { map, attempt }),
-            (any::<u32>(), any::<u32>(), any::<u32>()).prop_map(|(map, attempt, c)| {
-                Response::AttemptRefused {
-                    map,
-                    attempt,
-                    committed_attempt: c,
-                }
-            }),
+            spec().prop_map(|spec| Response::PartitionOpened { spec }),
+            (any::<u32>(), any::<u32>()).prop_map(|(map, attempt)| Response::Committed { map, attempt }),
+            (any::<u32>(), any::<u32>(), any::<u32>())
+                .prop_map(|(map, attempt, c)| { Response::AttemptRefused { map, attempt, committed_attempt: c } }),
             (any::<u32>(), proptest::collection::vec(commit, 0..10))
                 .prop_map(|(partition, maps)| Response::PartitionEnd { partition, maps }),
-            ".{0,80}"
-                .prop_map(|m| Response::Error(ServiceError::new(ErrorKind::UnknownShuffle, m))),
+            ".{0,80}".prop_map(|m| Response::Error(ServiceError::new(ErrorKind::UnknownShuffle, m))),
         ]
     }
 

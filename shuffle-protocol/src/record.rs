@@ -43,10 +43,7 @@ pub struct RecordIter<'a> {
 impl<'a> RecordIter<'a> {
     /// Iterates the records framed in `raw`.
     pub fn new(raw: &'a [u8]) -> Self {
-        Self {
-            rest: raw,
-            failed: false,
-        }
+        Self { rest: raw, failed: false }
     }
 
     /// Bytes left unread; zero once every record has been yielded.
@@ -60,14 +57,11 @@ impl<'a> RecordIter<'a> {
             value |= u64::from(byte & 0x7f) << (7 * i);
             if byte & 0x80 == 0 {
                 self.rest = &self.rest[i + 1..];
-                return usize::try_from(value).map_err(|_| {
-                    ProtocolError::MalformedRecords(format!("length {value} overflows"))
-                });
+                return usize::try_from(value)
+                    .map_err(|_| ProtocolError::MalformedRecords(format!("length {value} overflows")));
             }
         }
-        Err(ProtocolError::MalformedRecords(
-            "record length varint is cut short or too long".into(),
-        ))
+        Err(ProtocolError::MalformedRecords("record length varint is cut short or too long".into()))
     }
 
     fn field(&mut self, what: &str) -> Result<&'a [u8], ProtocolError> {
@@ -91,9 +85,7 @@ impl<'a> Iterator for RecordIter<'a> {
         if self.rest.is_empty() || self.failed {
             return None;
         }
-        let record = self
-            .field("key")
-            .and_then(|k| Ok((k, self.field("value")?)));
+        let record = self.field("key").and_then(|k| Ok((k, self.field("value")?)));
         self.failed = record.is_err();
         Some(record)
     }

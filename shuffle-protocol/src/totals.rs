@@ -24,10 +24,7 @@ pub struct PartitionTotals {
 impl PartitionTotals {
     /// Empty totals for `partition`.
     pub fn new(partition: PartitionId) -> Self {
-        Self {
-            partition,
-            ..Self::default()
-        }
+        Self { partition, ..Self::default() }
     }
 
     /// Adds the next block in sequence order.

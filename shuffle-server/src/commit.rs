@@ -3,9 +3,7 @@
 //! later attempts are refused, and the shuffle is complete when all M maps
 //! have committed. No I/O and no clock, so every rule is unit-tested here.
 
-use shuffle_protocol::{
-    AttemptId, ErrorKind, MapCommit, MapEnd, MapId, PartitionId, PartitionTotals, ServiceError,
-};
+use shuffle_protocol::{AttemptId, ErrorKind, MapCommit, MapEnd, MapId, PartitionId, PartitionTotals, ServiceError};
 
 /// What ending an attempt decided.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,12 +39,7 @@ pub struct MapCommits {
 impl MapCommits {
     /// Commit state for `maps` maps, none committed.
     pub fn new(label: String, maps: u32) -> Self {
-        Self {
-            label,
-            committed: vec![None; maps as usize],
-            ended: vec![Vec::new(); maps as usize],
-            committed_count: 0,
-        }
+        Self { label, committed: vec![None; maps as usize], ended: vec![Vec::new(); maps as usize], committed_count: 0 }
     }
 
     /// Whether every map has committed.
@@ -60,10 +53,7 @@ impl MapCommits {
         let Some(committed) = self.committed.get(map as usize) else {
             return Err(ServiceError::new(
                 ErrorKind::MapOutOfRange,
-                format!(
-                    "map {map} is out of range for {label}, which has {} maps",
-                    self.committed.len()
-                ),
+                format!("map {map} is out of range for {label}, which has {} maps", self.committed.len()),
             ));
         };
         if self.ended[map as usize].contains(&attempt) {
@@ -75,18 +65,13 @@ impl MapCommits {
         if self.is_complete() {
             return Err(ServiceError::new(
                 ErrorKind::ShuffleSealed,
-                format!(
-                    "{label} is sealed: all its maps have committed, so map {map} attempt {attempt} may not write"
-                ),
+                format!("{label} is sealed: all its maps have committed, so map {map} attempt {attempt} may not write"),
             ));
         }
         if let Some(c) = committed {
             return Err(ServiceError::new(
                 ErrorKind::AttemptSuperseded,
-                format!(
-                    "map {map} of {label} was committed by attempt {}; attempt {attempt} is discarded",
-                    c.attempt
-                ),
+                format!("map {map} of {label} was committed by attempt {}; attempt {attempt} is discarded", c.attempt),
             ));
         }
         Ok(())
@@ -98,14 +83,7 @@ impl MapCommits {
     pub fn keeps_blocks_of(&self, map: MapId, attempt: AttemptId) -> Result<bool, ServiceError> {
         match self.check_push(map, attempt) {
             Ok(()) => Ok(true),
-            Err(e)
-                if matches!(
-                    e.kind,
-                    ErrorKind::AttemptSuperseded | ErrorKind::ShuffleSealed
-                ) =>
-            {
-                Ok(false)
-            }
+            Err(e) if matches!(e.kind, ErrorKind::AttemptSuperseded | ErrorKind::ShuffleSealed) => Ok(false),
             Err(e) => Err(e),
         }
     }
@@ -114,29 +92,19 @@ impl MapCommits {
     pub fn end(&mut self, end: MapEnd) -> Result<CommitDecision, ServiceError> {
         let (map, attempt) = (end.map, end.attempt);
         if (map as usize) >= self.committed.len() {
-            return self
-                .check_push(map, attempt)
-                .map(|_| unreachable!("map out of range"));
+            return self.check_push(map, attempt).map(|_| unreachable!("map out of range"));
         }
         if self.ended[map as usize].contains(&attempt) {
             return Err(ServiceError::new(
                 ErrorKind::DuplicateMapEnd,
-                format!(
-                    "duplicate MapEnd: map {map} attempt {attempt} of {} has already ended",
-                    self.label
-                ),
+                format!("duplicate MapEnd: map {map} attempt {attempt} of {} has already ended", self.label),
             ));
         }
         self.ended[map as usize].push(attempt);
         match &self.committed[map as usize] {
-            Some(c) => Ok(CommitDecision::Refused {
-                committed_attempt: c.attempt,
-            }),
+            Some(c) => Ok(CommitDecision::Refused { committed_attempt: c.attempt }),
             None => {
-                self.committed[map as usize] = Some(CommittedMap {
-                    attempt,
-                    totals: end.partitions,
-                });
+                self.committed[map as usize] = Some(CommittedMap { attempt, totals: end.partitions });
                 self.committed_count += 1;
                 Ok(CommitDecision::Committed)
             }
@@ -145,10 +113,7 @@ impl MapCommits {
 
     /// The committed attempt of `map`, if any.
     pub fn committed_attempt(&self, map: MapId) -> Option<AttemptId> {
-        self.committed
-            .get(map as usize)?
-            .as_ref()
-            .map(|c| c.attempt)
+        self.committed.get(map as usize)?.as_ref().map(|c| c.attempt)
     }
 
     /// Per map, the committed attempt and its totals for `partition`; `None` until complete.
@@ -157,19 +122,13 @@ impl MapCommits {
             return None;
         }
         let commits = self.committed.iter().enumerate().map(|(map, c)| {
-            let c = c
-                .as_ref()
-                .expect("complete shuffles have every map committed");
+            let c = c.as_ref().expect("complete shuffles have every map committed");
             let totals = c
                 .totals
                 .binary_search_by_key(&partition, |t| t.partition)
                 .map(|i| c.totals[i])
                 .unwrap_or(PartitionTotals::new(partition));
-            MapCommit {
-                map: map as MapId,
-                attempt: c.attempt,
-                totals,
-            }
+            MapCommit { map: map as MapId, attempt: c.attempt, totals }
         });
         Some(commits.collect())
     }
@@ -180,74 +139,38 @@ mod tests {
     use super::*;
 
     fn end(map: MapId, attempt: AttemptId, blocks: u32) -> MapEnd {
-        let totals = PartitionTotals {
-            partition: 1,
-            blocks,
-            records: u64::from(blocks) * 10,
-            checksum: blocks,
-        };
-        MapEnd {
-            map,
-            attempt,
-            partitions: vec![totals],
-        }
+        let totals = PartitionTotals { partition: 1, blocks, records: u64::from(blocks) * 10, checksum: blocks };
+        MapEnd { map, attempt, partitions: vec![totals] }
     }
 
     #[test]
     fn first_attempt_to_end_wins_and_later_ones_are_refused() {
         let mut c = MapCommits::new("shuffle 0".into(), 2);
         assert_eq!(c.end(end(0, 1, 5)), Ok(CommitDecision::Committed));
-        assert_eq!(
-            c.end(end(0, 0, 7)),
-            Ok(CommitDecision::Refused {
-                committed_attempt: 1
-            })
-        );
+        assert_eq!(c.end(end(0, 0, 7)), Ok(CommitDecision::Refused { committed_attempt: 1 }));
         assert_eq!(c.committed_attempt(0), Some(1));
         assert!(!c.is_complete());
-        assert_eq!(
-            c.check_push(0, 2).unwrap_err().kind,
-            ErrorKind::AttemptSuperseded
-        );
-        assert_eq!(
-            c.keeps_blocks_of(0, 2),
-            Ok(false),
-            "an attempt in flight keeps going, unstored"
-        );
+        assert_eq!(c.check_push(0, 2).unwrap_err().kind, ErrorKind::AttemptSuperseded);
+        assert_eq!(c.keeps_blocks_of(0, 2), Ok(false), "an attempt in flight keeps going, unstored");
         assert_eq!(c.keeps_blocks_of(1, 0), Ok(true));
         assert_eq!(c.end(end(1, 0, 2)), Ok(CommitDecision::Committed));
         assert!(c.is_complete());
-        assert_eq!(
-            c.check_push(1, 1).unwrap_err().kind,
-            ErrorKind::ShuffleSealed
-        );
+        assert_eq!(c.check_push(1, 1).unwrap_err().kind, ErrorKind::ShuffleSealed);
     }
 
     #[test]
     fn duplicate_map_end_is_an_error() {
         let mut c = MapCommits::new("shuffle 0".into(), 2);
         c.end(end(0, 0, 1)).unwrap();
-        assert_eq!(
-            c.end(end(0, 0, 1)).unwrap_err().kind,
-            ErrorKind::DuplicateMapEnd
-        );
-        assert_eq!(
-            c.check_push(0, 0).unwrap_err().kind,
-            ErrorKind::DuplicateMapEnd
-        );
+        assert_eq!(c.end(end(0, 0, 1)).unwrap_err().kind, ErrorKind::DuplicateMapEnd);
+        assert_eq!(c.check_push(0, 0).unwrap_err().kind, ErrorKind::DuplicateMapEnd);
     }
 
     #[test]
     fn out_of_range_map_is_an_error() {
         let mut c = MapCommits::new("shuffle 0".into(), 2);
-        assert_eq!(
-            c.end(end(2, 0, 1)).unwrap_err().kind,
-            ErrorKind::MapOutOfRange
-        );
-        assert_eq!(
-            c.check_push(9, 0).unwrap_err().kind,
-            ErrorKind::MapOutOfRange
-        );
+        assert_eq!(c.end(end(2, 0, 1)).unwrap_err().kind, ErrorKind::MapOutOfRange);
+        assert_eq!(c.check_push(9, 0).unwrap_err().kind, ErrorKind::MapOutOfRange);
     }
 
     #[test]
@@ -255,12 +178,7 @@ mod tests {
         let mut c = MapCommits::new("shuffle 0".into(), 2);
         c.end(end(0, 3, 4)).unwrap();
         assert_eq!(c.partition_commits(1), None);
-        c.end(MapEnd {
-            map: 1,
-            attempt: 0,
-            partitions: vec![],
-        })
-        .unwrap();
+        c.end(MapEnd { map: 1, attempt: 0, partitions: vec![] }).unwrap();
         let commits = c.partition_commits(1).unwrap();
         assert_eq!(commits.len(), 2);
         assert_eq!((commits[0].attempt, commits[0].totals.blocks), (3, 4));

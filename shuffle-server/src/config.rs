@@ -94,16 +94,7 @@ impl ConfigFile {
         macro_rules! set {
             ($($field:ident),*) => { $( if let Some(v) = self.$field { config.$field = v.into(); } )* };
         }
-        set!(
-            listen,
-            data_dir,
-            memory,
-            flush_size,
-            disk_reserve,
-            app_timeout,
-            idle_timeout,
-            shutdown_grace
-        );
+        set!(listen, data_dir, memory, flush_size, disk_reserve, app_timeout, idle_timeout, shutdown_grace);
         set!(max_connections, max_streams_per_connection);
         if let Some(v) = self.cert {
             config.cert = Some(v);
@@ -121,15 +112,10 @@ impl ServerConfig {
     /// Checks combinations that no single key can get wrong on its own.
     pub fn validate(&self) -> Result<(), ServerError> {
         if self.cert.is_some() != self.key.is_some() {
-            return Err(ServerError::Config(
-                "--cert and --key must be given together".into(),
-            ));
+            return Err(ServerError::Config("--cert and --key must be given together".into()));
         }
         if self.memory.0 < 1 << 20 {
-            return Err(ServerError::Config(format!(
-                "memory budget {} is below the minimum of 1MiB",
-                self.memory
-            )));
+            return Err(ServerError::Config(format!("memory budget {} is below the minimum of 1MiB", self.memory)));
         }
         if self.flush_size.0 == 0 || self.flush_size.0 > self.memory.0 {
             return Err(ServerError::Config(format!(
@@ -155,9 +141,7 @@ impl FromStr for ByteSize {
         let s = s.trim();
         let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
         let (digits, unit) = s.split_at(split);
-        let n: u64 = digits
-            .parse()
-            .map_err(|_| format!("{s:?} is not a size such as 512MiB or 2GiB"))?;
+        let n: u64 = digits.parse().map_err(|_| format!("{s:?} is not a size such as 512MiB or 2GiB"))?;
         let shift = match unit.trim() {
             "" | "B" => 0,
             "KiB" | "K" | "KB" => 10,
@@ -165,14 +149,10 @@ impl FromStr for ByteSize {
             "GiB" | "G" | "GB" => 30,
             "TiB" | "T" | "TB" => 40,
             other => {
-                return Err(format!(
-                    "unknown size unit {other:?} in {s:?} (use B, KiB, MiB, GiB or TiB)"
-                ));
+                return Err(format!("unknown size unit {other:?} in {s:?} (use B, KiB, MiB, GiB or TiB)"));
             }
         };
-        n.checked_mul(1 << shift)
-            .map(ByteSize)
-            .ok_or_else(|| format!("{s:?} is too large"))
+        n.checked_mul(1 << shift).map(ByteSize).ok_or_else(|| format!("{s:?} is too large"))
     }
 }
 
@@ -220,18 +200,14 @@ impl FromStr for Seconds {
         let s = s.trim();
         let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
         let (digits, unit) = s.split_at(split);
-        let n: u64 = digits
-            .parse()
-            .map_err(|_| format!("{s:?} is not a duration such as 30s or 5m"))?;
+        let n: u64 = digits.parse().map_err(|_| format!("{s:?} is not a duration such as 30s or 5m"))?;
         let d = match unit.trim() {
             "ms" => Duration::from_millis(n),
             "" | "s" => Duration::from_secs(n),
             "m" => Duration::from_secs(n * 60),
             "h" => Duration::from_secs(n * 3600),
             other => {
-                return Err(format!(
-                    "unknown duration unit {other:?} in {s:?} (use ms, s, m or h)"
-                ));
+                return Err(format!("unknown duration unit {other:?} in {s:?} (use ms, s, m or h)"));
             }
         };
         Ok(Seconds(d))

@@ -51,67 +51,37 @@ pub async fn serve_connection(
         let guard = in_flight.enter();
         let (state, session, shutdown) = (state.clone(), session.clone(), shutdown.clone());
         tokio::spawn(async move {
-            serve_stream(
-                &state,
-                &session,
-                FrameReader::new(recv),
-                FrameWriter::new(send),
-                &shutdown,
-            )
-            .await;
+            serve_stream(&state, &session, FrameReader::new(recv), FrameWriter::new(send), &shutdown).await;
             drop(guard);
         });
     }
 }
 
 /// Reads the first stream's `Hello`, answers it, and binds the connection to its app.
-async fn hello(
-    state: &Arc<ServiceState>,
-    connection: &quinn::Connection,
-) -> Result<AppSession, ServiceError> {
-    let timed_out = |_| {
-        ServiceError::new(
-            ErrorKind::UnexpectedMessage,
-            "no Hello within 10 s of connecting",
-        )
-    };
+async fn hello(state: &Arc<ServiceState>, connection: &quinn::Connection) -> Result<AppSession, ServiceError> {
+    let timed_out = |_| ServiceError::new(ErrorKind::UnexpectedMessage, "no Hello within 10 s of connecting");
     let (send, recv) = tokio::time::timeout(HELLO_TIMEOUT, connection.accept_bi())
         .await
         .map_err(timed_out)?
-        .map_err(|e| {
-            ServiceError::new(ErrorKind::Io, format!("connection lost before Hello: {e}"))
-        })?;
+        .map_err(|e| ServiceError::new(ErrorKind::Io, format!("connection lost before Hello: {e}")))?;
     let (mut reader, mut writer) = (FrameReader::new(recv), FrameWriter::new(send));
-    let result = match tokio::time::timeout(HELLO_TIMEOUT, reader.next_request())
-        .await
-        .map_err(timed_out)
-    {
-        Ok(Ok(Some(Request::Hello {
-            protocol_version,
-            app,
-            auth_token,
-        }))) => check_hello(state, protocol_version, auth_token.as_deref()).and_then(|_| {
-            app.validate().map_err(ServiceError::from)?;
-            Ok(app)
-        }),
+    let result = match tokio::time::timeout(HELLO_TIMEOUT, reader.next_request()).await.map_err(timed_out) {
+        Ok(Ok(Some(Request::Hello { protocol_version, app, auth_token }))) => {
+            check_hello(state, protocol_version, auth_token.as_deref()).and_then(|_| {
+                app.validate().map_err(ServiceError::from)?;
+                Ok(app)
+            })
+        }
         Ok(Ok(Some(other))) => Err(ServiceError::new(
             ErrorKind::UnexpectedMessage,
-            format!(
-                "the first request of a connection must be Hello, not {}",
-                request_name(&other)
-            ),
+            format!("the first request of a connection must be Hello, not {}", request_name(&other)),
         )),
-        Ok(Ok(None)) => Err(ServiceError::new(
-            ErrorKind::UnexpectedMessage,
-            "stream closed before Hello",
-        )),
+        Ok(Ok(None)) => Err(ServiceError::new(ErrorKind::UnexpectedMessage, "stream closed before Hello")),
         Ok(Err(e)) | Err(e) => Err(e),
     };
     match result {
         Ok(app) => {
-            let welcome = Response::Welcome {
-                server_version: env!("CARGO_PKG_VERSION").to_string(),
-            };
+            let welcome = Response::Welcome { server_version: env!("CARGO_PKG_VERSION").to_string() };
             writer
                 .response(&welcome)
                 .await
@@ -128,27 +98,17 @@ async fn hello(
     }
 }
 
-fn check_hello(
-    state: &ServiceState,
-    protocol_version: u16,
-    token: Option<&str>,
-) -> Result<(), ServiceError> {
+fn check_hello(state: &ServiceState, protocol_version: u16, token: Option<&str>) -> Result<(), ServiceError> {
     if protocol_version != PROTOCOL_VERSION {
         return Err(ServiceError::new(
             ErrorKind::ProtocolVersion,
-            format!(
-                "client speaks protocol version {protocol_version}, this server speaks {PROTOCOL_VERSION}"
-            ),
+            format!("client speaks protocol version {protocol_version}, this server speaks {PROTOCOL_VERSION}"),
         ));
     }
     if let Some(expected) = &state.config.auth_token
         && !token.is_some_and(|t| constant_time_eq(t.as_bytes(), expected.as_bytes()))
     {
-        let what = if token.is_some() {
-            "presented a wrong auth token"
-        } else {
-            "presented no auth token"
-        };
+        let what = if token.is_some() { "presented a wrong auth token" } else { "presented no auth token" };
         return Err(ServiceError::new(
             ErrorKind::Unauthenticated,
             format!("authentication failed: the connection {what}"),
@@ -175,10 +135,7 @@ async fn serve_stream(
             return Ok(());
         };
         if shutdown.is_triggered() {
-            return Err(ServiceError::new(
-                ErrorKind::ShuttingDown,
-                "the server is shutting down",
-            ));
+            return Err(ServiceError::new(ErrorKind::ShuttingDown, "the server is shutting down"));
         }
         match request {
             Request::RegisterShuffle { shuffle, spec } => {
@@ -193,19 +150,8 @@ async fn serve_stream(
                 state.unregister_app(session).await?;
                 respond_ok(&mut writer).await
             }
-            Request::OpenPush {
-                shuffle,
-                map,
-                attempt,
-            } => {
-                handle_push(
-                    state,
-                    session,
-                    (shuffle, map, attempt),
-                    &mut reader,
-                    &mut writer,
-                )
-                .await
+            Request::OpenPush { shuffle, map, attempt } => {
+                handle_push(state, session, (shuffle, map, attempt), &mut reader, &mut writer).await
             }
             Request::OpenPartition { shuffle, partition } => {
                 handle_read(state, session, (shuffle, partition), &mut writer, shutdown).await

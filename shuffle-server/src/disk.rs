@@ -7,9 +7,8 @@ use shuffle_protocol::{ErrorKind, ServiceError};
 
 /// Bytes available to unprivileged writers on the filesystem holding `path`.
 pub fn available_bytes(path: &Path) -> std::io::Result<u64> {
-    let c_path = CString::new(path.as_os_str().as_bytes()).map_err(|_| {
-        std::io::Error::new(std::io::ErrorKind::InvalidInput, "path contains a NUL byte")
-    })?;
+    let c_path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "path contains a NUL byte"))?;
     // SAFETY: statvfs writes only into the struct we pass, and `c_path` is a
     // valid NUL-terminated string that outlives the call.
     let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
@@ -63,9 +62,6 @@ mod tests {
     #[test]
     fn enospc_maps_to_disk_full() {
         let e = std::io::Error::from_raw_os_error(libc::ENOSPC);
-        assert_eq!(
-            io_error(Path::new("/x"), "writing", e).kind,
-            ErrorKind::DiskFull
-        );
+        assert_eq!(io_error(Path::new("/x"), "writing", e).kind, ErrorKind::DiskFull);
     }
 }

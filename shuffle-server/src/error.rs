@@ -17,8 +17,5 @@ pub enum ServerError {
     Io(String),
     /// The listen address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: std::net::SocketAddr,
-        source: std::io::Error,
-    },
+    Bind { addr: std::net::SocketAddr, source: std::io::Error },
 }

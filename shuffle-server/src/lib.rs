@@ -6,7 +6,8 @@
 //! - [`connection`]: `Hello` and authentication, then one task per request stream.
 //! - [`transport`]: frames over any byte stream (QUIC today; a Unix socket can follow).
 //! - [`push`], [`read`]: the request handlers for writing and reading partitions.
-//! - [`state`]: apps and their shuffles; [`hash`]: hash-mode storage;
+//! - [`state`]: apps and their shuffles; [`shuffle`]: what every mode shares;
+//!   [`hash`]: hash-mode storage; [`sort`]: sort-mode storage;
 //!   [`commit`]: the commit rule; [`memory`]: the budget and its watermarks;
 //!   [`disk`]: the free-space reserve.
 
@@ -14,13 +15,16 @@ pub mod commit;
 pub mod config;
 pub mod connection;
 pub mod disk;
+pub mod elevator;
 pub mod error;
 pub mod hash;
 pub mod memory;
 pub mod push;
 pub mod read;
 pub mod server;
+pub mod shuffle;
 pub mod shutdown;
+pub mod sort;
 pub mod state;
 pub mod stats;
 pub mod tls;

@@ -41,11 +41,7 @@ impl Watermarks {
 
     /// Whether a spiller that is (or is not) already spilling should spill (on) at `used` bytes.
     pub fn should_spill(&self, used: usize, spilling: bool) -> bool {
-        if spilling {
-            used > self.low
-        } else {
-            used >= self.high
-        }
+        if spilling { used > self.low } else { used >= self.high }
     }
 
     /// Whether producers must wait at `used` bytes.
@@ -107,10 +103,7 @@ impl MemoryBudget {
             return;
         }
         let before = self.used.fetch_sub(n, Ordering::AcqRel);
-        debug_assert!(
-            before >= n,
-            "released {n} bytes with only {before} reserved"
-        );
+        debug_assert!(before >= n, "released {n} bytes with only {before} reserved");
         self.released.notify_waiters();
     }
 
@@ -157,10 +150,7 @@ mod tests {
         assert_eq!((m.low, m.high, m.hard), (400, 700, 900));
         assert!(!m.should_spill(699, false));
         assert!(m.should_spill(700, false));
-        assert!(
-            m.should_spill(500, true),
-            "once started, spilling continues below high"
-        );
+        assert!(m.should_spill(500, true), "once started, spilling continues below high");
         assert!(!m.should_spill(400, true), "and stops at low");
         assert!(!m.must_pause(899));
         assert!(m.must_pause(900));

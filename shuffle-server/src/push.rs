@@ -7,14 +7,14 @@
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use shuffle_protocol::{
-    AttemptId, Block, ErrorKind, FrameKind, MapEnd, MapId, PartitionId, PartitionTotals, Request,
-    Response, ServiceError, ShuffleId,
+    AttemptId, Block, ErrorKind, FrameKind, MapEnd, MapId, PartitionId, PartitionTotals, Request, Response,
+    ServiceError, ShuffleId,
 };
 use tokio::io::AsyncRead;
 
 use crate::{
     commit::CommitDecision,
-    hash::{FlushReason, HashShuffle},
+    shuffle::{FlushReason, FlushTarget, Shuffle},
     state::{AppSession, ServiceState},
     stats::ServerStats,
     transport::{FrameReader, FrameSink, FrameWriter},
@@ -33,14 +33,27 @@ pub async fn handle_push<R: AsyncRead + Unpin + Send, W: FrameSink>(
 ) -> Result<(), ServiceError> {
     let shuffle = state.shuffle(session, shuffle_id)?;
     shuffle.check_push(map, attempt)?;
-    writer
-        .response(&Response::PushAccepted { spec: shuffle.spec })
-        .await
-        .map_err(io_err)?;
+    writer.response(&Response::PushAccepted { spec: shuffle.spec() }).await.map_err(io_err)?;
+    let result = receive_attempt(state, &shuffle, (map, attempt), reader, writer).await;
+    if result.is_err() {
+        // The attempt can never commit now: free what it holds at once.
+        shuffle.abandon(map, attempt);
+    }
+    result
+}
+
+/// Receives an attempt's blocks up to and including its `MapEnd`.
+async fn receive_attempt<R: AsyncRead + Unpin + Send, W: FrameSink>(
+    state: &Arc<ServiceState>,
+    shuffle: &Arc<Shuffle>,
+    (map, attempt): (MapId, AttemptId),
+    reader: &mut FrameReader<R>,
+    writer: &mut FrameWriter<W>,
+) -> Result<(), ServiceError> {
     let label = format!("map {map} attempt {attempt} of {}", shuffle.label());
     let mut received: BTreeMap<PartitionId, PartitionTotals> = BTreeMap::new();
     loop {
-        wait_for_memory(state, &shuffle).await?;
+        wait_for_memory(state, shuffle).await?;
         let Some(frame) = reader.next_frame().await? else {
             return Err(ServiceError::new(
                 ErrorKind::UnexpectedMessage,
@@ -50,26 +63,18 @@ pub async fn handle_push<R: AsyncRead + Unpin + Send, W: FrameSink>(
         match frame.kind {
             FrameKind::Block => {
                 let block = Block::parse(frame.payload)?;
-                block.verify().map_err(|e| {
-                    ServiceError::new(
-                        ErrorKind::IntegrityMismatch,
-                        format!("block from {label}: {e}"),
-                    )
-                })?;
+                block
+                    .verify()
+                    .map_err(|e| ServiceError::new(ErrorKind::IntegrityMismatch, format!("block from {label}: {e}")))?;
                 let id = block.header.id;
                 if (id.map, id.attempt) != (map, attempt) {
                     return Err(ServiceError::new(
                         ErrorKind::UnexpectedMessage,
-                        format!(
-                            "block of map {} attempt {} on the push stream of {label}",
-                            id.map, id.attempt
-                        ),
+                        format!("block of map {} attempt {} on the push stream of {label}", id.map, id.attempt),
                     ));
                 }
                 shuffle.check_partition(id.partition)?;
-                let totals = received
-                    .entry(id.partition)
-                    .or_insert_with(|| PartitionTotals::new(id.partition));
+                let totals = received.entry(id.partition).or_insert_with(|| PartitionTotals::new(id.partition));
                 if id.sequence != totals.blocks {
                     return Err(ServiceError::new(
                         ErrorKind::IntegrityMismatch,
@@ -81,25 +86,28 @@ pub async fn handle_push<R: AsyncRead + Unpin + Send, W: FrameSink>(
                 }
                 totals.add(&block.header);
                 let len = block.bytes.len() as u64;
-                if shuffle.append(&block.header, block.bytes)? {
-                    spawn_flush(shuffle.clone(), id.partition, FlushReason::BufferFull);
+                if let Some(target) = shuffle.append(&block.header, block.bytes)? {
+                    spawn_flush(shuffle.clone(), target, FlushReason::BufferFull);
                 }
                 ServerStats::add(&state.stats.bytes_received, len);
                 ServerStats::add(&state.stats.blocks_received, 1);
             }
             FrameKind::Request => match Request::decode(&frame.payload)? {
                 Request::MapEnd(end) => {
-                    let response = end_attempt(&shuffle, &label, (map, attempt), end, &received)?;
+                    // Sealing a sort-mode attempt writes and maps its file: blocking I/O.
+                    let (owned_shuffle, owned_label) = (shuffle.clone(), label.clone());
+                    let response = tokio::task::spawn_blocking(move || {
+                        end_attempt(&owned_shuffle, &owned_label, (map, attempt), end, &received)
+                    })
+                    .await
+                    .map_err(|e| ServiceError::new(ErrorKind::Io, format!("committing {label}: {e}")))??;
                     writer.response(&response).await.map_err(io_err)?;
                     return expect_end_of_stream(reader, &label).await;
                 }
                 other => {
                     return Err(ServiceError::new(
                         ErrorKind::UnexpectedMessage,
-                        format!(
-                            "{} request on the push stream of {label}",
-                            request_name(&other)
-                        ),
+                        format!("{} request on the push stream of {label}", request_name(&other)),
                     ));
                 }
             },
@@ -115,7 +123,7 @@ pub async fn handle_push<R: AsyncRead + Unpin + Send, W: FrameSink>(
 
 /// Checks a `MapEnd` against what arrived and applies the commit rule.
 fn end_attempt(
-    shuffle: &HashShuffle,
+    shuffle: &Shuffle,
     label: &str,
     (map, attempt): (MapId, AttemptId),
     end: MapEnd,
@@ -124,29 +132,16 @@ fn end_attempt(
     if (end.map, end.attempt) != (map, attempt) {
         return Err(ServiceError::new(
             ErrorKind::UnexpectedMessage,
-            format!(
-                "MapEnd for map {} attempt {} on the push stream of {label}",
-                end.map, end.attempt
-            ),
+            format!("MapEnd for map {} attempt {} on the push stream of {label}", end.map, end.attempt),
         ));
     }
-    let declared: BTreeMap<PartitionId, PartitionTotals> =
-        end.partitions.iter().map(|t| (t.partition, *t)).collect();
+    let declared: BTreeMap<PartitionId, PartitionTotals> = end.partitions.iter().map(|t| (t.partition, *t)).collect();
     if declared.len() != end.partitions.len() {
-        return Err(ServiceError::new(
-            ErrorKind::Malformed,
-            format!("MapEnd of {label} names a partition twice"),
-        ));
+        return Err(ServiceError::new(ErrorKind::Malformed, format!("MapEnd of {label} names a partition twice")));
     }
     for partition in declared.keys().chain(received.keys()) {
-        let want = declared
-            .get(partition)
-            .copied()
-            .unwrap_or(PartitionTotals::new(*partition));
-        let got = received
-            .get(partition)
-            .copied()
-            .unwrap_or(PartitionTotals::new(*partition));
+        let want = declared.get(partition).copied().unwrap_or(PartitionTotals::new(*partition));
+        let got = received.get(partition).copied().unwrap_or(PartitionTotals::new(*partition));
         if want != got {
             return Err(ServiceError::new(
                 ErrorKind::IntegrityMismatch,
@@ -159,20 +154,10 @@ fn end_attempt(
         }
     }
     let partitions = declared.into_values().collect();
-    Ok(
-        match shuffle.end_attempt(MapEnd {
-            map,
-            attempt,
-            partitions,
-        })? {
-            CommitDecision::Committed => Response::Committed { map, attempt },
-            CommitDecision::Refused { committed_attempt } => Response::AttemptRefused {
-                map,
-                attempt,
-                committed_attempt,
-            },
-        },
-    )
+    Ok(match shuffle.end_attempt(MapEnd { map, attempt, partitions })? {
+        CommitDecision::Committed => Response::Committed { map, attempt },
+        CommitDecision::Refused { committed_attempt } => Response::AttemptRefused { map, attempt, committed_attempt },
+    })
 }
 
 /// After `MapEnd` the client must close its side; anything more is an error.
@@ -184,24 +169,19 @@ async fn expect_end_of_stream<R: AsyncRead + Unpin + Send>(
         None => Ok(()),
         Some(frame) => {
             let kind = match frame.kind {
-                FrameKind::Request
-                    if matches!(Request::decode(&frame.payload), Ok(Request::MapEnd(_))) =>
-                {
+                FrameKind::Request if matches!(Request::decode(&frame.payload), Ok(Request::MapEnd(_))) => {
                     ErrorKind::DuplicateMapEnd
                 }
                 _ => ErrorKind::UnexpectedMessage,
             };
-            Err(ServiceError::new(
-                kind,
-                format!("{:?} frame after the MapEnd of {label}", frame.kind),
-            ))
+            Err(ServiceError::new(kind, format!("{:?} frame after the MapEnd of {label}", frame.kind)))
         }
     }
 }
 
 /// Pauses the producer while the memory budget is at its hard limit; fails
 /// if the shuffle cannot be flushed (a full disk) so the producer is not stuck.
-async fn wait_for_memory(state: &ServiceState, shuffle: &HashShuffle) -> Result<(), ServiceError> {
+async fn wait_for_memory(state: &ServiceState, shuffle: &Shuffle) -> Result<(), ServiceError> {
     while !state.memory.wait_for_room(PAUSE_RECHECK).await {
         if let Some(failure) = shuffle.failure() {
             return Err(failure);
@@ -210,10 +190,10 @@ async fn wait_for_memory(state: &ServiceState, shuffle: &HashShuffle) -> Result<
     Ok(())
 }
 
-/// Flushes a partition on a blocking thread; a failure is recorded on the shuffle.
-pub fn spawn_flush(shuffle: Arc<HashShuffle>, partition: PartitionId, reason: FlushReason) {
+/// Flushes a buffer on a blocking thread; a failure is recorded on the shuffle.
+pub fn spawn_flush(shuffle: Arc<Shuffle>, target: FlushTarget, reason: FlushReason) {
     tokio::task::spawn_blocking(move || {
-        let _ = shuffle.flush_partition(partition, reason);
+        let _ = shuffle.flush(target, reason);
     });
 }
 

@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 use crate::{
     ServerConfig, ServerError,
     connection::{CLOSE_SHUTDOWN, serve_connection},
-    hash::FlushReason,
+    shuffle::FlushReason,
     shutdown::{InFlight, Shutdown},
     state::ServiceState,
     stats::StatsSnapshot,
@@ -114,20 +114,10 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     let tls = TlsMaterial::load_or_generate(&config)?;
     let cert_path = tls.cert_path.clone();
     let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(tls.quic_server_config()?));
-    server_config.transport_config(transport_config(
-        config.idle_timeout,
-        config.max_streams_per_connection,
-    ));
-    let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|source| {
-        ServerError::Bind {
-            addr: config.listen,
-            source,
-        }
-    })?;
-    let local_addr = endpoint.local_addr().map_err(|source| ServerError::Bind {
-        addr: config.listen,
-        source,
-    })?;
+    server_config.transport_config(transport_config(config.idle_timeout, config.max_streams_per_connection));
+    let endpoint = quinn::Endpoint::server(server_config, config.listen)
+        .map_err(|source| ServerError::Bind { addr: config.listen, source })?;
+    let local_addr = endpoint.local_addr().map_err(|source| ServerError::Bind { addr: config.listen, source })?;
     tracing::info!(
         "shuffle-server listening on {local_addr} (data dir {}, memory budget {}, cert {})",
         config.data_dir.display(),
@@ -137,13 +127,7 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
 
     let shutdown = Shutdown::default();
     let task = tokio::spawn(run(endpoint, state.clone(), shutdown.clone()));
-    Ok(ServerHandle {
-        local_addr,
-        cert_path,
-        state,
-        shutdown,
-        task: Some(task),
-    })
+    Ok(ServerHandle { local_addr, cert_path, state, shutdown, task: Some(task) })
 }
 
 /// The server's life: serve until the signal, then drain and stop.
@@ -164,12 +148,8 @@ async fn run(endpoint: quinn::Endpoint, state: Arc<ServiceState>, shutdown: Shut
             continue;
         }
         connections.fetch_add(1, Ordering::AcqRel);
-        let (state, shutdown, in_flight, connections) = (
-            state.clone(),
-            shutdown.clone(),
-            in_flight.clone(),
-            connections.clone(),
-        );
+        let (state, shutdown, in_flight, connections) =
+            (state.clone(), shutdown.clone(), in_flight.clone(), connections.clone());
         tokio::spawn(async move {
             match incoming.await {
                 Ok(connection) => serve_connection(state, connection, shutdown, in_flight).await,
@@ -179,10 +159,7 @@ async fn run(endpoint: quinn::Endpoint, state: Arc<ServiceState>, shutdown: Shut
         });
     }
 
-    tracing::info!(
-        in_flight = in_flight.count(),
-        "shutting down: no new connections; draining requests"
-    );
+    tracing::info!(in_flight = in_flight.count(), "shutting down: no new connections; draining requests");
     let refuser = tokio::spawn({
         let endpoint = endpoint.clone();
         async move {
@@ -191,14 +168,8 @@ async fn run(endpoint: quinn::Endpoint, state: Arc<ServiceState>, shutdown: Shut
             }
         }
     });
-    if tokio::time::timeout(state.config.shutdown_grace, in_flight.drained())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            in_flight = in_flight.count(),
-            "shutdown grace period over; closing anyway"
-        );
+    if tokio::time::timeout(state.config.shutdown_grace, in_flight.drained()).await.is_err() {
+        tracing::warn!(in_flight = in_flight.count(), "shutdown grace period over; closing anyway");
     }
     let shuffles = state.all_shuffles();
     let flushed = tokio::task::spawn_blocking(move || {
@@ -228,14 +199,12 @@ async fn run_spiller(state: Arc<ServiceState>, shutdown: Shutdown) {
             let largest = state
                 .all_shuffles()
                 .into_iter()
-                .filter_map(|s| s.largest_partition().map(|(p, bytes)| (s, p, bytes)))
+                .filter_map(|s| s.largest_buffer().map(|(target, bytes)| (s, target, bytes)))
                 .max_by_key(|(_, _, bytes)| *bytes);
-            let Some((shuffle, partition, _)) = largest else {
+            let Some((shuffle, target, _)) = largest else {
                 break;
             };
-            let flush = tokio::task::spawn_blocking(move || {
-                shuffle.flush_partition(partition, FlushReason::MemoryPressure)
-            });
+            let flush = tokio::task::spawn_blocking(move || shuffle.flush(target, FlushReason::MemoryPressure));
             match flush.await {
                 Ok(Ok(_)) => {}
                 Ok(Err(_)) | Err(_) => {

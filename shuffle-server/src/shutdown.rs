@@ -16,9 +16,7 @@ pub struct Shutdown {
 
 impl Default for Shutdown {
     fn default() -> Self {
-        Self {
-            tx: Arc::new(watch::Sender::new(false)),
-        }
+        Self { tx: Arc::new(watch::Sender::new(false)) }
     }
 }
 
@@ -55,9 +53,7 @@ impl InFlight {
     /// Marks one more request in flight.
     pub fn enter(&self) -> InFlightGuard {
         self.inner.0.fetch_add(1, Ordering::AcqRel);
-        InFlightGuard {
-            inner: self.inner.clone(),
-        }
+        InFlightGuard { inner: self.inner.clone() }
     }
 
     /// Requests in flight now.

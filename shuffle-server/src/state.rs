@@ -18,8 +18,8 @@ use shuffle_protocol::{AppId, ErrorKind, ServiceError, ShuffleId, ShuffleSpec};
 
 use crate::{
     ServerConfig,
-    hash::{HashShuffle, StorageEnv, lock},
     memory::MemoryBudget,
+    shuffle::{Shuffle, StorageEnv, lock},
     stats::ServerStats,
 };
 
@@ -28,7 +28,7 @@ struct AppEntry {
     /// Distinguishes this incarnation of the app from an earlier one with the same id.
     generation: u64,
     /// The app's registered shuffles.
-    shuffles: HashMap<ShuffleId, Arc<HashShuffle>>,
+    shuffles: HashMap<ShuffleId, Arc<Shuffle>>,
     /// Open connections bound to this app.
     connections: usize,
     /// When the last connection went away (meaningful when `connections` is 0).
@@ -75,9 +75,7 @@ impl ServiceState {
     }
 
     fn shuffle_dir(&self, app: &AppId, shuffle: ShuffleId) -> PathBuf {
-        self.apps_dir()
-            .join(app.as_str())
-            .join(format!("shuffle-{}", shuffle.0))
+        self.apps_dir().join(app.as_str()).join(format!("shuffle-{}", shuffle.0))
     }
 
     /// Binds a new connection to `app`, creating the app if needed.
@@ -87,19 +85,10 @@ impl ServiceState {
             let mut next = lock(&self.next_generation);
             *next += 1;
             tracing::info!(%app, "app registered");
-            AppEntry {
-                generation: *next,
-                shuffles: HashMap::new(),
-                connections: 0,
-                idle_since: Instant::now(),
-            }
+            AppEntry { generation: *next, shuffles: HashMap::new(), connections: 0, idle_since: Instant::now() }
         });
         entry.connections += 1;
-        AppSession {
-            state: self.clone(),
-            app,
-            generation: entry.generation,
-        }
+        AppSession { state: self.clone(), app, generation: entry.generation }
     }
 
     fn with_app<T>(
@@ -112,10 +101,7 @@ impl ServiceState {
             Some(entry) if entry.generation == session.generation => f(entry),
             _ => Err(ServiceError::new(
                 ErrorKind::UnknownApp,
-                format!(
-                    "app {} is not registered (it was unregistered or expired); reconnect",
-                    session.app
-                ),
+                format!("app {} is not registered (it was unregistered or expired); reconnect", session.app),
             )),
         }
     }
@@ -128,25 +114,23 @@ impl ServiceState {
         spec: ShuffleSpec,
     ) -> Result<(), ServiceError> {
         spec.validate().map_err(|why| {
-            ServiceError::new(
-                ErrorKind::InvalidSpec,
-                format!("shuffle {shuffle} of app {}: {why}", session.app),
-            )
+            ServiceError::new(ErrorKind::InvalidSpec, format!("shuffle {shuffle} of app {}: {why}", session.app))
         })?;
         self.with_app(session, |entry| {
             if let Some(existing) = entry.shuffles.get(&shuffle) {
-                if existing.spec == spec {
+                if existing.spec() == spec {
                     return Ok(());
                 }
                 return Err(ServiceError::new(
                     ErrorKind::ShuffleExists,
                     format!(
                         "shuffle {shuffle} of app {} is already registered with {:?}, not {spec:?}",
-                        session.app, existing.spec
+                        session.app,
+                        existing.spec()
                     ),
                 ));
             }
-            let created = HashShuffle::create(
+            let created = Shuffle::create(
                 session.app.clone(),
                 shuffle,
                 spec,
@@ -165,38 +149,24 @@ impl ServiceState {
     }
 
     /// The shuffle `shuffle` of the session's app.
-    pub fn shuffle(
-        &self,
-        session: &AppSession,
-        shuffle: ShuffleId,
-    ) -> Result<Arc<HashShuffle>, ServiceError> {
+    pub fn shuffle(&self, session: &AppSession, shuffle: ShuffleId) -> Result<Arc<Shuffle>, ServiceError> {
         self.with_app(session, |entry| {
             entry.shuffles.get(&shuffle).cloned().ok_or_else(|| {
                 ServiceError::new(
                     ErrorKind::UnknownShuffle,
-                    format!(
-                        "shuffle {shuffle} is not registered for app {}",
-                        session.app
-                    ),
+                    format!("shuffle {shuffle} is not registered for app {}", session.app),
                 )
             })
         })
     }
 
     /// Removes a shuffle with its memory and files.
-    pub async fn unregister_shuffle(
-        &self,
-        session: &AppSession,
-        shuffle: ShuffleId,
-    ) -> Result<(), ServiceError> {
+    pub async fn unregister_shuffle(&self, session: &AppSession, shuffle: ShuffleId) -> Result<(), ServiceError> {
         let removed = self.with_app(session, |entry| {
             entry.shuffles.remove(&shuffle).ok_or_else(|| {
                 ServiceError::new(
                     ErrorKind::UnknownShuffle,
-                    format!(
-                        "shuffle {shuffle} is not registered for app {}",
-                        session.app
-                    ),
+                    format!("shuffle {shuffle} is not registered for app {}", session.app),
                 )
             })
         })?;
@@ -233,9 +203,7 @@ impl ServiceState {
                 .filter(|(_, e)| e.connections == 0 && now.duration_since(e.idle_since) >= timeout)
                 .map(|(id, _)| id.clone())
                 .collect();
-            ids.into_iter()
-                .filter_map(|id| apps.remove(&id).map(|e| (id, e)))
-                .collect()
+            ids.into_iter().filter_map(|id| apps.remove(&id).map(|e| (id, e))).collect()
         };
         let mut removed = Vec::new();
         for (app, entry) in expired {
@@ -247,11 +215,8 @@ impl ServiceState {
     }
 
     /// Every registered shuffle, for the spiller and shutdown.
-    pub fn all_shuffles(&self) -> Vec<Arc<HashShuffle>> {
-        lock(&self.apps)
-            .values()
-            .flat_map(|e| e.shuffles.values().cloned())
-            .collect()
+    pub fn all_shuffles(&self) -> Vec<Arc<Shuffle>> {
+        lock(&self.apps).values().flat_map(|e| e.shuffles.values().cloned()).collect()
     }
 
     /// Number of registered apps.
@@ -265,7 +230,7 @@ impl ServiceState {
     }
 }
 
-async fn remove_shuffles(shuffles: Vec<Arc<HashShuffle>>) {
+async fn remove_shuffles(shuffles: Vec<Arc<Shuffle>>) {
     if shuffles.is_empty() {
         return;
     }

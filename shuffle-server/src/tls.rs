@@ -39,9 +39,7 @@ impl TlsMaterial {
                 paths
             }
         };
-        let tls_err = |path: &Path, e: &dyn std::fmt::Display| {
-            ServerError::Tls(format!("{}: {e}", path.display()))
-        };
+        let tls_err = |path: &Path, e: &dyn std::fmt::Display| ServerError::Tls(format!("{}: {e}", path.display()));
         let chain = CertificateDer::pem_file_iter(&cert_path)
             .map_err(|e| tls_err(&cert_path, &e))?
             .collect::<Result<Vec<_>, _>>()
@@ -50,30 +48,21 @@ impl TlsMaterial {
             return Err(tls_err(&cert_path, &"no certificate in file"));
         }
         let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|e| tls_err(&key_path, &e))?;
-        Ok(Self {
-            chain,
-            key,
-            cert_path,
-        })
+        Ok(Self { chain, key, cert_path })
     }
 
     /// The QUIC server crypto configuration: TLS 1.3 only, with our ALPN.
-    pub fn quic_server_config(
-        self,
-    ) -> Result<quinn::crypto::rustls::QuicServerConfig, ServerError> {
+    pub fn quic_server_config(self) -> Result<quinn::crypto::rustls::QuicServerConfig, ServerError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut tls = rustls::ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| ServerError::Tls(e.to_string()))?
             .with_no_client_auth()
             .with_single_cert(self.chain, self.key)
-            .map_err(|e| {
-                ServerError::Tls(format!("certificate and key do not fit together: {e}"))
-            })?;
+            .map_err(|e| ServerError::Tls(format!("certificate and key do not fit together: {e}")))?;
         tls.alpn_protocols = vec![ALPN.to_vec()];
         tls.max_early_data_size = 0;
-        quinn::crypto::rustls::QuicServerConfig::try_from(tls)
-            .map_err(|e| ServerError::Tls(e.to_string()))
+        quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| ServerError::Tls(e.to_string()))
     }
 }
 
@@ -81,13 +70,8 @@ impl TlsMaterial {
 fn generate_self_signed(dir: &Path, cert_path: &Path, key_path: &Path) -> Result<(), ServerError> {
     let io = |path: &Path, e: std::io::Error| ServerError::Io(format!("{}: {e}", path.display()));
     fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
-    let names = vec![
-        "localhost".to_string(),
-        "127.0.0.1".to_string(),
-        "::1".to_string(),
-    ];
-    let certified =
-        rcgen::generate_simple_self_signed(names).map_err(|e| ServerError::Tls(e.to_string()))?;
+    let names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+    let certified = rcgen::generate_simple_self_signed(names).map_err(|e| ServerError::Tls(e.to_string()))?;
     // Write the key first and the certificate last, so a crash in between
     // leaves no certificate without its key.
     fs::write(key_path, certified.signing_key.serialize_pem()).map_err(|e| io(key_path, e))?;

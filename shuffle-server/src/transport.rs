@@ -9,8 +9,8 @@ use std::{future::Future, sync::Arc, time::Duration};
 
 use bytes::{Bytes, BytesMut};
 use shuffle_protocol::{
-    ErrorKind, Frame, FrameKind, Request, Response, ServiceError, decode_frame,
-    encode_frame_header, frame::encode_frame, limits,
+    ErrorKind, Frame, FrameKind, Request, Response, ServiceError, decode_frame, encode_frame_header,
+    frame::encode_frame, limits,
 };
 use tokio::io::{AsyncRead, AsyncReadExt};
 
@@ -22,10 +22,7 @@ const READ_CHUNK: usize = 256 * 1024;
 /// file mapping) can be handed over without copying.
 pub trait FrameSink: Send {
     /// Writes all `chunks`, in order.
-    fn write_chunks(
-        &mut self,
-        chunks: &mut [Bytes],
-    ) -> impl Future<Output = std::io::Result<()>> + Send;
+    fn write_chunks(&mut self, chunks: &mut [Bytes]) -> impl Future<Output = std::io::Result<()>> + Send;
     /// Ends the stream after everything written.
     fn finish(&mut self);
     /// Waits (at most `timeout`) until the peer has received everything written.
@@ -34,9 +31,7 @@ pub trait FrameSink: Send {
 
 impl FrameSink for quinn::SendStream {
     async fn write_chunks(&mut self, chunks: &mut [Bytes]) -> std::io::Result<()> {
-        self.write_all_chunks(chunks)
-            .await
-            .map_err(std::io::Error::from)
+        self.write_all_chunks(chunks).await.map_err(std::io::Error::from)
     }
 
     fn finish(&mut self) {
@@ -59,10 +54,7 @@ pub struct FrameReader<R> {
 impl<R: AsyncRead + Unpin + Send> FrameReader<R> {
     /// Reads frames from `inner`.
     pub fn new(inner: R) -> Self {
-        Self {
-            inner,
-            buf: BytesMut::with_capacity(READ_CHUNK),
-        }
+        Self { inner, buf: BytesMut::with_capacity(READ_CHUNK) }
     }
 
     /// The next frame; `None` when the stream ended cleanly between frames.
@@ -74,19 +66,18 @@ impl<R: AsyncRead + Unpin + Send> FrameReader<R> {
             if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
                 self.buf.reserve(READ_CHUNK);
             }
-            let n = self.inner.read_buf(&mut self.buf).await.map_err(|e| {
-                ServiceError::new(ErrorKind::Io, format!("reading from the stream: {e}"))
-            })?;
+            let n = self
+                .inner
+                .read_buf(&mut self.buf)
+                .await
+                .map_err(|e| ServiceError::new(ErrorKind::Io, format!("reading from the stream: {e}")))?;
             if n == 0 {
                 if self.buf.is_empty() {
                     return Ok(None);
                 }
                 return Err(ServiceError::new(
                     ErrorKind::Malformed,
-                    format!(
-                        "stream ended inside a frame ({} bytes of it received)",
-                        self.buf.len()
-                    ),
+                    format!("stream ended inside a frame ({} bytes of it received)", self.buf.len()),
                 ));
             }
         }
@@ -96,10 +87,7 @@ impl<R: AsyncRead + Unpin + Send> FrameReader<R> {
     pub async fn next_request(&mut self) -> Result<Option<Request>, ServiceError> {
         match self.next_frame().await? {
             None => Ok(None),
-            Some(Frame {
-                kind: FrameKind::Request,
-                payload,
-            }) => Ok(Some(Request::decode(&payload)?)),
+            Some(Frame { kind: FrameKind::Request, payload }) => Ok(Some(Request::decode(&payload)?)),
             Some(frame) => Err(ServiceError::new(
                 ErrorKind::UnexpectedMessage,
                 format!("expected a request frame, got a {:?} frame", frame.kind),
@@ -122,19 +110,14 @@ impl<W: FrameSink> FrameWriter<W> {
 
     /// Sends one response frame.
     pub async fn response(&mut self, response: &Response) -> std::io::Result<()> {
-        self.inner
-            .write_chunks(&mut [encode_frame(FrameKind::Response, &response.encode())])
-            .await
+        self.inner.write_chunks(&mut [encode_frame(FrameKind::Response, &response.encode())]).await
     }
 
     /// Sends blocks, each in its own frame, without copying their bytes.
     pub async fn blocks(&mut self, blocks: &[Bytes]) -> std::io::Result<()> {
         let mut chunks = Vec::with_capacity(blocks.len() * 2);
         for block in blocks {
-            chunks.push(Bytes::copy_from_slice(&encode_frame_header(
-                FrameKind::Block,
-                block.len(),
-            )));
+            chunks.push(Bytes::copy_from_slice(&encode_frame_header(FrameKind::Block, block.len())));
             chunks.push(block.clone());
         }
         self.inner.write_chunks(&mut chunks).await

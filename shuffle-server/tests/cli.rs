@@ -32,9 +32,7 @@ fn spawn(args: &[&str], cwd: &std::path::Path) -> (Child, mpsc::Receiver<String>
 
 fn wait_for_line(rx: &mpsc::Receiver<String>, needle: &str) -> String {
     loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .unwrap_or_else(|_| panic!("no log line with {needle:?}"));
+        let line = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|_| panic!("no log line with {needle:?}"));
         if line.contains(needle) {
             return line;
         }
@@ -43,19 +41,13 @@ fn wait_for_line(rx: &mpsc::Receiver<String>, needle: &str) -> String {
 
 fn terminate_and_wait(mut child: Child) -> i32 {
     // SAFETY: kill(2) on our own child with a valid signal.
-    assert_eq!(
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) },
-        0
-    );
+    assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) }, 0);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if let Some(status) = child.try_wait().unwrap() {
             return status.code().expect("exit code, not a signal");
         }
-        assert!(
-            Instant::now() < deadline,
-            "the server did not exit within 20 s of SIGTERM"
-        );
+        assert!(Instant::now() < deadline, "the server did not exit within 20 s of SIGTERM");
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -76,28 +68,15 @@ fn with_no_arguments_it_serves_on_the_default_address_with_defaults_and_exits_0_
 fn the_config_file_sets_keys_and_flags_override_it() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("server.toml");
-    std::fs::write(
-        &file,
-        "listen = \"127.0.0.1:0\"\nmemory = \"512MiB\"\ndata_dir = \"from-file\"\n",
-    )
-    .unwrap();
+    std::fs::write(&file, "listen = \"127.0.0.1:0\"\nmemory = \"512MiB\"\ndata_dir = \"from-file\"\n").unwrap();
     let (child, log) = spawn(&["--config", file.to_str().unwrap()], dir.path());
     let line = wait_for_line(&log, "listening on");
-    assert!(
-        line.contains("memory budget 512MiB") && line.contains("data dir from-file"),
-        "{line}"
-    );
+    assert!(line.contains("memory budget 512MiB") && line.contains("data dir from-file"), "{line}");
     assert_eq!(terminate_and_wait(child), 0);
 
-    let (child, log) = spawn(
-        &["--config", file.to_str().unwrap(), "--memory", "2GiB"],
-        dir.path(),
-    );
+    let (child, log) = spawn(&["--config", file.to_str().unwrap(), "--memory", "2GiB"], dir.path());
     let line = wait_for_line(&log, "listening on");
-    assert!(
-        line.contains("memory budget 2GiB") && line.contains("data dir from-file"),
-        "{line}"
-    );
+    assert!(line.contains("memory budget 2GiB") && line.contains("data dir from-file"), "{line}");
     assert_eq!(terminate_and_wait(child), 0);
 }
 
@@ -106,18 +85,12 @@ fn bad_configuration_is_a_clear_error_and_exit_code_1() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("server.toml");
     std::fs::write(&file, "memroy = \"1GiB\"\n").unwrap();
-    let out = Command::new(BIN)
-        .args(["--config", file.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = Command::new(BIN).args(["--config", file.to_str().unwrap()]).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("unknown field `memroy`"), "{stderr}");
 
-    let out = Command::new(BIN)
-        .args(["--memory", "lots"])
-        .output()
-        .unwrap();
+    let out = Command::new(BIN).args(["--memory", "lots"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2), "clap usage error");
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a size such as 512MiB"));
 
@@ -134,12 +107,7 @@ fn bad_configuration_is_a_clear_error_and_exit_code_1() {
 fn the_generated_certificate_is_reused_on_restart() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let args = [
-        "--listen",
-        "127.0.0.1:0",
-        "--data-dir",
-        data.to_str().unwrap(),
-    ];
+    let args = ["--listen", "127.0.0.1:0", "--data-dir", data.to_str().unwrap()];
     let (child, log) = spawn(&args, dir.path());
     wait_for_line(&log, "listening on");
     assert_eq!(terminate_and_wait(child), 0);

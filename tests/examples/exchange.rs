@@ -48,12 +48,8 @@ async fn main() -> anyhow::Result<()> {
     let server = shuffle_server::start(config).await?;
     let options = ClientOptions::new("quickstart").trusted_cert(server.cert_path());
     let client = ShuffleClient::connect(server.local_addr(), options).await?;
-    let params = ExchangeParams {
-        records: args.records,
-        maps: args.maps,
-        partitions: args.partitions,
-        seed: args.seed,
-    };
+    let params =
+        ExchangeParams { records: args.records, maps: args.maps, partitions: args.partitions, seed: args.seed };
     println!(
         "W1 exchange: {} records ({} MB), M = {}, R = {}, hash mode, embedded server at {}",
         params.records,
@@ -65,9 +61,7 @@ async fn main() -> anyhow::Result<()> {
     let mut times = Vec::new();
     for run in 0..args.repeat {
         let shuffle = ShuffleId(run);
-        let outcome = run_exchange(&client, shuffle, params)
-            .await
-            .map_err(anyhow::Error::msg)?;
+        let outcome = run_exchange(&client, shuffle, params).await.map_err(anyhow::Error::msg)?;
         let verified = verify(params, outcome.received);
         let mb_s = outcome.input_bytes as f64 / 1e6 / outcome.elapsed.as_secs_f64();
         println!(
@@ -77,11 +71,7 @@ async fn main() -> anyhow::Result<()> {
             outcome.input_bytes,
             outcome.elapsed.as_secs_f64(),
             mb_s,
-            if verified.is_ok() {
-                "verified"
-            } else {
-                "MISMATCH"
-            }
+            if verified.is_ok() { "verified" } else { "MISMATCH" }
         );
         if let Err(e) = verified {
             bail!("verification failed: {e}");

@@ -26,10 +26,7 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let dir = tempfile::tempdir()?;
-    let config = ServerConfig {
-        data_dir: dir.path().to_path_buf(),
-        ..ServerConfig::default()
-    };
+    let config = ServerConfig { data_dir: dir.path().to_path_buf(), ..ServerConfig::default() };
     let tls = TlsMaterial::load_or_generate(&config)?;
     let cert_path = tls.cert_path.clone();
     let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(tls.quic_server_config()?));
@@ -72,19 +69,12 @@ async fn main() -> anyhow::Result<()> {
         let mut ack = [0u8; 8];
         recv.read_exact(&mut ack).await?;
         let elapsed = start.elapsed().as_secs_f64();
-        anyhow::ensure!(
-            u64::from_le_bytes(ack) == sent,
-            "server received {} of {sent} bytes",
-            u64::from_le_bytes(ack)
-        );
+        anyhow::ensure!(u64::from_le_bytes(ack) == sent, "server received {} of {sent} bytes", u64::from_le_bytes(ack));
         let rate = sent as f64 / 1e6 / elapsed;
         println!("run {run}: {sent} bytes in {elapsed:.3} s = {rate:.1} MB/s");
         rates.push(rate);
     }
     rates.sort_by(f64::total_cmp);
-    println!(
-        "median one-stream quinn loopback throughput: {:.1} MB/s",
-        rates[rates.len() / 2]
-    );
+    println!("median one-stream quinn loopback throughput: {:.1} MB/s", rates[rates.len() / 2]);
     Ok(())
 }

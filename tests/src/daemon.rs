@@ -23,10 +23,7 @@ pub fn server_binary() -> PathBuf {
         return PathBuf::from(path);
     }
     let exe = std::env::current_exe().expect("test executable path");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps/<test>");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>");
     let path = profile_dir.join("shuffle-server");
     assert!(
         path.exists(),
@@ -87,20 +84,11 @@ impl Daemon {
                 panic!("shuffle-server did not report its address within {START_TIMEOUT:?}")
             });
             if let Some(rest) = line.split("listening on ").nth(1) {
-                let addr = rest
-                    .split_whitespace()
-                    .next()
-                    .expect("address after 'listening on'");
+                let addr = rest.split_whitespace().next().expect("address after 'listening on'");
                 break addr.parse().expect("a socket address");
             }
         };
-        Self {
-            child,
-            addr,
-            data_dir: data_dir.to_path_buf(),
-            _temp: None,
-            log: rx,
-        }
+        Self { child, addr, data_dir: data_dir.to_path_buf(), _temp: None, log: rx }
     }
 
     /// The generated certificate clients trust.

@@ -6,9 +6,7 @@ use std::time::{Duration, Instant};
 
 use shuffle_client::{ClientError, CommitOutcome, ShuffleClient, ShuffleId, ShuffleSpec};
 
-use crate::workload::{
-    W1_KEY_LEN, W1_RECORD_LEN, W1_VALUE_LEN, W1Totals, map_range, w1_partition, w1_record,
-};
+use crate::workload::{W1_KEY_LEN, W1_RECORD_LEN, W1_VALUE_LEN, W1Totals, map_range, w1_partition, w1_record};
 
 /// Parameters of one W1 run.
 #[derive(Clone, Copy, Debug)]
@@ -21,12 +19,7 @@ pub struct ExchangeParams {
 
 impl Default for ExchangeParams {
     fn default() -> Self {
-        Self {
-            records: 10_000_000,
-            maps: 4,
-            partitions: 16,
-            seed: 42,
-        }
+        Self { records: 10_000_000, maps: 4, partitions: 16, seed: 42 }
     }
 }
 
@@ -53,9 +46,7 @@ pub async fn write_map(
     let (mut key, mut value) = ([0u8; W1_KEY_LEN], [0u8; W1_VALUE_LEN]);
     for i in map_range(params.records, params.maps, map) {
         w1_record(params.seed, i, &mut key, &mut value);
-        writer
-            .write(w1_partition(&key, params.partitions), &key, &value)
-            .await?;
+        writer.write(w1_partition(&key, params.partitions), &key, &value).await?;
     }
     writer.finish().await
 }
@@ -67,19 +58,12 @@ pub async fn read_partition(
     partition: u32,
     partitions: u32,
 ) -> Result<W1Totals, String> {
-    let mut reader = client
-        .reader(shuffle, partition)
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut reader = client.reader(shuffle, partition).await.map_err(|e| e.to_string())?;
     let mut totals = W1Totals::default();
     while let Some(block) = reader.next_block().await.map_err(|e| e.to_string())? {
         for (key, value) in block.records() {
             if key.len() != W1_KEY_LEN || value.len() != W1_VALUE_LEN {
-                return Err(format!(
-                    "partition {partition}: record of {}+{} bytes",
-                    key.len(),
-                    value.len()
-                ));
+                return Err(format!("partition {partition}: record of {}+{} bytes", key.len(), value.len()));
             }
             if w1_partition(key, partitions) != partition {
                 return Err(format!(
@@ -114,9 +98,7 @@ pub async fn run_exchange(
     let reducers: Vec<_> = (0..params.partitions)
         .map(|p| {
             let client = client.clone();
-            tokio::spawn(
-                async move { read_partition(&client, shuffle, p, params.partitions).await },
-            )
+            tokio::spawn(async move { read_partition(&client, shuffle, p, params.partitions).await })
         })
         .collect();
     for (m, task) in maps.into_iter().enumerate() {
@@ -129,11 +111,7 @@ pub async fn run_exchange(
     for task in reducers {
         received.merge(task.await.map_err(|e| e.to_string())??);
     }
-    Ok(ExchangeOutcome {
-        received,
-        elapsed: start.elapsed(),
-        input_bytes: params.records * W1_RECORD_LEN as u64,
-    })
+    Ok(ExchangeOutcome { received, elapsed: start.elapsed(), input_bytes: params.records * W1_RECORD_LEN as u64 })
 }
 
 /// Checks a run's totals against the generator's.

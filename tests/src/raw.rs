@@ -57,33 +57,17 @@ pub fn client_config(cert: &Path) -> quinn::ClientConfig {
     tls.alpn_protocols = vec![b"shuffle/1".to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("quic tls");
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    config.transport_config(shuffle_server::transport::transport_config(
-        Duration::from_secs(30),
-        0,
-    ));
+    config.transport_config(shuffle_server::transport::transport_config(Duration::from_secs(30), 0));
     config
 }
 
 impl RawConnection {
     /// Connects and sends `Hello` for `app`; returns the server's answer to it too.
-    pub async fn connect(
-        addr: SocketAddr,
-        cert: &Path,
-        app: &str,
-        token: Option<&str>,
-    ) -> (Self, Reply) {
-        let mut endpoint =
-            quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).expect("endpoint");
+    pub async fn connect(addr: SocketAddr, cert: &Path, app: &str, token: Option<&str>) -> (Self, Reply) {
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).expect("endpoint");
         endpoint.set_default_client_config(client_config(cert));
-        let connection = endpoint
-            .connect(addr, "localhost")
-            .expect("connect")
-            .await
-            .expect("handshake");
-        let raw = Self {
-            endpoint,
-            connection,
-        };
+        let connection = endpoint.connect(addr, "localhost").expect("connect").await.expect("handshake");
+        let raw = Self { endpoint, connection };
         let hello = Request::Hello {
             protocol_version: PROTOCOL_VERSION,
             app: AppId::new(app).expect("app id"),
@@ -103,17 +87,12 @@ impl RawConnection {
         }
         let _ = send.finish();
         let mut buf = BytesMut::new();
-        let mut reply = Reply {
-            responses: Vec::new(),
-            blocks: 0,
-        };
+        let mut reply = Reply { responses: Vec::new(), blocks: 0 };
         let read = async {
             loop {
                 while let Ok(Some(Frame { kind, payload })) = decode_frame(&mut buf) {
                     match kind {
-                        FrameKind::Response => reply
-                            .responses
-                            .push(Response::decode(&payload).expect("response")),
+                        FrameKind::Response => reply.responses.push(Response::decode(&payload).expect("response")),
                         FrameKind::Block => reply.blocks += 1,
                         FrameKind::Request => panic!("server sent a request frame"),
                     }
@@ -124,9 +103,7 @@ impl RawConnection {
                 }
             }
         };
-        tokio::time::timeout(Duration::from_secs(20), read)
-            .await
-            .expect("server reply within 20 s");
+        tokio::time::timeout(Duration::from_secs(20), read).await.expect("server reply within 20 s");
         reply
     }
 }

@@ -102,10 +102,7 @@ mod tests {
         w1_record(42, 7, &mut k2, &mut v2);
         assert_eq!((k1, v1), (k2, v2));
         assert_eq!(w1_key_value(&k1), splitmix64(42 ^ 7));
-        assert!(
-            v1.iter()
-                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
-        );
+        assert!(v1.iter().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
         let first_word = format!("{:016x}", splitmix64(splitmix64(42 ^ 7).wrapping_add(1)));
         assert_eq!(&v1[..16], first_word.as_bytes());
     }

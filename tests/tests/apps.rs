@@ -9,12 +9,7 @@ use shuffle_tests::{
     exchange::{ExchangeParams, run_exchange, verify},
 };
 
-const PARAMS: ExchangeParams = ExchangeParams {
-    records: 150_000,
-    maps: 3,
-    partitions: 6,
-    seed: 11,
-};
+const PARAMS: ExchangeParams = ExchangeParams { records: 150_000, maps: 3, partitions: 6, seed: 11 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn several_apps_shuffle_at_once_and_unregistering_removes_their_files() {
@@ -25,10 +20,7 @@ async fn several_apps_shuffle_at_once_and_unregistering_removes_their_files() {
         let client = daemon.connect(app).await.unwrap();
         for shuffle in [ShuffleId(0), ShuffleId(1)] {
             let client = client.clone();
-            let params = ExchangeParams {
-                seed: PARAMS.seed + u64::from(shuffle.0),
-                ..PARAMS
-            };
+            let params = ExchangeParams { seed: PARAMS.seed + u64::from(shuffle.0), ..PARAMS };
             jobs.push(tokio::spawn(async move {
                 let outcome = run_exchange(&client, shuffle, params).await.unwrap();
                 verify(params, outcome.received).unwrap();
@@ -42,32 +34,17 @@ async fn several_apps_shuffle_at_once_and_unregistering_removes_their_files() {
     let shuffle_dir = |app: &str, s: u32| apps.join(app).join(format!("shuffle-{s}"));
     for app in ["app-a", "app-b"] {
         for s in 0..2 {
-            assert!(
-                dir_bytes(&shuffle_dir(app, s)) > 1_000_000,
-                "{app} shuffle {s} has files"
-            );
+            assert!(dir_bytes(&shuffle_dir(app, s)) > 1_000_000, "{app} shuffle {s} has files");
         }
     }
 
     let a = daemon.connect("app-a").await.unwrap();
     a.unregister_shuffle(ShuffleId(0)).await.unwrap();
-    assert!(
-        !shuffle_dir("app-a", 0).exists(),
-        "unregistered shuffle's files are gone"
-    );
-    assert!(
-        shuffle_dir("app-a", 1).exists(),
-        "the app's other shuffle stays"
-    );
+    assert!(!shuffle_dir("app-a", 0).exists(), "unregistered shuffle's files are gone");
+    assert!(shuffle_dir("app-a", 1).exists(), "the app's other shuffle stays");
     a.unregister_app().await.unwrap();
-    assert!(
-        !apps.join("app-a").exists(),
-        "unregistered app's files are gone"
-    );
-    assert!(
-        dir_bytes(&shuffle_dir("app-b", 0)) > 1_000_000,
-        "other apps are untouched"
-    );
+    assert!(!apps.join("app-a").exists(), "unregistered app's files are gone");
+    assert!(dir_bytes(&shuffle_dir("app-b", 0)) > 1_000_000, "other apps are untouched");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -89,12 +66,6 @@ async fn an_app_whose_client_went_away_is_removed_after_the_app_timeout() {
     while app_dir.exists() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(
-        !app_dir.exists(),
-        "the app's files were not removed within 15 s of its client leaving"
-    );
-    assert!(
-        daemon.data_dir.join("apps").join("keeper").exists(),
-        "a connected app is kept"
-    );
+    assert!(!app_dir.exists(), "the app's files were not removed within 15 s of its client leaving");
+    assert!(daemon.data_dir.join("apps").join("keeper").exists(), "a connected app is kept");
 }

@@ -8,21 +8,12 @@ use shuffle_tests::{
     workload::{W1_KEY_LEN, W1_VALUE_LEN, W1Totals, map_range, w1_partition, w1_record},
 };
 
-const PARAMS: ExchangeParams = ExchangeParams {
-    records: 200_000,
-    maps: 4,
-    partitions: 8,
-    seed: 7,
-};
+const PARAMS: ExchangeParams = ExchangeParams { records: 200_000, maps: 4, partitions: 8, seed: 7 };
 
 async fn read_all(client: &ShuffleClient, shuffle: ShuffleId) -> W1Totals {
     let mut total = W1Totals::default();
     for p in 0..PARAMS.partitions {
-        total.merge(
-            read_partition(client, shuffle, p, PARAMS.partitions)
-                .await
-                .unwrap(),
-        );
+        total.merge(read_partition(client, shuffle, p, PARAMS.partitions).await.unwrap());
     }
     total
 }
@@ -32,10 +23,7 @@ async fn an_attempt_that_pushes_half_and_never_finishes_is_invisible_after_a_ret
     let daemon = Daemon::start(&[]);
     let client = daemon.connect("retry").await.unwrap();
     let shuffle = ShuffleId(3);
-    client
-        .register_shuffle(shuffle, ShuffleSpec::hash(PARAMS.maps, PARAMS.partitions))
-        .await
-        .unwrap();
+    client.register_shuffle(shuffle, ShuffleSpec::hash(PARAMS.maps, PARAMS.partitions)).await.unwrap();
 
     // Attempt 0 of map 0 pushes half of its records (well over one block per
     // partition, so blocks reach the server) and is never finished.
@@ -44,25 +32,13 @@ async fn an_attempt_that_pushes_half_and_never_finishes_is_invisible_after_a_ret
     let (mut key, mut value) = ([0u8; W1_KEY_LEN], [0u8; W1_VALUE_LEN]);
     for i in range.start..range.start + (range.end - range.start) / 2 {
         w1_record(PARAMS.seed, i, &mut key, &mut value);
-        stuck
-            .write(w1_partition(&key, PARAMS.partitions), &key, &value)
-            .await
-            .unwrap();
+        stuck.write(w1_partition(&key, PARAMS.partitions), &key, &value).await.unwrap();
     }
-    assert!(
-        stuck.buffered_bytes() < 2_500_000,
-        "most of the half was pushed, not buffered"
-    );
+    assert!(stuck.buffered_bytes() < 2_500_000, "most of the half was pushed, not buffered");
 
-    assert_eq!(
-        write_map(&client, shuffle, PARAMS, 0, 1).await.unwrap(),
-        CommitOutcome::Committed
-    );
+    assert_eq!(write_map(&client, shuffle, PARAMS, 0, 1).await.unwrap(), CommitOutcome::Committed);
     for m in 1..PARAMS.maps {
-        assert_eq!(
-            write_map(&client, shuffle, PARAMS, m, 0).await.unwrap(),
-            CommitOutcome::Committed
-        );
+        assert_eq!(write_map(&client, shuffle, PARAMS, m, 0).await.unwrap(), CommitOutcome::Committed);
     }
     // Read while the stuck attempt is still open: exactly one copy of map 0.
     verify(PARAMS, read_all(&client, shuffle).await).unwrap();
@@ -74,10 +50,7 @@ async fn of_two_attempts_that_both_finish_the_second_is_refused_and_never_read()
     let daemon = Daemon::start(&[]);
     let client = daemon.connect("duplicate").await.unwrap();
     let shuffle = ShuffleId(4);
-    client
-        .register_shuffle(shuffle, ShuffleSpec::hash(PARAMS.maps, PARAMS.partitions))
-        .await
-        .unwrap();
+    client.register_shuffle(shuffle, ShuffleSpec::hash(PARAMS.maps, PARAMS.partitions)).await.unwrap();
     // Attempts 5 and 6 of map 2 run side by side (speculative execution):
     // both write everything, 5 finishes first and commits, 6 is refused.
     let mut first = client.writer(shuffle, 2, 5).await.unwrap();
@@ -90,24 +63,12 @@ async fn of_two_attempts_that_both_finish_the_second_is_refused_and_never_read()
         second.write(p, &key, &value).await.unwrap();
     }
     assert_eq!(first.finish().await.unwrap(), CommitOutcome::Committed);
-    assert_eq!(
-        second.finish().await.unwrap(),
-        CommitOutcome::Refused {
-            committed_attempt: 5
-        }
-    );
+    assert_eq!(second.finish().await.unwrap(), CommitOutcome::Refused { committed_attempt: 5 });
     // An attempt that starts after the map committed is told at once.
     let e = client.writer(shuffle, 2, 7).await.err().unwrap();
-    assert_eq!(
-        e.service_kind(),
-        Some(shuffle_client::ErrorKind::AttemptSuperseded),
-        "{e}"
-    );
+    assert_eq!(e.service_kind(), Some(shuffle_client::ErrorKind::AttemptSuperseded), "{e}");
     for m in [0, 1, 3] {
-        assert_eq!(
-            write_map(&client, shuffle, PARAMS, m, 0).await.unwrap(),
-            CommitOutcome::Committed
-        );
+        assert_eq!(write_map(&client, shuffle, PARAMS, m, 0).await.unwrap(), CommitOutcome::Committed);
     }
     // The refused attempt wrote the same records again: had any of them been
     // served, the count and key sum would not match.

@@ -7,12 +7,7 @@ use shuffle_tests::{
     exchange::{ExchangeParams, run_exchange, verify},
 };
 
-const MILLION: ExchangeParams = ExchangeParams {
-    records: 1_000_000,
-    maps: 4,
-    partitions: 16,
-    seed: 42,
-};
+const MILLION: ExchangeParams = ExchangeParams { records: 1_000_000, maps: 4, partitions: 16, seed: 42 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn w1_exchange_of_a_million_records_through_the_daemon_is_exact_and_stays_in_memory() {
@@ -23,11 +18,7 @@ async fn w1_exchange_of_a_million_records_through_the_daemon_is_exact_and_stays_
     assert_eq!(outcome.received.records, 1_000_000);
     // 100 MB in 16 partitions stays below both the 8 MiB flush size per
     // partition and the 1 GiB budget: nothing needed to reach the disk.
-    assert_eq!(
-        daemon.shuffle_file_bytes(),
-        0,
-        "default budget should not spill"
-    );
+    assert_eq!(daemon.shuffle_file_bytes(), 0, "default budget should not spill");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -39,14 +30,7 @@ async fn w1_exchange_under_a_16mib_budget_spills_to_disk_and_is_exact() {
     // The budget is a sixth of the data: most of it must have been spilled
     // into the partition files, which still exist until unregistered.
     let on_disk = daemon.shuffle_file_bytes();
-    assert!(
-        on_disk > 50_000_000,
-        "only {on_disk} bytes spilled for 100 MB under a 16 MiB budget"
-    );
+    assert!(on_disk > 50_000_000, "only {on_disk} bytes spilled for 100 MB under a 16 MiB budget");
     client.unregister_shuffle(ShuffleId(1)).await.unwrap();
-    assert_eq!(
-        daemon.shuffle_file_bytes(),
-        0,
-        "unregister removes the files"
-    );
+    assert_eq!(daemon.shuffle_file_bytes(), 0, "unregister removes the files");
 }

@@ -25,12 +25,10 @@ async fn buffered_memory_stays_within_the_budget_while_producers_outpace_the_dis
         ..ServerConfig::default()
     };
     let server = Arc::new(shuffle_server::start(config).await.unwrap());
-    let client = ShuffleClient::connect(
-        server.local_addr(),
-        ClientOptions::new("bounded").trusted_cert(server.cert_path()),
-    )
-    .await
-    .unwrap();
+    let client =
+        ShuffleClient::connect(server.local_addr(), ClientOptions::new("bounded").trusted_cert(server.cert_path()))
+            .await
+            .unwrap();
 
     let peak = Arc::new(AtomicUsize::new(0));
     let running = Arc::new(AtomicBool::new(true));
@@ -43,12 +41,7 @@ async fn buffered_memory_stays_within_the_budget_while_producers_outpace_the_dis
             }
         }
     });
-    let params = ExchangeParams {
-        records: 600_000,
-        maps: 4,
-        partitions: 8,
-        seed: 3,
-    };
+    let params = ExchangeParams { records: 600_000, maps: 4, partitions: 8, seed: 3 };
     let outcome = run_exchange(&client, ShuffleId(0), params).await.unwrap();
     running.store(false, Ordering::Release);
     sampler.await.unwrap();
@@ -57,17 +50,8 @@ async fn buffered_memory_stays_within_the_budget_while_producers_outpace_the_dis
     let peak = peak.load(Ordering::Acquire) as u64;
     // Producers pause at 90% of the budget; each of the 4 push streams may
     // have one block (< 128 KiB) in hand when it checks.
-    assert!(
-        peak <= budget + 4 * (128 << 10),
-        "peak {peak} bytes over a budget of {budget}"
-    );
-    assert!(
-        peak > budget / 4,
-        "peak {peak}: the budget was not even used, the test proves nothing"
-    );
+    assert!(peak <= budget + 4 * (128 << 10), "peak {peak} bytes over a budget of {budget}");
+    assert!(peak > budget / 4, "peak {peak}: the budget was not even used, the test proves nothing");
     let stats = server.stats();
-    assert!(
-        stats.spills > 0,
-        "60 MB through an 8 MiB budget must spill: {stats:?}"
-    );
+    assert!(stats.spills > 0, "60 MB through an 8 MiB budget must spill: {stats:?}");
 }

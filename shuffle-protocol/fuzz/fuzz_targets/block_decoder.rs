@@ -17,9 +17,9 @@ fuzz_target!(|data: &[u8]| {
     if data.len() >= BLOCK_HEADER_LEN {
         let mut patched = data.to_vec();
         let payload_crc = crc32c::crc32c(&patched[BLOCK_HEADER_LEN..]);
-        patched[32..36].copy_from_slice(&payload_crc.to_le_bytes());
-        let header_crc = crc32c::crc32c(&patched[..36]);
-        patched[36..40].copy_from_slice(&header_crc.to_le_bytes());
+        patched[36..40].copy_from_slice(&payload_crc.to_le_bytes());
+        let header_crc = crc32c::crc32c(&patched[..40]);
+        patched[40..44].copy_from_slice(&header_crc.to_le_bytes());
         if let Ok(block) = Block::parse(Bytes::from(patched)) {
             let _ = block.into_records();
         }

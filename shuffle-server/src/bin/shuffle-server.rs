@@ -37,12 +37,7 @@ struct Args {
     #[arg(long, value_name = "FILE", requires = "cert")]
     key: Option<PathBuf>,
     /// Token clients must present; connections without it are refused.
-    #[arg(
-        long,
-        value_name = "TOKEN",
-        env = "SHUFFLE_AUTH_TOKEN",
-        hide_env_values = true
-    )]
+    #[arg(long, value_name = "TOKEN", env = "SHUFFLE_AUTH_TOKEN", hide_env_values = true)]
     auth_token: Option<String>,
     /// Remove an app this long after its last connection closed [default: 5m].
     #[arg(long, value_name = "DURATION")]
@@ -86,9 +81,7 @@ impl Args {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
@@ -104,10 +97,7 @@ fn main() -> ExitCode {
 
 fn run() -> anyhow::Result<()> {
     let config = Args::parse().into_config()?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     runtime.block_on(async {
         // Handlers first: a signal that arrives while the server starts must not kill it.
         let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

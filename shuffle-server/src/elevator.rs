@@ -1,0 +1,236 @@
+//! Offset-ordered reads for sort mode (DESIGN.md, "Sort"): when many readers
+//! want blocks from the same files, serve their pending blocks in file-offset
+//! order — an elevator sweeping up through the files and wrapping around —
+//! instead of in whatever order readers ask, with bounded read-ahead per
+//! reader, as Flink's sort-merge shuffle does.
+//!
+//! [`ElevatorQueue`] is the decision, a plain data structure. [`ReadScheduler`]
+//! wraps it for the readers of one shuffle: each reader submits its blocks and
+//! receives them on a channel as the elevator grants them; granting a block
+//! advises the kernel to read its pages ahead (`MADV_WILLNEED`) in that order.
+//! A reader returns its credit once it has handed a block to the network.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Mutex,
+};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use crate::shuffle::{SnapshotBlock, lock};
+
+/// Bytes one reader may have granted but not yet sent, 4 MiB: enough to keep
+/// a stream busy between grants (64 blocks of 64 KiB) while bounding what a
+/// slow reader pins ahead of others.
+pub const READ_AHEAD_BYTES: usize = 4 << 20;
+
+/// Identifies one reader within a scheduler.
+pub type ReaderId = u64;
+
+/// Position of a block: (file key, offset), then a sequence number to keep keys unique.
+type Position = (u64, u64, u64);
+
+/// A granted block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Grant {
+    /// Whose block.
+    pub reader: ReaderId,
+    /// Its index in the reader's submitted list.
+    pub index: usize,
+    /// Its length, taken from the reader's credit.
+    pub len: usize,
+}
+
+/// Pending blocks in position order, with each reader's credit.
+#[derive(Debug, Default)]
+pub struct ElevatorQueue {
+    /// Pending blocks by position.
+    pending: BTreeMap<Position, (ReaderId, usize, usize)>,
+    /// Where the elevator last served.
+    head: Position,
+    /// Bytes each reader may still be granted.
+    credit: HashMap<ReaderId, usize>,
+    /// Source of unique sequence numbers.
+    sequence: u64,
+}
+
+impl ElevatorQueue {
+    /// Adds a reader with `credit` bytes of read-ahead and its blocks at `(file, offset)` of `len` bytes.
+    pub fn submit(&mut self, reader: ReaderId, credit: usize, blocks: impl IntoIterator<Item = (u64, u64, usize)>) {
+        self.credit.insert(reader, credit);
+        for (index, (file, offset, len)) in blocks.into_iter().enumerate() {
+            self.sequence += 1;
+            self.pending.insert((file, offset, self.sequence), (reader, index, len));
+        }
+    }
+
+    /// Gives `reader` back `n` bytes of credit.
+    pub fn return_credit(&mut self, reader: ReaderId, n: usize) {
+        if let Some(c) = self.credit.get_mut(&reader) {
+            *c += n;
+        }
+    }
+
+    /// Forgets a reader and its pending blocks.
+    pub fn remove(&mut self, reader: ReaderId) {
+        self.credit.remove(&reader);
+        self.pending.retain(|_, (r, _, _)| *r != reader);
+    }
+
+    /// The next block to serve: the first pending block at or after the head
+    /// (wrapping around) whose reader has credit for it. A reader with no
+    /// block granted may always take one block, so a block larger than the
+    /// read-ahead never stalls.
+    pub fn next_grant(&mut self) -> Option<Grant> {
+        let fits = |credit: &HashMap<ReaderId, usize>, reader: ReaderId, len: usize| {
+            credit.get(&reader).is_some_and(|&c| c >= len || c == READ_AHEAD_BYTES)
+        };
+        let found = self
+            .pending
+            .range(self.head..)
+            .chain(self.pending.range(..self.head))
+            .find(|(_, (reader, _, len))| fits(&self.credit, *reader, *len))
+            .map(|(pos, _)| *pos)?;
+        let (reader, index, len) = self.pending.remove(&found)?;
+        if let Some(c) = self.credit.get_mut(&reader) {
+            *c = c.saturating_sub(len);
+        }
+        self.head = found;
+        Some(Grant { reader, index, len })
+    }
+}
+
+/// A reader's registration: the blocks it will receive, and the channel they come on.
+struct Registered {
+    /// The reader's blocks, taken as they are granted.
+    blocks: Vec<Option<Bytes>>,
+    /// Where granted blocks go.
+    tx: mpsc::UnboundedSender<Bytes>,
+}
+
+/// The elevator shared by the readers of one shuffle.
+#[derive(Default)]
+pub struct ReadScheduler {
+    inner: Mutex<(ElevatorQueue, HashMap<ReaderId, Registered>, ReaderId)>,
+}
+
+/// One reader's end of the scheduler; unregisters on drop.
+pub struct ScheduledReader<'a> {
+    scheduler: &'a ReadScheduler,
+    id: ReaderId,
+    /// Granted blocks, in grant order.
+    pub rx: mpsc::UnboundedReceiver<Bytes>,
+}
+
+impl ReadScheduler {
+    /// Registers a reader for `blocks` (each with a file position) and grants what it can.
+    pub fn register(&self, blocks: Vec<SnapshotBlock>) -> ScheduledReader<'_> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let id = {
+            let mut inner = lock(&self.inner);
+            inner.2 += 1;
+            let id = inner.2;
+            let positions = blocks.iter().map(|b| {
+                let (file, offset) = b.position.unwrap_or((u64::MAX, 0));
+                (file, offset, b.bytes.len())
+            });
+            inner.0.submit(id, READ_AHEAD_BYTES, positions.collect::<Vec<_>>());
+            inner.1.insert(id, Registered { blocks: blocks.into_iter().map(|b| Some(b.bytes)).collect(), tx });
+            id
+        };
+        self.pump();
+        ScheduledReader { scheduler: self, id, rx }
+    }
+
+    /// Grants blocks while any reader has credit, in elevator order.
+    fn pump(&self) {
+        let mut inner = lock(&self.inner);
+        let (queue, readers, _) = &mut *inner;
+        while let Some(grant) = queue.next_grant() {
+            let Some(reader) = readers.get_mut(&grant.reader) else { continue };
+            if let Some(bytes) = reader.blocks[grant.index].take() {
+                advise_will_need(&bytes);
+                let _ = reader.tx.send(bytes);
+            }
+        }
+    }
+}
+
+impl ScheduledReader<'_> {
+    /// Returns credit for `n` bytes the reader has sent on, and grants more.
+    pub fn sent(&self, n: usize) {
+        lock(&self.scheduler.inner).0.return_credit(self.id, n);
+        self.scheduler.pump();
+    }
+}
+
+impl Drop for ScheduledReader<'_> {
+    fn drop(&mut self) {
+        let mut inner = lock(&self.scheduler.inner);
+        inner.0.remove(self.id);
+        inner.1.remove(&self.id);
+    }
+}
+
+/// Asks the kernel to read a mapped block's pages ahead, so the disk sees
+/// requests in the elevator's order. Advice only: errors are ignored.
+fn advise_will_need(bytes: &Bytes) {
+    const PAGE: usize = 4096;
+    let start = bytes.as_ptr() as usize;
+    let aligned = start & !(PAGE - 1);
+    let len = bytes.len() + (start - aligned);
+    if len > 0 {
+        // SAFETY: madvise only advises the kernel about a range we hold a
+        // mapping (or heap allocation) for; WILLNEED never changes contents.
+        unsafe {
+            libc::madvise(aligned as *mut libc::c_void, len, libc::MADV_WILLNEED);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pending_blocks_are_served_in_offset_order_across_readers() {
+        let mut q = ElevatorQueue::default();
+        q.submit(1, 1000, [(0, 300, 10), (0, 100, 10), (1, 0, 10)]);
+        q.submit(2, 1000, [(0, 200, 10), (0, 50, 10)]);
+        let order: Vec<_> = std::iter::from_fn(|| q.next_grant()).map(|g| (g.reader, g.index)).collect();
+        assert_eq!(order, vec![(2, 1), (1, 1), (2, 0), (1, 0), (1, 2)]);
+    }
+
+    #[test]
+    fn the_elevator_continues_from_its_head_and_wraps_around() {
+        let mut q = ElevatorQueue::default();
+        q.submit(1, 10, [(0, 100, 10), (0, 300, 10)]);
+        assert_eq!(q.next_grant().map(|g| g.index), Some(0));
+        assert_eq!(q.next_grant(), None, "reader 1 has used its credit");
+        q.submit(2, 100, [(0, 50, 10), (0, 200, 10)]);
+        assert_eq!(q.next_grant().map(|g| (g.reader, g.index)), Some((2, 1)), "200 is ahead of the head at 100");
+        q.return_credit(1, 10);
+        assert_eq!(q.next_grant().map(|g| (g.reader, g.index)), Some((1, 1)), "then 300");
+        assert_eq!(q.next_grant().map(|g| (g.reader, g.index)), Some((2, 0)), "then wrap around to 50");
+    }
+
+    #[test]
+    fn read_ahead_is_bounded_per_reader() {
+        let mut q = ElevatorQueue::default();
+        q.submit(1, 25, (0..10).map(|i| (0, i * 10, 10)));
+        assert_eq!(std::iter::from_fn(|| q.next_grant()).count(), 2, "25 bytes of credit grant two 10-byte blocks");
+        q.return_credit(1, 10);
+        assert_eq!(std::iter::from_fn(|| q.next_grant()).count(), 1);
+        q.remove(1);
+        q.return_credit(1, 1000);
+        assert_eq!(q.next_grant(), None);
+    }
+
+    #[test]
+    fn a_block_larger_than_the_read_ahead_is_still_served() {
+        let mut q = ElevatorQueue::default();
+        q.submit(1, READ_AHEAD_BYTES, [(0, 0, READ_AHEAD_BYTES * 2)]);
+        assert!(q.next_grant().is_some());
+    }
+}
