@@ -130,7 +130,7 @@ impl MapWriter {
                 arena: Vec::new(),
                 entries: Vec::new(),
                 // Offsets into the arena are u32.
-                capacity: options.sort_buffer.clamp(64 * 1024, u32::MAX as usize / 2),
+                capacity: options.sort_buffer.clamp(4 * 1024, u32::MAX as usize / 2),
                 key_ordering: spec.key_ordering,
                 run: 0,
             }),

@@ -11,7 +11,7 @@
 //! A reader returns its credit once it has handed a block to the network.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, VecDeque},
     sync::Mutex,
 };
 
@@ -31,6 +31,9 @@ pub type ReaderId = u64;
 /// Position of a block: (file key, offset), then a sequence number to keep keys unique.
 type Position = (u64, u64, u64);
 
+/// A block not yet granted: offset in its file, index in its reader's list, length.
+type PendingBlock = (u64, usize, usize);
+
 /// A granted block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Grant {
@@ -42,11 +45,17 @@ pub struct Grant {
     pub len: usize,
 }
 
-/// Pending blocks in position order, with each reader's credit.
+/// Pending blocks, with each reader's credit.
+///
+/// A reader's blocks of one file must reach it in the order it submitted them
+/// (their sequence order), so only the next block of each (reader, file) queue
+/// is a candidate; the elevator chooses among candidates by position.
 #[derive(Debug, Default)]
 pub struct ElevatorQueue {
-    /// Pending blocks by position.
-    pending: BTreeMap<Position, (ReaderId, usize, usize)>,
+    /// Per (reader, file): its blocks not yet granted, as (offset, index, len), in submitted order.
+    queues: HashMap<(ReaderId, u64), VecDeque<PendingBlock>>,
+    /// The next block of every non-empty queue, by position.
+    candidates: BTreeMap<Position, (ReaderId, u64)>,
     /// Where the elevator last served.
     head: Position,
     /// Bytes each reader may still be granted.
@@ -56,12 +65,24 @@ pub struct ElevatorQueue {
 }
 
 impl ElevatorQueue {
-    /// Adds a reader with `credit` bytes of read-ahead and its blocks at `(file, offset)` of `len` bytes.
+    /// Adds a reader with `credit` bytes of read-ahead and its blocks at
+    /// `(file, offset)` of `len` bytes, in the order it must receive them.
     pub fn submit(&mut self, reader: ReaderId, credit: usize, blocks: impl IntoIterator<Item = (u64, u64, usize)>) {
         self.credit.insert(reader, credit);
         for (index, (file, offset, len)) in blocks.into_iter().enumerate() {
+            self.queues.entry((reader, file)).or_default().push_back((offset, index, len));
+        }
+        let files: Vec<u64> = self.queues.keys().filter(|(r, _)| *r == reader).map(|(_, f)| *f).collect();
+        for file in files {
+            self.promote(reader, file);
+        }
+    }
+
+    /// Makes the next block of a (reader, file) queue a candidate.
+    fn promote(&mut self, reader: ReaderId, file: u64) {
+        if let Some(&(offset, _, _)) = self.queues.get(&(reader, file)).and_then(|q| q.front()) {
             self.sequence += 1;
-            self.pending.insert((file, offset, self.sequence), (reader, index, len));
+            self.candidates.insert((file, offset, self.sequence), (reader, file));
         }
     }
 
@@ -75,24 +96,33 @@ impl ElevatorQueue {
     /// Forgets a reader and its pending blocks.
     pub fn remove(&mut self, reader: ReaderId) {
         self.credit.remove(&reader);
-        self.pending.retain(|_, (r, _, _)| *r != reader);
+        self.queues.retain(|(r, _), _| *r != reader);
+        self.candidates.retain(|_, (r, _)| *r != reader);
     }
 
-    /// The next block to serve: the first pending block at or after the head
-    /// (wrapping around) whose reader has credit for it. A reader with no
-    /// block granted may always take one block, so a block larger than the
-    /// read-ahead never stalls.
+    /// The next block to serve: the first candidate at or after the head
+    /// (wrapping around) whose reader has credit for it. A reader with its
+    /// whole read-ahead unused may always take one block, so a block larger
+    /// than the read-ahead never stalls.
     pub fn next_grant(&mut self) -> Option<Grant> {
-        let fits = |credit: &HashMap<ReaderId, usize>, reader: ReaderId, len: usize| {
+        let credit = &self.credit;
+        let queues = &self.queues;
+        let fits = |reader: ReaderId, file: u64| {
+            let len = queues.get(&(reader, file)).and_then(|q| q.front()).map_or(0, |b| b.2);
             credit.get(&reader).is_some_and(|&c| c >= len || c == READ_AHEAD_BYTES)
         };
         let found = self
-            .pending
+            .candidates
             .range(self.head..)
-            .chain(self.pending.range(..self.head))
-            .find(|(_, (reader, _, len))| fits(&self.credit, *reader, *len))
+            .chain(self.candidates.range(..self.head))
+            .find(|(_, (reader, file))| fits(*reader, *file))
             .map(|(pos, _)| *pos)?;
-        let (reader, index, len) = self.pending.remove(&found)?;
+        let (reader, file) = self.candidates.remove(&found)?;
+        let (_, index, len) = self.queues.get_mut(&(reader, file))?.pop_front()?;
+        if self.queues.get(&(reader, file)).is_some_and(VecDeque::is_empty) {
+            self.queues.remove(&(reader, file));
+        }
+        self.promote(reader, file);
         if let Some(c) = self.credit.get_mut(&reader) {
             *c = c.saturating_sub(len);
         }
@@ -196,10 +226,21 @@ mod tests {
     #[test]
     fn pending_blocks_are_served_in_offset_order_across_readers() {
         let mut q = ElevatorQueue::default();
-        q.submit(1, 1000, [(0, 300, 10), (0, 100, 10), (1, 0, 10)]);
-        q.submit(2, 1000, [(0, 200, 10), (0, 50, 10)]);
+        q.submit(1, 1000, [(0, 100, 10), (0, 300, 10), (1, 0, 10)]);
+        q.submit(2, 1000, [(0, 50, 10), (0, 200, 10)]);
         let order: Vec<_> = std::iter::from_fn(|| q.next_grant()).map(|g| (g.reader, g.index)).collect();
-        assert_eq!(order, vec![(2, 1), (1, 1), (2, 0), (1, 0), (1, 2)]);
+        assert_eq!(order, vec![(2, 0), (1, 0), (2, 1), (1, 1), (1, 2)]);
+    }
+
+    #[test]
+    fn a_readers_blocks_of_one_file_keep_their_order_when_the_elevator_wraps() {
+        let mut q = ElevatorQueue::default();
+        q.submit(1, 1000, [(0, 500, 10)]);
+        assert_eq!(q.next_grant().map(|g| g.reader), Some(1));
+        // The head is at 500; reader 2 needs 100 before 700 of the same file.
+        q.submit(2, 1000, [(0, 100, 10), (0, 700, 10)]);
+        let order: Vec<_> = std::iter::from_fn(|| q.next_grant()).map(|g| g.index).collect();
+        assert_eq!(order, vec![0, 1]);
     }
 
     #[test]
@@ -208,11 +249,12 @@ mod tests {
         q.submit(1, 10, [(0, 100, 10), (0, 300, 10)]);
         assert_eq!(q.next_grant().map(|g| g.index), Some(0));
         assert_eq!(q.next_grant(), None, "reader 1 has used its credit");
-        q.submit(2, 100, [(0, 50, 10), (0, 200, 10)]);
-        assert_eq!(q.next_grant().map(|g| (g.reader, g.index)), Some((2, 1)), "200 is ahead of the head at 100");
+        q.submit(2, 100, [(0, 200, 10)]);
+        q.submit(3, 100, [(0, 50, 10)]);
+        assert_eq!(q.next_grant().map(|g| g.reader), Some(2), "200 is ahead of the head at 100");
         q.return_credit(1, 10);
         assert_eq!(q.next_grant().map(|g| (g.reader, g.index)), Some((1, 1)), "then 300");
-        assert_eq!(q.next_grant().map(|g| (g.reader, g.index)), Some((2, 0)), "then wrap around to 50");
+        assert_eq!(q.next_grant().map(|g| g.reader), Some(3), "then wrap around to 50");
     }
 
     #[test]

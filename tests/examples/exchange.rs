@@ -1,20 +1,43 @@
 //! The quick-start job: starts an embedded shuffle server, runs the W1
 //! `exchange` workload of `shared/WORKLOADS.md` through it over QUIC on
-//! loopback, verifies the result, and prints records, bytes, time and MB/s.
+//! loopback (or, with `--workload sort`, W3 through a key-ordered sort
+//! shuffle), verifies the result, and prints records, bytes, time and MB/s.
 //!
-//! `cargo run --release -p shuffle-tests --example exchange -- --records 10000000 --maps 4 --partitions 16`
+//! `cargo run --release -p shuffle-tests --example exchange -- --records 10000000 --maps 4 --partitions 16 --mode sort`
 
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use clap::Parser;
-use shuffle_client::{ClientOptions, ShuffleClient, ShuffleId};
+use clap::{Parser, ValueEnum};
+use shuffle_client::{ClientOptions, ExchangeMode, ShuffleClient, ShuffleId};
 use shuffle_server::{ByteSize, ServerConfig};
-use shuffle_tests::exchange::{ExchangeParams, run_exchange, verify};
+use shuffle_tests::exchange::{ExchangeParams, run_exchange, run_sort, verify};
 
-/// W1 exchange through an embedded shuffle server.
+/// Which standard workload to run.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Workload {
+    /// W1: pure repartition, reducers count and checksum.
+    Exchange,
+    /// W3: total-order sort through a key-ordered sort shuffle.
+    Sort,
+}
+
+/// Exchange mode for W1.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    Hash,
+    Sort,
+}
+
+/// A standard workload through an embedded shuffle server.
 #[derive(Parser)]
 struct Args {
+    /// W1 `exchange` or W3 `sort`.
+    #[arg(long, value_enum, default_value = "exchange")]
+    workload: Workload,
+    /// Exchange mode for W1 (W3 always uses sort mode with key ordering).
+    #[arg(long, value_enum, default_value = "hash")]
+    mode: Mode,
     /// Records to shuffle (100 bytes each).
     #[arg(long, default_value_t = 10_000_000)]
     records: u64,
@@ -48,10 +71,22 @@ async fn main() -> anyhow::Result<()> {
     let server = shuffle_server::start(config).await?;
     let options = ClientOptions::new("quickstart").trusted_cert(server.cert_path());
     let client = ShuffleClient::connect(server.local_addr(), options).await?;
-    let params =
-        ExchangeParams { records: args.records, maps: args.maps, partitions: args.partitions, seed: args.seed };
+    let params = ExchangeParams {
+        records: args.records,
+        maps: args.maps,
+        partitions: args.partitions,
+        seed: args.seed,
+        mode: match args.mode {
+            Mode::Hash => ExchangeMode::Hash,
+            Mode::Sort => ExchangeMode::Sort,
+        },
+    };
+    let what = match args.workload {
+        Workload::Exchange => format!("W1 exchange, {} mode", if args.mode == Mode::Hash { "hash" } else { "sort" }),
+        Workload::Sort => "W3 sort, sort mode with key ordering".to_string(),
+    };
     println!(
-        "W1 exchange: {} records ({} MB), M = {}, R = {}, hash mode, embedded server at {}",
+        "{what}: {} records ({} MB), M = {}, R = {}, embedded server at {}",
         params.records,
         params.records * 100 / 1_000_000,
         params.maps,
@@ -61,17 +96,22 @@ async fn main() -> anyhow::Result<()> {
     let mut times = Vec::new();
     for run in 0..args.repeat {
         let shuffle = ShuffleId(run);
-        let outcome = run_exchange(&client, shuffle, params).await.map_err(anyhow::Error::msg)?;
+        let outcome = match args.workload {
+            Workload::Exchange => run_exchange(&client, shuffle, params).await,
+            Workload::Sort => run_sort(&client, shuffle, params).await,
+        }
+        .map_err(anyhow::Error::msg)?;
         let verified = verify(params, outcome.received);
         let mb_s = outcome.input_bytes as f64 / 1e6 / outcome.elapsed.as_secs_f64();
         println!(
-            "run {}: {} records, {} bytes in {:.3} s = {:.1} MB/s, count and key checksum {}",
+            "run {}: {} records, {} bytes in {:.3} s = {:.1} MB/s, count and key checksum {}{}",
             run + 1,
             outcome.received.records,
             outcome.input_bytes,
             outcome.elapsed.as_secs_f64(),
             mb_s,
-            if verified.is_ok() { "verified" } else { "MISMATCH" }
+            if verified.is_ok() { "verified" } else { "MISMATCH" },
+            if args.workload == Workload::Sort { ", every partition sorted, boundaries ordered" } else { "" }
         );
         if let Err(e) = verified {
             bail!("verification failed: {e}");

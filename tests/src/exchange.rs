@@ -4,9 +4,11 @@
 
 use std::time::{Duration, Instant};
 
-use shuffle_client::{ClientError, CommitOutcome, ShuffleClient, ShuffleId, ShuffleSpec};
+use shuffle_client::{ClientError, CommitOutcome, ExchangeMode, ShuffleClient, ShuffleId, ShuffleSpec};
 
-use crate::workload::{W1_KEY_LEN, W1_RECORD_LEN, W1_VALUE_LEN, W1Totals, map_range, w1_partition, w1_record};
+use crate::workload::{
+    W1_KEY_LEN, W1_RECORD_LEN, W1_VALUE_LEN, W1Totals, map_range, w1_partition, w1_record, w3_partition,
+};
 
 /// Parameters of one W1 run.
 #[derive(Clone, Copy, Debug)]
@@ -15,11 +17,23 @@ pub struct ExchangeParams {
     pub maps: u32,
     pub partitions: u32,
     pub seed: u64,
+    /// Hash, or sort without key ordering.
+    pub mode: ExchangeMode,
 }
 
 impl Default for ExchangeParams {
     fn default() -> Self {
-        Self { records: 10_000_000, maps: 4, partitions: 16, seed: 42 }
+        Self { records: 10_000_000, maps: 4, partitions: 16, seed: 42, mode: ExchangeMode::Hash }
+    }
+}
+
+impl ExchangeParams {
+    /// The spec W1 registers in this mode.
+    pub fn spec(&self) -> ShuffleSpec {
+        match self.mode {
+            ExchangeMode::Hash => ShuffleSpec::hash(self.maps, self.partitions),
+            ExchangeMode::Sort => ShuffleSpec::sort(self.maps, self.partitions, false),
+        }
     }
 }
 
@@ -34,7 +48,10 @@ pub struct ExchangeOutcome {
     pub input_bytes: u64,
 }
 
-/// Writes map `m`'s records (attempt `attempt`) and finishes the attempt.
+/// Chooses a record's partition from its key and the partition count.
+pub type Partitioner = fn(&[u8], u32) -> u32;
+
+/// Writes map `m`'s W1 records (attempt `attempt`), partitioned as in W1, and finishes the attempt.
 pub async fn write_map(
     client: &ShuffleClient,
     shuffle: ShuffleId,
@@ -42,11 +59,22 @@ pub async fn write_map(
     map: u32,
     attempt: u32,
 ) -> Result<CommitOutcome, ClientError> {
+    write_map_with(client, shuffle, params, (map, attempt), w1_partition).await
+}
+
+/// Writes map `m`'s W1 records (attempt `attempt`) with `partitioner`, and finishes the attempt.
+pub async fn write_map_with(
+    client: &ShuffleClient,
+    shuffle: ShuffleId,
+    params: ExchangeParams,
+    (map, attempt): (u32, u32),
+    partitioner: Partitioner,
+) -> Result<CommitOutcome, ClientError> {
     let mut writer = client.writer(shuffle, map, attempt).await?;
     let (mut key, mut value) = ([0u8; W1_KEY_LEN], [0u8; W1_VALUE_LEN]);
     for i in map_range(params.records, params.maps, map) {
         w1_record(params.seed, i, &mut key, &mut value);
-        writer.write(w1_partition(&key, params.partitions), &key, &value).await?;
+        writer.write(partitioner(&key, params.partitions), &key, &value).await?;
     }
     writer.finish().await
 }
@@ -84,10 +112,7 @@ pub async fn run_exchange(
     shuffle: ShuffleId,
     params: ExchangeParams,
 ) -> Result<ExchangeOutcome, String> {
-    client
-        .register_shuffle(shuffle, ShuffleSpec::hash(params.maps, params.partitions))
-        .await
-        .map_err(|e| e.to_string())?;
+    client.register_shuffle(shuffle, params.spec()).await.map_err(|e| e.to_string())?;
     let start = Instant::now();
     let maps: Vec<_> = (0..params.maps)
         .map(|m| {
@@ -121,4 +146,92 @@ pub fn verify(params: ExchangeParams, received: W1Totals) -> Result<(), String> 
         return Err(format!("received {received:?}, expected {expected:?}"));
     }
     Ok(())
+}
+
+/// What one W3 reducer saw: its totals and the first and last key of its partition.
+#[derive(Clone, Debug, Default)]
+pub struct SortedPartition {
+    pub totals: W1Totals,
+    pub first_key: Option<Vec<u8>>,
+    pub last_key: Option<Vec<u8>>,
+}
+
+/// Reads one W3 partition in key order, checking that keys never decrease
+/// and that every key belongs to the partition.
+pub async fn read_sorted_partition(
+    client: &ShuffleClient,
+    shuffle: ShuffleId,
+    partition: u32,
+    partitions: u32,
+) -> Result<SortedPartition, String> {
+    let mut reader = client.reader(shuffle, partition).await.map_err(|e| e.to_string())?;
+    let mut out = SortedPartition::default();
+    let mut previous: Option<bytes::Bytes> = None;
+    while let Some(record) = reader.next_record().await.map_err(|e| e.to_string())? {
+        if w3_partition(&record.key, partitions) != partition {
+            return Err(format!(
+                "partition {partition} received a key of partition {}",
+                w3_partition(&record.key, partitions)
+            ));
+        }
+        if previous.as_ref().is_some_and(|p| *p > record.key) {
+            return Err(format!("partition {partition} is not sorted: {:?} came after {:?}", record.key, previous));
+        }
+        if out.first_key.is_none() {
+            out.first_key = Some(record.key.to_vec());
+        }
+        out.totals.add_key(&record.key);
+        previous = Some(record.key);
+    }
+    out.last_key = previous.map(|k| k.to_vec());
+    Ok(out)
+}
+
+/// Runs W3 `sort` through a key-ordered sort shuffle: range-partitioned by
+/// key, each partition read in key order. Returns the totals after checking
+/// order within every partition and across partition boundaries (count and
+/// checksum are left to [`verify`]).
+pub async fn run_sort(
+    client: &ShuffleClient,
+    shuffle: ShuffleId,
+    params: ExchangeParams,
+) -> Result<ExchangeOutcome, String> {
+    client
+        .register_shuffle(shuffle, ShuffleSpec::sort(params.maps, params.partitions, true))
+        .await
+        .map_err(|e| e.to_string())?;
+    let start = Instant::now();
+    let maps: Vec<_> = (0..params.maps)
+        .map(|m| {
+            let client = client.clone();
+            tokio::spawn(async move { write_map_with(&client, shuffle, params, (m, 0), w3_partition).await })
+        })
+        .collect();
+    let reducers: Vec<_> = (0..params.partitions)
+        .map(|p| {
+            let client = client.clone();
+            tokio::spawn(async move { read_sorted_partition(&client, shuffle, p, params.partitions).await })
+        })
+        .collect();
+    for (m, task) in maps.into_iter().enumerate() {
+        match task.await.map_err(|e| e.to_string())? {
+            Ok(CommitOutcome::Committed) => {}
+            other => return Err(format!("map {m} did not commit: {other:?}")),
+        }
+    }
+    let mut received = W1Totals::default();
+    let mut last_key: Option<(u32, Vec<u8>)> = None;
+    for (p, task) in reducers.into_iter().enumerate() {
+        let part = task.await.map_err(|e| e.to_string())??;
+        received.merge(part.totals);
+        if let (Some((q, last)), Some(first)) = (&last_key, &part.first_key)
+            && last > first
+        {
+            return Err(format!("partition {q} ends with {last:?}, after partition {p} starts with {first:?}"));
+        }
+        if let Some(last) = part.last_key {
+            last_key = Some((p as u32, last));
+        }
+    }
+    Ok(ExchangeOutcome { received, elapsed: start.elapsed(), input_bytes: params.records * W1_RECORD_LEN as u64 })
 }

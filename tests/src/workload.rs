@@ -40,6 +40,13 @@ pub fn w1_partition(key: &[u8], partitions: u32) -> u32 {
     (xxhash_rust::xxh64::xxh64(key, 0) % u64::from(partitions)) as u32
 }
 
+/// The W3 range partition of a key: keys are uniform over their first 8 bytes,
+/// so partition `r` holds keys whose first 8 bytes, as a big-endian u64, lie
+/// in `[r * 2^64 / R, (r+1) * 2^64 / R)` — partition order is key order.
+pub fn w3_partition(key: &[u8], partitions: u32) -> u32 {
+    ((u128::from(w1_key_value(key)) * u128::from(partitions)) >> 64) as u32
+}
+
 /// The value a W1 reducer sums for a key: its first 8 bytes as a big-endian u64.
 pub fn w1_key_value(key: &[u8]) -> u64 {
     let mut first = [0u8; 8];
@@ -105,6 +112,19 @@ mod tests {
         assert!(v1.iter().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
         let first_word = format!("{:016x}", splitmix64(splitmix64(42 ^ 7).wrapping_add(1)));
         assert_eq!(&v1[..16], first_word.as_bytes());
+    }
+
+    #[test]
+    fn w3_partitions_are_ordered_ranges_of_the_key() {
+        let key = |first: u64| {
+            let mut k = [0u8; W1_KEY_LEN];
+            k[..8].copy_from_slice(&first.to_be_bytes());
+            k
+        };
+        assert_eq!(w3_partition(&key(0), 16), 0);
+        assert_eq!(w3_partition(&key(u64::MAX), 16), 15);
+        assert_eq!(w3_partition(&key(1 << 60), 16), 1);
+        assert_eq!(w3_partition(&key((1 << 60) - 1), 16), 0);
     }
 
     #[test]

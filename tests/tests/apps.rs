@@ -9,7 +9,8 @@ use shuffle_tests::{
     exchange::{ExchangeParams, run_exchange, verify},
 };
 
-const PARAMS: ExchangeParams = ExchangeParams { records: 150_000, maps: 3, partitions: 6, seed: 11 };
+const PARAMS: ExchangeParams =
+    ExchangeParams { records: 150_000, maps: 3, partitions: 6, seed: 11, mode: shuffle_client::ExchangeMode::Hash };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn several_apps_shuffle_at_once_and_unregistering_removes_their_files() {

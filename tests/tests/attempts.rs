@@ -8,7 +8,8 @@ use shuffle_tests::{
     workload::{W1_KEY_LEN, W1_VALUE_LEN, W1Totals, map_range, w1_partition, w1_record},
 };
 
-const PARAMS: ExchangeParams = ExchangeParams { records: 200_000, maps: 4, partitions: 8, seed: 7 };
+const PARAMS: ExchangeParams =
+    ExchangeParams { records: 200_000, maps: 4, partitions: 8, seed: 7, mode: shuffle_client::ExchangeMode::Hash };
 
 async fn read_all(client: &ShuffleClient, shuffle: ShuffleId) -> W1Totals {
     let mut total = W1Totals::default();
@@ -18,12 +19,22 @@ async fn read_all(client: &ShuffleClient, shuffle: ShuffleId) -> W1Totals {
     total
 }
 
+/// Both modes with a commit rule: hash, and sort with key ordering.
+fn specs() -> [ShuffleSpec; 2] {
+    [ShuffleSpec::hash(PARAMS.maps, PARAMS.partitions), ShuffleSpec::sort(PARAMS.maps, PARAMS.partitions, true)]
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_attempt_that_pushes_half_and_never_finishes_is_invisible_after_a_retry_commits() {
     let daemon = Daemon::start(&[]);
     let client = daemon.connect("retry").await.unwrap();
-    let shuffle = ShuffleId(3);
-    client.register_shuffle(shuffle, ShuffleSpec::hash(PARAMS.maps, PARAMS.partitions)).await.unwrap();
+    for (shuffle, spec) in [ShuffleId(3), ShuffleId(4)].into_iter().zip(specs()) {
+        retry_after_a_stuck_attempt(&client, shuffle, spec).await;
+    }
+}
+
+async fn retry_after_a_stuck_attempt(client: &ShuffleClient, shuffle: ShuffleId, spec: ShuffleSpec) {
+    client.register_shuffle(shuffle, spec).await.unwrap();
 
     // Attempt 0 of map 0 pushes half of its records (well over one block per
     // partition, so blocks reach the server) and is never finished.
@@ -34,14 +45,16 @@ async fn an_attempt_that_pushes_half_and_never_finishes_is_invisible_after_a_ret
         w1_record(PARAMS.seed, i, &mut key, &mut value);
         stuck.write(w1_partition(&key, PARAMS.partitions), &key, &value).await.unwrap();
     }
-    assert!(stuck.buffered_bytes() < 2_500_000, "most of the half was pushed, not buffered");
+    if spec.mode == shuffle_client::ExchangeMode::Hash {
+        assert!(stuck.buffered_bytes() < 2_500_000, "most of the half was pushed, not buffered");
+    }
 
-    assert_eq!(write_map(&client, shuffle, PARAMS, 0, 1).await.unwrap(), CommitOutcome::Committed);
+    assert_eq!(write_map(client, shuffle, PARAMS, 0, 1).await.unwrap(), CommitOutcome::Committed);
     for m in 1..PARAMS.maps {
-        assert_eq!(write_map(&client, shuffle, PARAMS, m, 0).await.unwrap(), CommitOutcome::Committed);
+        assert_eq!(write_map(client, shuffle, PARAMS, m, 0).await.unwrap(), CommitOutcome::Committed);
     }
     // Read while the stuck attempt is still open: exactly one copy of map 0.
-    verify(PARAMS, read_all(&client, shuffle).await).unwrap();
+    verify(PARAMS, read_all(client, shuffle).await).unwrap();
     drop(stuck);
 }
 
@@ -49,8 +62,19 @@ async fn an_attempt_that_pushes_half_and_never_finishes_is_invisible_after_a_ret
 async fn of_two_attempts_that_both_finish_the_second_is_refused_and_never_read() {
     let daemon = Daemon::start(&[]);
     let client = daemon.connect("duplicate").await.unwrap();
-    let shuffle = ShuffleId(4);
-    client.register_shuffle(shuffle, ShuffleSpec::hash(PARAMS.maps, PARAMS.partitions)).await.unwrap();
+    for (shuffle, spec) in [ShuffleId(5), ShuffleId(6)].into_iter().zip(specs()) {
+        speculative_attempts(&client, shuffle, spec).await;
+    }
+    // The refused sort attempt's file is gone: one data file per map remains.
+    let dir = daemon.data_dir.join("apps/duplicate/shuffle-6");
+    let data_files = std::fs::read_dir(dir)
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".data"));
+    assert_eq!(data_files.count(), PARAMS.maps as usize);
+}
+
+async fn speculative_attempts(client: &ShuffleClient, shuffle: ShuffleId, spec: ShuffleSpec) {
+    client.register_shuffle(shuffle, spec).await.unwrap();
     // Attempts 5 and 6 of map 2 run side by side (speculative execution):
     // both write everything, 5 finishes first and commits, 6 is refused.
     let mut first = client.writer(shuffle, 2, 5).await.unwrap();
@@ -68,9 +92,9 @@ async fn of_two_attempts_that_both_finish_the_second_is_refused_and_never_read()
     let e = client.writer(shuffle, 2, 7).await.err().unwrap();
     assert_eq!(e.service_kind(), Some(shuffle_client::ErrorKind::AttemptSuperseded), "{e}");
     for m in [0, 1, 3] {
-        assert_eq!(write_map(&client, shuffle, PARAMS, m, 0).await.unwrap(), CommitOutcome::Committed);
+        assert_eq!(write_map(client, shuffle, PARAMS, m, 0).await.unwrap(), CommitOutcome::Committed);
     }
     // The refused attempt wrote the same records again: had any of them been
     // served, the count and key sum would not match.
-    verify(PARAMS, read_all(&client, shuffle).await).unwrap();
+    verify(PARAMS, read_all(client, shuffle).await).unwrap();
 }

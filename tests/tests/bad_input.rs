@@ -14,7 +14,8 @@ use shuffle_tests::{
     raw::{RawConnection, Reply, request_bytes},
 };
 
-const BYSTANDER: ExchangeParams = ExchangeParams { records: 100_000, maps: 2, partitions: 4, seed: 99 };
+const BYSTANDER: ExchangeParams =
+    ExchangeParams { records: 100_000, maps: 2, partitions: 4, seed: 99, mode: shuffle_client::ExchangeMode::Hash };
 
 /// Commits a shuffle for an unrelated app, to check later that it survived.
 async fn bystander(daemon: &Daemon) -> ShuffleClient {
@@ -251,7 +252,9 @@ async fn duplicate_map_end_and_writes_after_the_shuffle_is_sealed_are_refused() 
     let read = request_bytes(&Request::OpenPartition { shuffle: ShuffleId(1), partition: 0 });
     let reply = conn.exchange(&[read]).await;
     assert_eq!(reply.blocks, 2);
-    assert!(matches!(&reply.responses[..], [Response::PartitionOpened { .. }, Response::PartitionEnd { maps, .. }] if maps.len() == 2));
+    assert!(
+        matches!(&reply.responses[..], [Response::PartitionOpened { .. }, Response::PartitionEnd { maps, .. }] if maps.len() == 2)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -277,12 +280,14 @@ async fn a_full_disk_is_an_error_to_the_writer_and_committed_data_survives() {
     // The reserve is larger than any disk, so every flush fails as "disk full";
     // a 4 MiB budget makes the writer depend on flushing.
     let daemon = Daemon::start(&["--memory", "4MiB", "--flush-size", "1MiB", "--disk-reserve", "1000TiB"]);
-    let small = ExchangeParams { records: 10_000, maps: 2, partitions: 4, seed: 5 };
+    let small =
+        ExchangeParams { records: 10_000, maps: 2, partitions: 4, seed: 5, mode: shuffle_client::ExchangeMode::Hash };
     let witness = daemon.connect("bystander").await.unwrap();
     let outcome = run_exchange(&witness, ShuffleId(0), small).await.unwrap();
     verify(small, outcome.received).unwrap();
 
-    let big = ExchangeParams { records: 400_000, maps: 1, partitions: 4, seed: 6 };
+    let big =
+        ExchangeParams { records: 400_000, maps: 1, partitions: 4, seed: 6, mode: shuffle_client::ExchangeMode::Hash };
     let writer = daemon.connect("big-writer").await.unwrap();
     writer.register_shuffle(ShuffleId(0), ShuffleSpec::hash(1, 4)).await.unwrap();
     let e = shuffle_tests::exchange::write_map(&writer, ShuffleId(0), big, 0, 0).await.unwrap_err();

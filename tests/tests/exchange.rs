@@ -7,7 +7,8 @@ use shuffle_tests::{
     exchange::{ExchangeParams, run_exchange, verify},
 };
 
-const MILLION: ExchangeParams = ExchangeParams { records: 1_000_000, maps: 4, partitions: 16, seed: 42 };
+const MILLION: ExchangeParams =
+    ExchangeParams { records: 1_000_000, maps: 4, partitions: 16, seed: 42, mode: shuffle_client::ExchangeMode::Hash };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn w1_exchange_of_a_million_records_through_the_daemon_is_exact_and_stays_in_memory() {

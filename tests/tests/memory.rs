@@ -41,7 +41,8 @@ async fn buffered_memory_stays_within_the_budget_while_producers_outpace_the_dis
             }
         }
     });
-    let params = ExchangeParams { records: 600_000, maps: 4, partitions: 8, seed: 3 };
+    let params =
+        ExchangeParams { records: 600_000, maps: 4, partitions: 8, seed: 3, mode: shuffle_client::ExchangeMode::Hash };
     let outcome = run_exchange(&client, ShuffleId(0), params).await.unwrap();
     running.store(false, Ordering::Release);
     sampler.await.unwrap();
