@@ -19,7 +19,7 @@ use std::{
 use bytes::Bytes;
 use shuffle_protocol::{
     AttemptId, Block, Frame, FrameKind, MapCommit, MapId, PartitionId, PartitionTotals, RecordIter, Response,
-    ShuffleId, ShuffleSpec,
+    ShuffleId, ShuffleSpec, key_prefix,
 };
 
 use crate::{ClientError, transport::FrameReader};
@@ -264,11 +264,14 @@ impl RunCursor {
     }
 }
 
+/// The head record of a run in the merge, ordered by key prefix, key, then run.
+type Head = Reverse<(u64, Bytes, usize, Bytes)>;
+
 /// A k-way merge of sorted runs by key (bytewise); ties go to the lower run index.
 struct RunMerge {
     cursors: Vec<RunCursor>,
     /// The head record of every run not yet exhausted.
-    heads: BinaryHeap<Reverse<(Bytes, usize, Bytes)>>,
+    heads: BinaryHeap<Head>,
 }
 
 impl RunMerge {
@@ -280,15 +283,15 @@ impl RunMerge {
         let heads = cursors
             .iter_mut()
             .enumerate()
-            .filter_map(|(i, c)| c.next().map(|r| Reverse((r.key, i, r.value))))
+            .filter_map(|(i, c)| c.next().map(|r| Reverse((key_prefix(&r.key), r.key, i, r.value))))
             .collect();
         Self { cursors, heads }
     }
 
     fn next(&mut self) -> Option<Record> {
-        let Reverse((key, i, value)) = self.heads.pop()?;
+        let Reverse((_, key, i, value)) = self.heads.pop()?;
         if let Some(r) = self.cursors[i].next() {
-            self.heads.push(Reverse((r.key, i, r.value)));
+            self.heads.push(Reverse((key_prefix(&r.key), r.key, i, r.value)));
         }
         Some(Record { key, value })
     }

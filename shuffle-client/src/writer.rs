@@ -15,7 +15,7 @@ use bytes::Bytes;
 use shuffle_protocol::{
     AttemptId, BLOCK_HEADER_LEN, BlockId, CodecChooser, ExchangeMode, FRAME_HEADER_LEN, FrameKind, MAX_BLOCK_RAW_LEN,
     MapEnd, MapId, PartitionId, PartitionTotals, Request, Response, ShuffleId, ShuffleSpec, append_record,
-    encode_block_parts, encode_frame_header, record_len,
+    encode_block_parts, encode_frame_header, key_prefix, record_len,
 };
 
 use crate::{
@@ -49,6 +49,8 @@ pub const SORT_ENTRY_BYTES: usize = std::mem::size_of::<SortEntry>();
 /// One record in the sort buffer: where its key and value lie in the arena.
 #[derive(Clone, Copy, Debug)]
 struct SortEntry {
+    /// The key's first 8 bytes (see `key_prefix`), so most key comparisons need not touch the arena.
+    prefix: u64,
     partition: PartitionId,
     offset: u32,
     key_len: u32,
@@ -215,6 +217,7 @@ impl MapWriter {
                 s.arena.extend_from_slice(key);
                 s.arena.extend_from_slice(value);
                 s.entries.push(SortEntry {
+                    prefix: if s.key_ordering { key_prefix(key) } else { 0 },
                     partition,
                     offset,
                     key_len: key.len() as u32,
@@ -252,7 +255,9 @@ impl MapWriter {
         let (arena, mut entries, run) = (std::mem::take(&mut s.arena), std::mem::take(&mut s.entries), s.run);
         let key = |e: &SortEntry| &arena[e.offset as usize..(e.offset + e.key_len) as usize];
         if s.key_ordering {
-            entries.sort_unstable_by(|a, b| a.partition.cmp(&b.partition).then_with(|| key(a).cmp(key(b))));
+            entries.sort_unstable_by(|a, b| {
+                (a.partition, a.prefix).cmp(&(b.partition, b.prefix)).then_with(|| key(a).cmp(key(b)))
+            });
         } else {
             entries.sort_unstable_by_key(|e| e.partition);
         }

@@ -30,5 +30,5 @@ pub use ids::{AppId, AttemptId, MapId, PartitionId, ShuffleId};
 pub use message::{
     ErrorKind, ExchangeMode, MapCommit, MapEnd, PROTOCOL_VERSION, Request, Response, ServiceError, ShuffleSpec,
 };
-pub use record::{RecordIter, append_record, record_len};
+pub use record::{RecordIter, append_record, key_prefix, record_len};
 pub use totals::PartitionTotals;

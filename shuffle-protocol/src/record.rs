@@ -28,6 +28,16 @@ fn varint_len(v: u64) -> usize {
     (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
 }
 
+/// The first 8 bytes of `key` as a big-endian number, zero-padded: ordering
+/// keys by this prefix first and by their bytes only on a tie gives exactly
+/// bytewise order, while most comparisons stay a single integer compare.
+pub fn key_prefix(key: &[u8]) -> u64 {
+    let mut first = [0u8; 8];
+    let n = key.len().min(8);
+    first[..n].copy_from_slice(&key[..n]);
+    u64::from_be_bytes(first)
+}
+
 /// Iterates the `(key, value)` records of a block's raw (decompressed) bytes.
 ///
 /// Yields an error, once, if the bytes are cut short or a length is absurd;
@@ -124,6 +134,16 @@ mod tests {
             let cut = cut.min(raw.len() - 1);
             let results: Vec<_> = RecordIter::new(&raw[..raw.len() - cut]).collect();
             prop_assert!(results.last().unwrap().is_err());
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn prefix_then_bytes_is_bytewise_order(
+            a in proptest::collection::vec(0u8..3, 0..12), b in proptest::collection::vec(0u8..3, 0..12)
+        ) {
+            let by_prefix = key_prefix(&a).cmp(&key_prefix(&b)).then_with(|| a.cmp(&b));
+            prop_assert_eq!(by_prefix, a.cmp(&b));
         }
     }
 
