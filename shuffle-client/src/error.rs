@@ -27,6 +27,15 @@ pub enum ClientError {
     /// A single record is larger than a block may hold.
     #[error("record of {len} bytes exceeds the largest block of {max} bytes")]
     RecordTooLarge { len: usize, max: usize },
+    /// Hybrid mode: an attempt whose blocks this reader received failed or
+    /// lost to another attempt. If `rereadable` (spill strategy `Full`), open
+    /// the partition again: the failed attempt's blocks are left out; if not,
+    /// the producers must be re-run.
+    #[error(
+        "map {map} attempt {attempt} failed after this reader received some of its blocks; {}",
+        if *.rereadable { "read the partition again from the start" } else { "its producers must be re-run" }
+    )]
+    ProducerFailed { map: MapId, attempt: shuffle_protocol::AttemptId, rereadable: bool },
     /// What a reader received does not match what the maps committed.
     #[error("integrity check failed for shuffle {shuffle}, partition {partition}{}: {detail}",
         .map.map(|m| format!(", map {m}")).unwrap_or_default())]

@@ -37,5 +37,6 @@ pub use options::ClientOptions;
 pub use reader::{PartitionReader, Record, RecordBlock};
 pub use shuffle_protocol::{
     AppId, AttemptId, Codec, ErrorKind, ExchangeMode, MapId, PartitionId, ServiceError, ShuffleId, ShuffleSpec,
+    SpillStrategy,
 };
 pub use writer::{CommitOutcome, MapWriter};

@@ -137,6 +137,10 @@ impl PartitionReader {
                         Ok(None)
                     }
                     Response::Error(e) => Err(ClientError::Server(e)),
+                    Response::ProducerFailed { map, attempt, rereadable } => {
+                        self.finished = true;
+                        Err(ClientError::ProducerFailed { map, attempt, rereadable })
+                    }
                     other => Err(ClientError::Protocol(format!("unexpected {other:?} on a partition stream"))),
                 }
             }

@@ -123,7 +123,7 @@ impl MapWriter {
         let block_size = options.block_size.clamp(1024, MAX_BLOCK_RAW_LEN);
         let write_buffer = options.write_buffer.max(block_size);
         let layout = match spec.mode {
-            ExchangeMode::Hash => Layout::Hash(HashBuffers {
+            ExchangeMode::Hash | ExchangeMode::Hybrid => Layout::Hash(HashBuffers {
                 records: (0..spec.partitions).map(|_| Vec::new()).collect(),
                 counts: vec![0; spec.partitions as usize],
                 preallocate: (spec.partitions as usize).saturating_mul(block_size) <= write_buffer,
@@ -325,17 +325,25 @@ impl MapWriter {
         }
     }
 
-    /// Pushes what is buffered, sends `MapEnd` with the totals of every
-    /// partition written, and returns the server's commit decision.
-    pub async fn finish(mut self) -> Result<CommitOutcome, ClientError> {
+    /// Pushes every partly filled buffer now (hash and hybrid mode), so that
+    /// pipelined readers see records without waiting for a full block; sort
+    /// mode emits its buffer as a run. Streaming producers call this to bound latency.
+    pub async fn flush(&mut self) -> Result<(), ClientError> {
         match &self.layout {
             Layout::Hash(_) => {
                 for partition in 0..self.spec.partitions {
                     self.push_partition(partition).await?;
                 }
+                Ok(())
             }
-            Layout::Sort(_) => self.emit_run().await?,
+            Layout::Sort(_) => self.emit_run().await,
         }
+    }
+
+    /// Pushes what is buffered, sends `MapEnd` with the totals of every
+    /// partition written, and returns the server's commit decision.
+    pub async fn finish(mut self) -> Result<CommitOutcome, ClientError> {
+        self.flush().await?;
         let partitions = self.totals.values().copied().collect();
         let end = Request::MapEnd(MapEnd { map: self.map, attempt: self.attempt, partitions });
         self.send_chunks(&mut [request_frame(&end)]).await?;

@@ -29,6 +29,7 @@ pub use frame::{FRAME_HEADER_LEN, Frame, FrameKind, MAX_FRAME_LEN, decode_frame,
 pub use ids::{AppId, AttemptId, MapId, PartitionId, ShuffleId};
 pub use message::{
     ErrorKind, ExchangeMode, MapCommit, MapEnd, PROTOCOL_VERSION, Request, Response, ServiceError, ShuffleSpec,
+    SpillStrategy,
 };
 pub use record::{RecordIter, append_record, key_prefix, record_len};
 pub use totals::PartitionTotals;

@@ -33,6 +33,21 @@ pub enum ExchangeMode {
     /// Map-partition layout: one file per map attempt, written run by run by
     /// writers that sort by partition (and key), with a region index per file.
     Sort,
+    /// Pipelined with spill: readers receive blocks as they arrive, from
+    /// memory while they keep up and from disk when they fall behind.
+    Hybrid,
+}
+
+/// How a hybrid shuffle uses the disk (DESIGN.md, "Hybrid").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+pub enum SpillStrategy {
+    /// Spill only under memory pressure; a consumed block is freed at once, so
+    /// a partition can be read once (a failed consumer needs its producers re-run).
+    #[default]
+    Selective,
+    /// Every block is also written to disk in order, so any reader can read a
+    /// partition again from the start.
+    Full,
 }
 
 /// What a client declares when it registers a shuffle.
@@ -49,17 +64,37 @@ pub struct ShuffleSpec {
     /// Sort mode only: writers sort each run by key (bytewise) as well as by
     /// partition, and readers merge the runs so records come out in key order.
     pub key_ordering: bool,
+    /// Hybrid mode only: how the shuffle uses the disk.
+    pub spill: SpillStrategy,
+    /// Hybrid mode only: most bytes the shuffle may write to disk (`None`:
+    /// no limit but the disk reserve). When memory and quota are both used
+    /// up, the server stops reading from producers until readers catch up.
+    pub spill_quota: Option<u64>,
 }
 
 impl ShuffleSpec {
     /// A hash shuffle of `maps` × `partitions` with lz4 blocks.
     pub fn hash(maps: u32, partitions: u32) -> Self {
-        Self { maps, partitions, mode: ExchangeMode::Hash, codec: Codec::Lz4, key_ordering: false }
+        Self {
+            maps,
+            partitions,
+            mode: ExchangeMode::Hash,
+            codec: Codec::Lz4,
+            key_ordering: false,
+            spill: SpillStrategy::Selective,
+            spill_quota: None,
+        }
+    }
+
+    /// A hybrid shuffle of `maps` × `partitions` with lz4 blocks and the given spill strategy.
+    /// A hybrid shuffle whose producers never end is unbounded: its readers stay open.
+    pub fn hybrid(maps: u32, partitions: u32, spill: SpillStrategy) -> Self {
+        Self { mode: ExchangeMode::Hybrid, spill, ..Self::hash(maps, partitions) }
     }
 
     /// A sort shuffle of `maps` × `partitions` with lz4 blocks, ordered by key if asked.
     pub fn sort(maps: u32, partitions: u32, key_ordering: bool) -> Self {
-        Self { maps, partitions, mode: ExchangeMode::Sort, codec: Codec::Lz4, key_ordering }
+        Self { mode: ExchangeMode::Sort, key_ordering, ..Self::hash(maps, partitions) }
     }
 
     /// Checks the spec against the limits of this protocol version.
@@ -146,6 +181,10 @@ pub enum ErrorKind {
     ShuffleSealed,
     /// A second `MapEnd` for an attempt that already ended.
     DuplicateMapEnd,
+    /// A hybrid producer failed after some of its blocks were read (see `Response::ProducerFailed`).
+    ProducerFailed,
+    /// A selective hybrid partition was already consumed and cannot be read again.
+    AlreadyConsumed,
     /// Blocks for an attempt of a map that another attempt already committed.
     AttemptSuperseded,
     /// Blocks out of sequence, or totals that do not match what was received.
@@ -208,6 +247,11 @@ pub enum Response {
     AttemptRefused { map: MapId, attempt: AttemptId, committed_attempt: AttemptId },
     /// A partition read is open: its blocks follow (once the maps have committed).
     PartitionOpened { spec: ShuffleSpec },
+    /// Hybrid mode: an attempt whose blocks this reader received failed (or
+    /// lost to another attempt). With `SpillStrategy::Full` the reader may
+    /// open the partition again from the start and the failed attempt's blocks
+    /// are left out; with `Selective` the producers must be re-run. Ends the stream.
+    ProducerFailed { map: MapId, attempt: AttemptId, rereadable: bool },
     /// All blocks of the partition were sent; here is what each map committed to it.
     PartitionEnd { partition: PartitionId, maps: Vec<MapCommit> },
     /// The request failed.
@@ -256,9 +300,11 @@ mod tests {
             ShuffleSpec {
                 maps,
                 partitions,
-                mode: if sort { ExchangeMode::Sort } else { ExchangeMode::Hash },
+                mode: if sort { ExchangeMode::Sort } else { ExchangeMode::Hybrid },
                 codec: if lz4 { Codec::Lz4 } else { Codec::None },
                 key_ordering: sort && lz4,
+                spill: if lz4 { SpillStrategy::Full } else { SpillStrategy::Selective },
+                spill_quota: if sort { None } else { Some(u64::from(maps)) },
             }
         })
     }
@@ -291,6 +337,8 @@ mod tests {
             ".{0,20}".prop_map(|v| Response::Welcome { server_version: v }),
             spec().prop_map(|spec| Response::PushAccepted { spec }),
             spec().prop_map(|spec| Response::PartitionOpened { spec }),
+            (any::<u32>(), any::<u32>(), any::<bool>())
+                .prop_map(|(map, attempt, rereadable)| Response::ProducerFailed { map, attempt, rereadable }),
             (any::<u32>(), any::<u32>()).prop_map(|(map, attempt)| Response::Committed { map, attempt }),
             (any::<u32>(), any::<u32>(), any::<u32>())
                 .prop_map(|(map, attempt, c)| { Response::AttemptRefused { map, attempt, committed_attempt: c } }),

@@ -7,7 +7,7 @@
 //! - [`transport`]: frames over any byte stream (QUIC today; a Unix socket can follow).
 //! - [`push`], [`read`]: the request handlers for writing and reading partitions.
 //! - [`state`]: apps and their shuffles; [`shuffle`]: what every mode shares;
-//!   [`hash`]: hash-mode storage; [`sort`]: sort-mode storage;
+//!   [`hash`], [`sort`], [`hybrid`]: the storage of each exchange mode;
 //!   [`commit`]: the commit rule; [`memory`]: the budget and its watermarks;
 //!   [`disk`]: the free-space reserve.
 
@@ -18,6 +18,7 @@ pub mod disk;
 pub mod elevator;
 pub mod error;
 pub mod hash;
+pub mod hybrid;
 pub mod memory;
 pub mod push;
 pub mod read;

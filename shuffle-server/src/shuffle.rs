@@ -26,6 +26,7 @@ use crate::{
     disk,
     elevator::ReadScheduler,
     hash::HashStorage,
+    hybrid::HybridStorage,
     memory::MemoryBudget,
     sort::{SealedAttempt, SortStorage},
     stats::ServerStats,
@@ -135,6 +136,7 @@ impl ShuffleCore {
 enum Storage {
     Hash(HashStorage),
     Sort(SortStorage),
+    Hybrid(HybridStorage),
 }
 
 /// One registered shuffle.
@@ -164,6 +166,7 @@ impl Shuffle {
         let storage = match spec.mode {
             ExchangeMode::Hash => Storage::Hash(HashStorage::new(spec.partitions)),
             ExchangeMode::Sort => Storage::Sort(SortStorage::new(spec.maps)),
+            ExchangeMode::Hybrid => Storage::Hybrid(HybridStorage::new(&spec)),
         };
         let label = format!("shuffle {id} of app {app}");
         Ok(Self {
@@ -231,6 +234,7 @@ impl Shuffle {
         match &self.storage {
             Storage::Hash(s) => s.append(&self.core, header, bytes),
             Storage::Sort(s) => s.append(&self.core, header, bytes),
+            Storage::Hybrid(s) => s.append(&self.core, header, bytes),
         }
     }
 
@@ -242,7 +246,7 @@ impl Shuffle {
         let (map, attempt) = (end.map, end.attempt);
         let sealed: Option<SealedAttempt> = match &self.storage {
             Storage::Sort(s) => Some(s.seal(&self.core, map, attempt)?),
-            Storage::Hash(_) => None,
+            Storage::Hash(_) | Storage::Hybrid(_) => None,
         };
         let decision = {
             let mut commits = lock(&self.commits);
@@ -271,6 +275,8 @@ impl Shuffle {
         match &self.storage {
             Storage::Hash(s) => s.discard_attempts(&self.core, map, |a| a != kept),
             Storage::Sort(s) => s.discard_attempts(&self.core, map, |a| a != kept),
+            // Also wakes hybrid readers, who may be waiting for the last commit.
+            Storage::Hybrid(s) => s.fail_attempts(&self.core, map, |a| a != kept),
         }
         Ok(decision)
     }
@@ -284,7 +290,21 @@ impl Shuffle {
         match &self.storage {
             Storage::Hash(s) => s.discard_attempts(&self.core, map, |a| a == attempt),
             Storage::Sort(s) => s.discard_attempts(&self.core, map, |a| a == attempt),
+            Storage::Hybrid(s) => s.fail_attempts(&self.core, map, |a| a == attempt),
         }
+    }
+
+    /// The hybrid storage, for the hybrid read path.
+    pub fn hybrid(&self) -> Option<&HybridStorage> {
+        match &self.storage {
+            Storage::Hybrid(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// Whether every map has committed.
+    pub fn is_complete(&self) -> bool {
+        lock(&self.commits).is_complete()
     }
 
     /// Waits until every map has committed. Errors if the shuffle is removed first.
@@ -295,7 +315,7 @@ impl Shuffle {
     }
 
     /// What each map committed to `partition`; only once the shuffle is complete.
-    fn partition_commits(&self, partition: PartitionId) -> Result<Vec<MapCommit>, ServiceError> {
+    pub fn partition_commits(&self, partition: PartitionId) -> Result<Vec<MapCommit>, ServiceError> {
         lock(&self.commits)
             .partition_commits(partition)
             .ok_or_else(|| ServiceError::new(ErrorKind::Io, format!("{} is not complete", self.label())))
@@ -310,6 +330,7 @@ impl Shuffle {
         let blocks = match &self.storage {
             Storage::Hash(s) => s.snapshot(&self.core, partition, &commits)?,
             Storage::Sort(s) => s.snapshot(partition),
+            Storage::Hybrid(_) => unreachable!("hybrid partitions are streamed, not snapshotted"),
         };
         Ok(PartitionSnapshot { blocks, commits })
     }
@@ -319,6 +340,7 @@ impl Shuffle {
         match &self.storage {
             Storage::Hash(s) => s.largest_partition().map(|(p, n)| (FlushTarget::Partition(p), n)),
             Storage::Sort(s) => s.largest_attempt().map(|(m, a, n)| (FlushTarget::Attempt(m, a), n)),
+            Storage::Hybrid(s) => s.largest_partition().map(|(p, n)| (FlushTarget::Partition(p), n)),
         }
     }
 
@@ -330,6 +352,7 @@ impl Shuffle {
         let outcome = match (&self.storage, target) {
             (Storage::Hash(s), FlushTarget::Partition(p)) => s.flush_partition(&self.core, p),
             (Storage::Sort(s), FlushTarget::Attempt(m, a)) => s.flush_attempt(&self.core, m, a),
+            (Storage::Hybrid(s), FlushTarget::Partition(p)) => s.flush_partition(&self.core, p),
             _ => Ok(0),
         };
         self.core.flush_outcome(&outcome, reason);
@@ -340,7 +363,7 @@ impl Shuffle {
     pub fn committed_files(&self) -> usize {
         match &self.storage {
             Storage::Sort(s) => s.committed_files(),
-            Storage::Hash(_) => 0,
+            Storage::Hash(_) | Storage::Hybrid(_) => 0,
         }
     }
 
@@ -363,6 +386,7 @@ impl Shuffle {
         let freed = match &self.storage {
             Storage::Hash(s) => s.clear(),
             Storage::Sort(s) => s.clear(),
+            Storage::Hybrid(s) => s.clear(),
         };
         self.core.env.memory.release(freed);
         self.complete.send_replace(true);

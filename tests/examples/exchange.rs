@@ -27,6 +27,8 @@ enum Workload {
 enum Mode {
     Hash,
     Sort,
+    /// Hybrid with selective spilling; readers start together with the maps.
+    Hybrid,
 }
 
 /// A standard workload through an embedded shuffle server.
@@ -79,10 +81,11 @@ async fn main() -> anyhow::Result<()> {
         mode: match args.mode {
             Mode::Hash => ExchangeMode::Hash,
             Mode::Sort => ExchangeMode::Sort,
+            Mode::Hybrid => ExchangeMode::Hybrid,
         },
     };
     let what = match args.workload {
-        Workload::Exchange => format!("W1 exchange, {} mode", if args.mode == Mode::Hash { "hash" } else { "sort" }),
+        Workload::Exchange => format!("W1 exchange, {:?} mode", params.mode),
         Workload::Sort => "W3 sort, sort mode with key ordering".to_string(),
     };
     println!(

@@ -17,7 +17,7 @@ pub struct ExchangeParams {
     pub maps: u32,
     pub partitions: u32,
     pub seed: u64,
-    /// Hash, or sort without key ordering.
+    /// Hash, sort without key ordering, or hybrid with selective spilling.
     pub mode: ExchangeMode,
 }
 
@@ -33,6 +33,9 @@ impl ExchangeParams {
         match self.mode {
             ExchangeMode::Hash => ShuffleSpec::hash(self.maps, self.partitions),
             ExchangeMode::Sort => ShuffleSpec::sort(self.maps, self.partitions, false),
+            ExchangeMode::Hybrid => {
+                ShuffleSpec::hybrid(self.maps, self.partitions, shuffle_client::SpillStrategy::Selective)
+            }
         }
     }
 }
