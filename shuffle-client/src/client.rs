@@ -1,4 +1,5 @@
-//! [`ShuffleClient`]: one QUIC connection to a server, bound to one app.
+//! [`ShuffleClient`]: QUIC connections to a server, bound to one app: one
+//! for control requests and pushes, one for partition reads.
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -15,17 +16,22 @@ use crate::{
 /// ALPN protocol id, as the server's.
 const ALPN: &[u8] = b"shuffle/1";
 
-/// A connection to the shuffle service for one app. Cheap to clone; clones share the connection.
+/// Connections to the shuffle service for one app. Cheap to clone; clones share the connection.
 #[derive(Clone)]
 pub struct ShuffleClient {
     inner: Arc<Inner>,
 }
 
 struct Inner {
-    /// Kept so the connection's UDP socket lives as long as the client.
+    /// Kept so the connections' UDP socket lives as long as the client.
     endpoint: quinn::Endpoint,
-    /// The connection every request stream is opened on.
+    /// The connection for control requests and push streams.
     connection: quinn::Connection,
+    /// A second connection for partition reads. A quinn connection is driven
+    /// by one task on each side, so reads running alongside pushes (hybrid
+    /// mode) get their own crypto and packet work instead of queueing behind
+    /// the pushes: W1 in hybrid mode went from 5.0 s to 4.1 s on two cores.
+    read_connection: quinn::Connection,
     /// Options the client was made with.
     options: ClientOptions,
     /// The app this connection is bound to.
@@ -43,32 +49,9 @@ impl ShuffleClient {
         let bind: SocketAddr = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().expect("valid literal");
         let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| connect_err(e.to_string()))?;
         endpoint.set_default_client_config(config);
-        let connecting = endpoint.connect(addr, &options.server_name).map_err(|e| connect_err(e.to_string()))?;
-        let timeout = options.connect_timeout;
-        let connection = tokio::time::timeout(timeout, connecting)
-            .await
-            .map_err(|_| connect_err(format!("no handshake within {timeout:?}")))?
-            .map_err(|e| connect_err(e.to_string()))?;
-        let hello = Request::Hello {
-            protocol_version: PROTOCOL_VERSION,
-            app: app.clone(),
-            auth_token: options.auth_token.clone(),
-        };
-        let welcome = async {
-            let (_send, mut reader) = open_request(&connection, &hello, true).await?;
-            reader.response().await
-        };
-        match tokio::time::timeout(timeout, welcome).await {
-            Ok(Ok(Response::Welcome { .. })) => {}
-            Ok(Ok(other)) => {
-                return Err(ClientError::Protocol(format!("expected Welcome, got {other:?}")));
-            }
-            Ok(Err(e)) => return Err(e),
-            Err(_) => {
-                return Err(connect_err(format!("no answer to Hello within {timeout:?}")));
-            }
-        }
-        Ok(Self { inner: Arc::new(Inner { endpoint, connection, options, app }) })
+        let connection = open_connection(&endpoint, addr, &options, &app).await?;
+        let read_connection = open_connection(&endpoint, addr, &options, &app).await?;
+        Ok(Self { inner: Arc::new(Inner { endpoint, connection, read_connection, options, app }) })
     }
 
     /// The app this client is bound to.
@@ -120,14 +103,43 @@ impl ShuffleClient {
     /// Opens a reader of `partition`; it yields records once every map has committed.
     pub async fn reader(&self, shuffle: ShuffleId, partition: PartitionId) -> Result<PartitionReader, ClientError> {
         let request = Request::OpenPartition { shuffle, partition };
-        let (_send, reader) = open_request(&self.inner.connection, &request, true).await?;
+        let (_send, reader) = open_request(&self.inner.read_connection, &request, true).await?;
         Ok(PartitionReader::new(reader, shuffle, partition))
     }
 
     /// Closes the connection gracefully and waits for the server to see it.
     pub async fn close(self) {
         self.inner.connection.close(0u32.into(), b"client closed");
+        self.inner.read_connection.close(0u32.into(), b"client closed");
         self.inner.endpoint.wait_idle().await;
+    }
+}
+
+/// Connects, handshakes and says `Hello` for `app`.
+async fn open_connection(
+    endpoint: &quinn::Endpoint,
+    addr: SocketAddr,
+    options: &ClientOptions,
+    app: &AppId,
+) -> Result<quinn::Connection, ClientError> {
+    let connect_err = |reason: String| ClientError::Connect { addr, reason };
+    let connecting = endpoint.connect(addr, &options.server_name).map_err(|e| connect_err(e.to_string()))?;
+    let timeout = options.connect_timeout;
+    let connection = tokio::time::timeout(timeout, connecting)
+        .await
+        .map_err(|_| connect_err(format!("no handshake within {timeout:?}")))?
+        .map_err(|e| connect_err(e.to_string()))?;
+    let hello =
+        Request::Hello { protocol_version: PROTOCOL_VERSION, app: app.clone(), auth_token: options.auth_token.clone() };
+    let welcome = async {
+        let (_send, mut reader) = open_request(&connection, &hello, true).await?;
+        reader.response().await
+    };
+    match tokio::time::timeout(timeout, welcome).await {
+        Ok(Ok(Response::Welcome { .. })) => Ok(connection),
+        Ok(Ok(other)) => Err(ClientError::Protocol(format!("expected Welcome, got {other:?}"))),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(connect_err(format!("no answer to Hello within {timeout:?}"))),
     }
 }
 

@@ -184,11 +184,14 @@ impl HybridStorage {
         partition: PartitionId,
         cursor: usize,
     ) -> Result<Option<NextBlock>, ServiceError> {
-        let failed = lock(&self.failed).clone();
+        // Lock order: `failed`, then a partition (`fail_attempts` never holds both).
+        let failed = lock(&self.failed);
         let mut p = lock(&self.partitions[partition as usize]);
-        let Some(index) = (cursor..p.log.len()).find(|&i| !failed.contains(&(p.log[i].map, p.log[i].attempt))) else {
+        let servable = |i: usize| failed.is_empty() || !failed.contains(&(p.log[i].map, p.log[i].attempt));
+        let Some(index) = (cursor..p.log.len()).find(|&i| servable(i)) else {
             return Ok(None);
         };
+        drop(failed);
         if p.log[index].memory.is_none() && p.mapped.as_ref().map_or(0, |m| m.len() as u64) < p.file_len {
             p.mapped = Some(map_file(&partition_path(core, partition))?);
         }
