@@ -79,8 +79,9 @@ pub struct PartitionReader {
     reader: FrameReader,
     shuffle: ShuffleId,
     partition: PartitionId,
-    /// Per map: the attempt its blocks came from and their totals so far.
-    received: HashMap<MapId, (AttemptId, PartitionTotals)>,
+    /// Per (map, attempt): the totals of its blocks so far. Outside hybrid
+    /// mode a map's blocks must all come from one attempt.
+    received: HashMap<(MapId, AttemptId), PartitionTotals>,
     /// The block `next_record` is taking records from, and the offset reached.
     current: Option<(Bytes, usize)>,
     /// Set once `PartitionEnd` was received and checked.
@@ -163,12 +164,16 @@ impl PartitionReader {
             return Err(self.integrity(Some(map), format!("received a block of partition {}", header.id.partition)));
         }
         let raw = block.into_records().map_err(|e| self.integrity(Some(map), e.to_string()))?;
-        let (attempt, totals) =
-            self.received.entry(map).or_insert_with(|| (header.id.attempt, PartitionTotals::new(header.id.partition)));
-        if *attempt != header.id.attempt {
-            let detail = format!("received blocks of attempts {} and {}", *attempt, header.id.attempt);
+        let attempt = header.id.attempt;
+        let hybrid = self.spec.is_some_and(|s| s.mode == shuffle_protocol::ExchangeMode::Hybrid);
+        if !hybrid && let Some(((_, other), _)) = self.received.iter().find(|((m, a), _)| *m == map && *a != attempt) {
+            let detail = format!("received blocks of attempts {other} and {attempt}");
             return Err(self.integrity(Some(map), detail));
         }
+        // Speculative hybrid attempts may both stream until one commits; the
+        // server then reports the loser (`ProducerFailed`), and `check_end`
+        // accepts only the committed one.
+        let totals = self.received.entry((map, attempt)).or_insert_with(|| PartitionTotals::new(header.id.partition));
         if header.id.sequence != totals.blocks {
             let detail = format!("block {} arrived where block {} was expected", header.id.sequence, totals.blocks);
             return Err(self.integrity(Some(map), detail));
@@ -183,10 +188,17 @@ impl PartitionReader {
             if commit.map as usize != index {
                 return Err(self.integrity(None, format!("PartitionEnd lists map {} at position {index}", commit.map)));
             }
-            let empty = (commit.attempt, PartitionTotals::new(self.partition));
-            let (attempt, got) = self.received.get(&commit.map).copied().unwrap_or(empty);
+            let got = self.received.get(&(commit.map, commit.attempt)).copied();
+            let got = got.unwrap_or(PartitionTotals::new(self.partition));
+            let others: Vec<AttemptId> = self
+                .received
+                .keys()
+                .filter(|(m, a)| *m == commit.map && *a != commit.attempt)
+                .map(|(_, a)| *a)
+                .collect();
+            let attempt = others.first().copied().unwrap_or(commit.attempt);
             let want = commit.totals;
-            if attempt != commit.attempt || got != want {
+            if !others.is_empty() || got != want {
                 return Err(self.integrity(
                     Some(commit.map),
                     format!(
@@ -197,7 +209,7 @@ impl PartitionReader {
                 ));
             }
         }
-        if let Some(extra) = self.received.keys().find(|m| **m as usize >= maps.len()) {
+        if let Some((extra, _)) = self.received.keys().find(|(m, _)| *m as usize >= maps.len()) {
             return Err(self.integrity(Some(*extra), "received blocks of a map the shuffle does not have".into()));
         }
         Ok(())

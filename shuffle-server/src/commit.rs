@@ -32,6 +32,11 @@ pub struct MapCommits {
     committed: Vec<Option<CommittedMap>>,
     /// Per map: attempts that ended (committed or refused); short, as retries are few.
     ended: Vec<Vec<AttemptId>>,
+    /// Per map: attempts whose push stream broke without `MapEnd`. Their ids
+    /// may not be reused: blocks of the broken stream may still be stored.
+    abandoned: Vec<Vec<AttemptId>>,
+    /// Attempts with a push stream open now; one stream per attempt.
+    pushing: std::collections::HashSet<(MapId, AttemptId)>,
     /// Number of maps with a committed attempt.
     committed_count: usize,
 }
@@ -39,7 +44,19 @@ pub struct MapCommits {
 impl MapCommits {
     /// Commit state for `maps` maps, none committed.
     pub fn new(label: String, maps: u32) -> Self {
-        Self { label, committed: vec![None; maps as usize], ended: vec![Vec::new(); maps as usize], committed_count: 0 }
+        Self {
+            label,
+            committed: vec![None; maps as usize],
+            ended: vec![Vec::new(); maps as usize],
+            abandoned: vec![Vec::new(); maps as usize],
+            pushing: std::collections::HashSet::new(),
+            committed_count: 0,
+        }
+    }
+
+    /// Number of maps with a committed attempt.
+    pub fn committed_count(&self) -> usize {
+        self.committed_count
     }
 
     /// Whether every map has committed.
@@ -62,6 +79,12 @@ impl MapCommits {
                 format!("map {map} attempt {attempt} of {label} has already ended"),
             ));
         }
+        if self.abandoned[map as usize].contains(&attempt) {
+            return Err(ServiceError::new(
+                ErrorKind::UnexpectedMessage,
+                format!("map {map} attempt {attempt} of {label} was abandoned; retry with a new attempt id"),
+            ));
+        }
         if self.is_complete() {
             return Err(ServiceError::new(
                 ErrorKind::ShuffleSealed,
@@ -75,6 +98,30 @@ impl MapCommits {
             ));
         }
         Ok(())
+    }
+
+    /// Starts a push stream for an attempt: checks it may push and that no
+    /// other stream is pushing for it.
+    pub fn begin_push(&mut self, map: MapId, attempt: AttemptId) -> Result<(), ServiceError> {
+        self.check_push(map, attempt)?;
+        if !self.pushing.insert((map, attempt)) {
+            return Err(ServiceError::new(
+                ErrorKind::UnexpectedMessage,
+                format!("map {map} attempt {attempt} of {} is already pushing on another stream", self.label),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Ends a push stream: with `MapEnd` handled (`abandoned` false) or broken.
+    pub fn end_push(&mut self, map: MapId, attempt: AttemptId, abandoned: bool) {
+        self.pushing.remove(&(map, attempt));
+        if abandoned
+            && let Some(list) = self.abandoned.get_mut(map as usize)
+            && !self.ended[map as usize].contains(&attempt)
+        {
+            list.push(attempt);
+        }
     }
 
     /// Whether a block of an attempt in flight is kept: `false` (drop it
@@ -171,6 +218,19 @@ mod tests {
         let mut c = MapCommits::new("shuffle 0".into(), 2);
         assert_eq!(c.end(end(2, 0, 1)).unwrap_err().kind, ErrorKind::MapOutOfRange);
         assert_eq!(c.check_push(9, 0).unwrap_err().kind, ErrorKind::MapOutOfRange);
+    }
+
+    #[test]
+    fn an_abandoned_attempt_id_cannot_be_reused_and_one_stream_pushes_per_attempt() {
+        let mut c = MapCommits::new("shuffle 0".into(), 2);
+        c.begin_push(0, 0).unwrap();
+        assert!(c.begin_push(0, 0).is_err(), "a second stream for the same attempt");
+        c.end_push(0, 0, true);
+        let e = c.begin_push(0, 0).unwrap_err();
+        assert!(e.message.contains("abandoned"), "{}", e.message);
+        c.begin_push(0, 1).unwrap();
+        c.end_push(0, 1, false);
+        assert_eq!(c.end(end(0, 1, 1)), Ok(CommitDecision::Committed));
     }
 
     #[test]

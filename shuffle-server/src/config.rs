@@ -40,7 +40,14 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Most concurrent request streams one connection may open.
     pub max_streams_per_connection: u32,
+    /// TCP address of the `/metrics` and `/status` listener; `None`: no listener.
+    /// The library's default is `None` (embedded servers open no extra port);
+    /// the `shuffle-server` binary defaults to [`DEFAULT_METRICS_ADDR`].
+    pub metrics_addr: Option<SocketAddr>,
 }
+
+/// Where the daemon serves `/metrics` and `/status` unless told otherwise.
+pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9337";
 
 impl Default for ServerConfig {
     fn default() -> Self {
@@ -58,6 +65,7 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(30),
             max_connections: 1024,
             max_streams_per_connection: 512,
+            metrics_addr: None,
         }
     }
 }
@@ -79,6 +87,7 @@ pub struct ConfigFile {
     pub shutdown_grace: Option<Seconds>,
     pub max_connections: Option<usize>,
     pub max_streams_per_connection: Option<u32>,
+    pub metrics_addr: Option<OptionalAddr>,
 }
 
 impl ConfigFile {
@@ -95,7 +104,7 @@ impl ConfigFile {
             ($($field:ident),*) => { $( if let Some(v) = self.$field { config.$field = v.into(); } )* };
         }
         set!(listen, data_dir, memory, flush_size, disk_reserve, app_timeout, idle_timeout, shutdown_grace);
-        set!(max_connections, max_streams_per_connection);
+        set!(max_connections, max_streams_per_connection, metrics_addr);
         if let Some(v) = self.cert {
             config.cert = Some(v);
         }
@@ -127,6 +136,36 @@ impl ServerConfig {
             return Err(ServerError::Config("auth_token must not be empty".into()));
         }
         Ok(())
+    }
+}
+
+/// A socket address, or `off` for none.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OptionalAddr(pub Option<SocketAddr>);
+
+impl From<OptionalAddr> for Option<SocketAddr> {
+    fn from(a: OptionalAddr) -> Self {
+        a.0
+    }
+}
+
+impl FromStr for OptionalAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.trim() == "off" {
+            return Ok(Self(None));
+        }
+        s.trim()
+            .parse()
+            .map(|a| Self(Some(a)))
+            .map_err(|_| format!("{s:?} is not an address such as 127.0.0.1:9337 or off"))
+    }
+}
+
+impl<'de> Deserialize<'de> for OptionalAddr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
     }
 }
 

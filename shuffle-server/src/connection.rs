@@ -12,6 +12,7 @@ use crate::{
     shutdown::{InFlight, Shutdown},
     state::{AppSession, ServiceState},
     stats::ServerStats,
+    telemetry,
     transport::{FrameReader, FrameWriter},
 };
 
@@ -130,10 +131,13 @@ async fn serve_stream(
     mut writer: FrameWriter<quinn::SendStream>,
     shutdown: &Shutdown,
 ) {
+    let started = std::time::Instant::now();
+    let mut name = "unknown";
     let result = async {
         let Some(request) = reader.next_request().await? else {
             return Ok(());
         };
+        name = request_name(&request);
         if shutdown.is_triggered() {
             return Err(ServiceError::new(ErrorKind::ShuttingDown, "the server is shutting down"));
         }
@@ -163,8 +167,10 @@ async fn serve_stream(
         }
     }
     .await;
+    telemetry::record_request(name, started.elapsed());
     if let Err(e) = result {
         ServerStats::add(&state.stats.errors, 1);
+        telemetry::record_error(e.kind);
         tracing::debug!(app = %session.app, error = %e, "request failed");
         let _ = writer.response(&Response::Error(e)).await;
     }

@@ -58,17 +58,17 @@ pub struct ElevatorQueue {
     candidates: BTreeMap<Position, (ReaderId, u64)>,
     /// Where the elevator last served.
     head: Position,
-    /// Bytes each reader may still be granted.
-    credit: HashMap<ReaderId, usize>,
+    /// Per reader: its read-ahead limit and the bytes granted but not yet sent.
+    readers: HashMap<ReaderId, (usize, usize)>,
     /// Source of unique sequence numbers.
     sequence: u64,
 }
 
 impl ElevatorQueue {
-    /// Adds a reader with `credit` bytes of read-ahead and its blocks at
+    /// Adds a reader with `limit` bytes of read-ahead and its blocks at
     /// `(file, offset)` of `len` bytes, in the order it must receive them.
-    pub fn submit(&mut self, reader: ReaderId, credit: usize, blocks: impl IntoIterator<Item = (u64, u64, usize)>) {
-        self.credit.insert(reader, credit);
+    pub fn submit(&mut self, reader: ReaderId, limit: usize, blocks: impl IntoIterator<Item = (u64, u64, usize)>) {
+        self.readers.insert(reader, (limit, 0));
         for (index, (file, offset, len)) in blocks.into_iter().enumerate() {
             self.queues.entry((reader, file)).or_default().push_back((offset, index, len));
         }
@@ -86,30 +86,30 @@ impl ElevatorQueue {
         }
     }
 
-    /// Gives `reader` back `n` bytes of credit.
+    /// Records that `reader` has sent on `n` granted bytes.
     pub fn return_credit(&mut self, reader: ReaderId, n: usize) {
-        if let Some(c) = self.credit.get_mut(&reader) {
-            *c += n;
+        if let Some((_, outstanding)) = self.readers.get_mut(&reader) {
+            *outstanding = outstanding.saturating_sub(n);
         }
     }
 
     /// Forgets a reader and its pending blocks.
     pub fn remove(&mut self, reader: ReaderId) {
-        self.credit.remove(&reader);
+        self.readers.remove(&reader);
         self.queues.retain(|(r, _), _| *r != reader);
         self.candidates.retain(|_, (r, _)| *r != reader);
     }
 
     /// The next block to serve: the first candidate at or after the head
-    /// (wrapping around) whose reader has credit for it. A reader with its
-    /// whole read-ahead unused may always take one block, so a block larger
+    /// (wrapping around) whose reader's read-ahead has room for it. A reader
+    /// with nothing outstanding may always take one block, so a block larger
     /// than the read-ahead never stalls.
     pub fn next_grant(&mut self) -> Option<Grant> {
-        let credit = &self.credit;
+        let readers = &self.readers;
         let queues = &self.queues;
         let fits = |reader: ReaderId, file: u64| {
             let len = queues.get(&(reader, file)).and_then(|q| q.front()).map_or(0, |b| b.2);
-            credit.get(&reader).is_some_and(|&c| c >= len || c == READ_AHEAD_BYTES)
+            readers.get(&reader).is_some_and(|&(limit, outstanding)| outstanding == 0 || outstanding + len <= limit)
         };
         let found = self
             .candidates
@@ -123,8 +123,8 @@ impl ElevatorQueue {
             self.queues.remove(&(reader, file));
         }
         self.promote(reader, file);
-        if let Some(c) = self.credit.get_mut(&reader) {
-            *c = c.saturating_sub(len);
+        if let Some((_, outstanding)) = self.readers.get_mut(&reader) {
+            *outstanding += len;
         }
         self.head = found;
         Some(Grant { reader, index, len })
@@ -270,9 +270,13 @@ mod tests {
     }
 
     #[test]
-    fn a_block_larger_than_the_read_ahead_is_still_served() {
+    fn blocks_larger_than_the_read_ahead_are_served_one_at_a_time() {
         let mut q = ElevatorQueue::default();
-        q.submit(1, READ_AHEAD_BYTES, [(0, 0, READ_AHEAD_BYTES * 2)]);
+        let big = READ_AHEAD_BYTES + READ_AHEAD_BYTES / 4;
+        q.submit(1, READ_AHEAD_BYTES, [(0, 0, big), (0, big as u64, big + 1)]);
         assert!(q.next_grant().is_some());
+        assert_eq!(q.next_grant(), None, "the first is still outstanding");
+        q.return_credit(1, big);
+        assert!(q.next_grant().is_some(), "nothing outstanding: the second is served too");
     }
 }

@@ -83,9 +83,12 @@ impl HashStorage {
         bytes: Bytes,
     ) -> Result<Option<FlushTarget>, ServiceError> {
         let len = bytes.len();
-        core.env.memory.reserve(len);
         let partition = header.id.partition;
         let mut store = lock(&self.partitions[partition as usize]);
+        if core.is_removed() {
+            return Ok(None); // `clear` has run or will not see this block: do not account it
+        }
+        core.env.memory.reserve(len);
         store.blocks.push(StoredBlock {
             map: header.id.map,
             attempt: header.id.attempt,
@@ -139,7 +142,12 @@ impl HashStorage {
             let bytes = match &block.location {
                 Location::Memory(bytes) => bytes.clone(),
                 Location::Disk { offset, len } => mapped.slice(*offset as usize..*offset as usize + *len as usize),
-                Location::Discarded => unreachable!("blocks of committed attempts are never discarded"),
+                Location::Discarded => {
+                    return Err(ServiceError::new(
+                        shuffle_protocol::ErrorKind::Io,
+                        format!("a block of committed map {} attempt {} was discarded", block.map, block.attempt),
+                    ));
+                }
             };
             blocks.push(SnapshotBlock { bytes, position: None });
         }
@@ -203,6 +211,14 @@ impl HashStorage {
         drop(store);
         core.env.memory.release(freed);
         Ok(written)
+    }
+
+    /// Bytes held in memory and written to files.
+    pub fn usage(&self) -> (u64, u64) {
+        self.partitions.iter().fold((0, 0), |(m, d), p| {
+            let p = lock(p);
+            (m + p.memory_bytes as u64, d + p.file_len)
+        })
     }
 
     /// Empties every partition; returns the bytes of memory to release.

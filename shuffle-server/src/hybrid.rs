@@ -88,6 +88,9 @@ pub struct HybridStorage {
     strategy: SpillStrategy,
     /// Most bytes the shuffle may write to disk.
     quota: Option<u64>,
+    /// Bytes written to disk or reserved by a flush in progress; reserved
+    /// under this lock so concurrent flushes cannot overrun the quota.
+    quota_used: Mutex<u64>,
     /// Bytes written to disk so far.
     spilled: AtomicU64,
     /// Attempts that pushed blocks.
@@ -104,6 +107,7 @@ impl HybridStorage {
             versions: (0..spec.partitions).map(|_| watch::Sender::new(0)).collect(),
             strategy: spec.spill,
             quota: spec.spill_quota,
+            quota_used: Mutex::new(0),
             spilled: AtomicU64::new(0),
             attempts: Mutex::new(HashSet::new()),
             failed: Mutex::new(HashSet::new()),
@@ -121,7 +125,14 @@ impl HybridStorage {
         }
     }
 
+    /// Records that `(map, attempt)` pushes blocks; called under the shuffle's
+    /// commit lock, so a commit that fails this attempt sees it.
+    pub fn note_attempt(&self, map: MapId, attempt: AttemptId) {
+        lock(&self.attempts).insert((map, attempt));
+    }
+
     /// Appends a block to its partition's log and wakes the partition's readers.
+    /// A block of an attempt that failed meanwhile, or of a removed shuffle, is dropped.
     pub fn append(
         &self,
         core: &ShuffleCore,
@@ -129,11 +140,15 @@ impl HybridStorage {
         bytes: Bytes,
     ) -> Result<Option<FlushTarget>, ServiceError> {
         let (map, attempt, partition) = (header.id.map, header.id.attempt, header.id.partition);
-        lock(&self.attempts).insert((map, attempt));
         let len = bytes.len();
-        core.env.memory.reserve(len);
         let ready = {
+            let failed = lock(&self.failed);
             let mut p = lock(&self.partitions[partition as usize]);
+            if failed.contains(&(map, attempt)) || core.is_removed() {
+                return Ok(None);
+            }
+            drop(failed);
+            core.env.memory.reserve(len);
             p.log.push(HybridBlock { map, attempt, len: len as u32, memory: Some(bytes), disk: None });
             p.memory_bytes += len;
             if self.strategy == SpillStrategy::Full {
@@ -256,8 +271,18 @@ impl HybridStorage {
         self.bump_all();
     }
 
-    /// The partition with the most memory to spill, and how much.
+    /// Whether the spill quota is used up.
+    fn quota_exhausted(&self) -> bool {
+        self.quota.is_some_and(|q| *lock(&self.quota_used) >= q)
+    }
+
+    /// The partition with the most memory to spill, and how much. A selective
+    /// shuffle whose quota is used up has nothing to spill: its producers wait
+    /// for its readers (backpressure).
     pub fn largest_partition(&self) -> Option<(PartitionId, usize)> {
+        if self.strategy == SpillStrategy::Selective && self.quota_exhausted() {
+            return None;
+        }
         (0..self.partitions.len())
             .map(|i| {
                 let p = lock(&self.partitions[i]);
@@ -276,7 +301,8 @@ impl HybridStorage {
     /// newest unconsumed blocks, about half the partition's memory. Stays
     /// within the spill quota. Blocking I/O; returns the bytes written.
     pub fn flush_partition(&self, core: &ShuffleCore, partition: PartitionId) -> Result<u64, ServiceError> {
-        let quota_left = self.quota.map_or(u64::MAX, |q| q.saturating_sub(self.spilled.load(Ordering::Acquire)));
+        let mut quota_used = lock(&self.quota_used);
+        let quota_left = self.quota.map_or(u64::MAX, |q| q.saturating_sub(*quota_used));
         let (chosen, offset) = {
             let mut p = lock(&self.partitions[partition as usize]);
             if p.flushing {
@@ -311,15 +337,34 @@ impl HybridStorage {
                 total -= i.map_or(0, |i| u64::from(p.log[i].len));
             }
             if chosen.is_empty() {
+                let full_over_quota = self.strategy == SpillStrategy::Full && p.unflushed > 0 && quota_left == 0;
+                if full_over_quota {
+                    return Err(ServiceError::new(
+                        ErrorKind::DiskFull,
+                        format!(
+                            "the spill quota of {} bytes of {} is used up, and with full spilling every block \
+                             must be written to disk; register it with a larger quota",
+                            self.quota.unwrap_or_default(),
+                            core.label()
+                        ),
+                    ));
+                }
                 return Ok(0);
             }
+            *quota_used += total;
             p.flushing = true;
             let chosen: Vec<(usize, Bytes)> =
                 chosen.into_iter().filter_map(|i| p.log[i].memory.clone().map(|b| (i, b))).collect();
             (chosen, p.file_len)
         };
+        drop(quota_used);
         let chunks: Vec<Bytes> = chosen.iter().map(|(_, b)| b.clone()).collect();
+        let reserved: u64 = chunks.iter().map(|c| c.len() as u64).sum();
         let result = core.write_at(&partition_path(core, partition), &chunks, offset);
+        if result.is_err() {
+            let mut used = lock(&self.quota_used);
+            *used = used.saturating_sub(reserved);
+        }
         let mut p = lock(&self.partitions[partition as usize]);
         if core.is_removed() {
             return Ok(0);
@@ -332,6 +377,8 @@ impl HybridStorage {
         for (index, bytes) in &chosen {
             let block = &mut p.log[*index];
             block.disk = Some(at);
+            // Only memory this flush frees leaves `unflushed`: a block whose
+            // attempt failed meanwhile was taken out of it by `fail_attempts`.
             if block.memory.take().is_some() {
                 freed += bytes.len();
             }
@@ -340,16 +387,17 @@ impl HybridStorage {
         p.file_len = offset + written;
         p.memory_bytes -= freed;
         if self.strategy == SpillStrategy::Full {
-            p.unflushed = p.unflushed.saturating_sub(written as usize);
+            p.unflushed -= freed;
         }
         drop(p);
         core.env.memory.release(freed);
         Ok(written)
     }
 
-    /// Bytes written to disk by this shuffle.
-    pub fn spilled_bytes(&self) -> u64 {
-        self.spilled.load(Ordering::Acquire)
+    /// Bytes held in memory and written to files.
+    pub fn usage(&self) -> (u64, u64) {
+        let memory = self.partitions.iter().map(|p| lock(p).memory_bytes as u64).sum();
+        (memory, self.spilled.load(Ordering::Acquire))
     }
 
     /// Empties every partition and wakes readers; returns the bytes of memory to release.

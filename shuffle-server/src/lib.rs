@@ -28,10 +28,11 @@ pub mod shutdown;
 pub mod sort;
 pub mod state;
 pub mod stats;
+pub mod telemetry;
 pub mod tls;
 pub mod transport;
 
-pub use config::{ByteSize, ConfigFile, Seconds, ServerConfig};
+pub use config::{ByteSize, ConfigFile, DEFAULT_METRICS_ADDR, OptionalAddr, Seconds, ServerConfig};
 pub use error::ServerError;
 pub use server::{ServerHandle, start};
 pub use stats::StatsSnapshot;

@@ -16,7 +16,6 @@ use crate::{
     commit::CommitDecision,
     shuffle::{FlushReason, FlushTarget, Shuffle},
     state::{AppSession, ServiceState},
-    stats::ServerStats,
     transport::{FrameReader, FrameSink, FrameWriter},
 };
 
@@ -32,13 +31,13 @@ pub async fn handle_push<R: AsyncRead + Unpin + Send, W: FrameSink>(
     writer: &mut FrameWriter<W>,
 ) -> Result<(), ServiceError> {
     let shuffle = state.shuffle(session, shuffle_id)?;
-    shuffle.check_push(map, attempt)?;
-    writer.response(&Response::PushAccepted { spec: shuffle.spec() }).await.map_err(io_err)?;
-    let result = receive_attempt(state, &shuffle, (map, attempt), reader, writer).await;
-    if result.is_err() {
-        // The attempt can never commit now: free what it holds at once.
-        shuffle.abandon(map, attempt);
-    }
+    shuffle.begin_push(map, attempt)?;
+    let result = match writer.response(&Response::PushAccepted { spec: shuffle.spec() }).await {
+        Ok(()) => receive_attempt(state, &shuffle, (map, attempt), reader, writer).await,
+        Err(e) => Err(io_err(e)),
+    };
+    // On failure the attempt can never commit: its memory is freed at once and its id retired.
+    shuffle.end_push(map, attempt, result.is_err());
     result
 }
 
@@ -89,8 +88,7 @@ async fn receive_attempt<R: AsyncRead + Unpin + Send, W: FrameSink>(
                 if let Some(target) = shuffle.append(&block.header, block.bytes)? {
                     spawn_flush(shuffle.clone(), target, FlushReason::BufferFull);
                 }
-                ServerStats::add(&state.stats.bytes_received, len);
-                ServerStats::add(&state.stats.blocks_received, 1);
+                state.stats.received(shuffle.spec().mode, len);
             }
             FrameKind::Request => match Request::decode(&frame.payload)? {
                 Request::MapEnd(end) => {

@@ -18,7 +18,6 @@ use crate::{
     shuffle::SnapshotBlock,
     shutdown::Shutdown,
     state::{AppSession, ServiceState},
-    stats::ServerStats,
     transport::{FrameSink, FrameWriter},
 };
 
@@ -35,6 +34,7 @@ pub async fn handle_read<W: FrameSink>(
 ) -> Result<(), ServiceError> {
     let shuffle = state.shuffle(session, shuffle_id)?;
     shuffle.check_partition(partition)?;
+    let _reading = state.reader_started();
     let io = |e: std::io::Error| ServiceError::new(ErrorKind::Io, format!("sending partition {partition}: {e}"));
     if let Some(hybrid) = shuffle.hybrid() {
         hybrid.open_reader(&shuffle.core, partition)?;
@@ -57,7 +57,7 @@ pub async fn handle_read<W: FrameSink>(
         let blocks: Vec<_> = snapshot.blocks.into_iter().map(|b: SnapshotBlock| b.bytes).collect();
         for batch in blocks.chunks(BLOCKS_PER_WRITE) {
             writer.blocks(batch).await.map_err(io)?;
-            count_served(state, batch);
+            count_served(state, &shuffle, batch);
         }
     } else {
         let mut scheduled = shuffle.scheduler.register(snapshot.blocks);
@@ -73,7 +73,7 @@ pub async fn handle_read<W: FrameSink>(
                 batch.push(next);
             }
             writer.blocks(&batch).await.map_err(io)?;
-            count_served(state, &batch);
+            count_served(state, &shuffle, &batch);
             sent += batch.len();
             scheduled.sent(batch.iter().map(|b| b.len()).sum());
         }
@@ -119,7 +119,7 @@ async fn serve_hybrid<W: FrameSink>(
         }
         if !batch.is_empty() {
             writer.blocks(&batch).await.map_err(io)?;
-            count_served(state, &batch);
+            count_served(state, shuffle, &batch);
             for index in indices {
                 hybrid.consumed(&shuffle.core, partition, index);
             }
@@ -138,8 +138,7 @@ async fn serve_hybrid<W: FrameSink>(
     }
 }
 
-fn count_served(state: &ServiceState, batch: &[bytes::Bytes]) {
+fn count_served(state: &ServiceState, shuffle: &crate::shuffle::Shuffle, batch: &[bytes::Bytes]) {
     let bytes: usize = batch.iter().map(|b| b.len()).sum();
-    ServerStats::add(&state.stats.bytes_served, bytes as u64);
-    ServerStats::add(&state.stats.blocks_served, batch.len() as u64);
+    state.stats.served(shuffle.spec().mode, batch.len() as u64, bytes as u64);
 }

@@ -21,6 +21,7 @@ use crate::{
     shutdown::{InFlight, Shutdown},
     state::ServiceState,
     stats::StatsSnapshot,
+    telemetry,
     tls::TlsMaterial,
     transport::transport_config,
 };
@@ -36,6 +37,8 @@ pub struct ServerHandle {
     local_addr: SocketAddr,
     /// The certificate clients should trust.
     cert_path: PathBuf,
+    /// Where `/metrics` and `/status` are served, if anywhere.
+    metrics_addr: Option<SocketAddr>,
     /// Shared state, for inspection.
     state: Arc<ServiceState>,
     /// The stop signal.
@@ -48,6 +51,11 @@ impl ServerHandle {
     /// The address clients connect to.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The address of the `/metrics` and `/status` listener, if one runs.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// The PEM certificate clients should trust.
@@ -125,14 +133,30 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         cert_path.display()
     );
 
+    let (metrics_addr, metrics_listener) = match config.metrics_addr {
+        Some(addr) => {
+            let listener = telemetry::bind(addr).await?;
+            let bound = listener.local_addr().map_err(|source| ServerError::Bind { addr, source })?;
+            tracing::info!("metrics on http://{bound}/metrics and http://{bound}/status");
+            (Some(bound), Some(listener))
+        }
+        None => (None, None),
+    };
+
     let shutdown = Shutdown::default();
-    let task = tokio::spawn(run(endpoint, state.clone(), shutdown.clone()));
-    Ok(ServerHandle { local_addr, cert_path, state, shutdown, task: Some(task) })
+    let task = tokio::spawn(run(endpoint, state.clone(), shutdown.clone(), metrics_listener));
+    Ok(ServerHandle { local_addr, cert_path, metrics_addr, state, shutdown, task: Some(task) })
 }
 
 /// The server's life: serve until the signal, then drain and stop.
-async fn run(endpoint: quinn::Endpoint, state: Arc<ServiceState>, shutdown: Shutdown) {
+async fn run(
+    endpoint: quinn::Endpoint,
+    state: Arc<ServiceState>,
+    shutdown: Shutdown,
+    metrics_listener: Option<tokio::net::TcpListener>,
+) {
     let in_flight = InFlight::default();
+    let metrics = metrics_listener.map(|l| tokio::spawn(telemetry::serve(l, state.clone())));
     let spiller = tokio::spawn(run_spiller(state.clone(), shutdown.clone()));
     let reaper = tokio::spawn(run_reaper(state.clone(), shutdown.clone()));
     let connections = Arc::new(AtomicUsize::new(0));
@@ -185,6 +209,9 @@ async fn run(endpoint: quinn::Endpoint, state: Arc<ServiceState>, shutdown: Shut
     refuser.abort();
     spiller.abort();
     reaper.abort();
+    if let Some(metrics) = metrics {
+        metrics.abort();
+    }
     tracing::info!("shutdown complete");
 }
 
@@ -206,7 +233,9 @@ async fn run_spiller(state: Arc<ServiceState>, shutdown: Shutdown) {
             };
             let flush = tokio::task::spawn_blocking(move || shuffle.flush(target, FlushReason::MemoryPressure));
             match flush.await {
-                Ok(Ok(_)) => {}
+                Ok(Ok(written)) if written > 0 => {}
+                // Nothing could be written (a flush in progress, a quota used up): wait for the next tick.
+                Ok(Ok(_)) => break,
                 Ok(Err(_)) | Err(_) => {
                     // Already logged and recorded on the shuffle; back off before retrying.
                     tokio::time::sleep(SPILL_RECHECK).await;

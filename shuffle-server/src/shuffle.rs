@@ -116,6 +116,10 @@ impl ShuffleCore {
     pub fn write_at(&self, path: &std::path::Path, chunks: &[Bytes], offset: u64) -> Result<u64, ServiceError> {
         use std::os::unix::fs::FileExt;
         let total: u64 = chunks.iter().map(|b| b.len() as u64).sum();
+        if self.is_removed() {
+            // Do not recreate a file under a directory being deleted.
+            return Err(ServiceError::new(ErrorKind::UnknownShuffle, format!("{} was unregistered", self.label())));
+        }
         disk::check_reserve(&self.dir, total, self.env.disk_reserve)?;
         let file = std::fs::OpenOptions::new()
             .create(true)
@@ -200,10 +204,18 @@ impl Shuffle {
         lock(&self.core.failure).clone()
     }
 
-    /// Checks that `attempt` of `map` may start pushing.
-    pub fn check_push(&self, map: MapId, attempt: AttemptId) -> Result<(), ServiceError> {
+    /// Starts a push stream for `attempt` of `map`, if it may push.
+    pub fn begin_push(&self, map: MapId, attempt: AttemptId) -> Result<(), ServiceError> {
         self.check_live()?;
-        lock(&self.commits).check_push(map, attempt)
+        lock(&self.commits).begin_push(map, attempt)
+    }
+
+    /// Ends a push stream; `abandoned` when it ended without a handled `MapEnd`.
+    pub fn end_push(&self, map: MapId, attempt: AttemptId, abandoned: bool) {
+        lock(&self.commits).end_push(map, attempt, abandoned);
+        if abandoned {
+            self.abandon(map, attempt);
+        }
     }
 
     /// Checks that `partition` exists in this shuffle.
@@ -228,8 +240,14 @@ impl Shuffle {
     pub fn append(&self, header: &BlockHeader, bytes: Bytes) -> Result<Option<FlushTarget>, ServiceError> {
         self.check_live()?;
         self.check_partition(header.id.partition)?;
-        if !lock(&self.commits).keeps_blocks_of(header.id.map, header.id.attempt)? {
-            return Ok(None);
+        {
+            let commits = lock(&self.commits);
+            if !commits.keeps_blocks_of(header.id.map, header.id.attempt)? {
+                return Ok(None);
+            }
+            if let Storage::Hybrid(s) = &self.storage {
+                s.note_attempt(header.id.map, header.id.attempt);
+            }
         }
         match &self.storage {
             Storage::Hash(s) => s.append(&self.core, header, bytes),
@@ -250,12 +268,29 @@ impl Shuffle {
         };
         let decision = {
             let mut commits = lock(&self.commits);
-            let decision = commits.end(end)?;
+            let decision = match commits.end(end) {
+                Ok(decision) => decision,
+                Err(e) => {
+                    if let Some(sealed) = &sealed {
+                        sealed.delete_files();
+                    }
+                    return Err(e);
+                }
+            };
             if let (Storage::Sort(s), Some(sealed)) = (&self.storage, sealed) {
                 match decision {
                     CommitDecision::Committed => s.install(map, sealed),
                     CommitDecision::Refused { .. } => sealed.delete_files(),
                 }
+            }
+            // Hybrid: the map's other attempts fail before completion is
+            // visible, so no reader can take their blocks as part of a complete shuffle.
+            if let Storage::Hybrid(s) = &self.storage {
+                let kept = match decision {
+                    CommitDecision::Committed => attempt,
+                    CommitDecision::Refused { committed_attempt } => committed_attempt,
+                };
+                s.fail_attempts(&self.core, map, |a| a != kept);
             }
             if commits.is_complete() {
                 self.complete.send_replace(true);
@@ -275,15 +310,15 @@ impl Shuffle {
         match &self.storage {
             Storage::Hash(s) => s.discard_attempts(&self.core, map, |a| a != kept),
             Storage::Sort(s) => s.discard_attempts(&self.core, map, |a| a != kept),
-            // Also wakes hybrid readers, who may be waiting for the last commit.
-            Storage::Hybrid(s) => s.fail_attempts(&self.core, map, |a| a != kept),
+            // Failed under the commit lock above; this wakes readers waiting for the last commit.
+            Storage::Hybrid(s) => s.bump_all(),
         }
         Ok(decision)
     }
 
     /// Forgets an attempt that ended without committing (its stream broke or
     /// failed): its memory is freed at once, its blocks are never served.
-    pub fn abandon(&self, map: MapId, attempt: AttemptId) {
+    fn abandon(&self, map: MapId, attempt: AttemptId) {
         if lock(&self.commits).committed_attempt(map) == Some(attempt) {
             return;
         }
@@ -359,6 +394,20 @@ impl Shuffle {
         outcome
     }
 
+    /// Bytes the shuffle holds in memory and on disk.
+    pub fn usage(&self) -> (u64, u64) {
+        match &self.storage {
+            Storage::Hash(s) => s.usage(),
+            Storage::Sort(s) => s.usage(),
+            Storage::Hybrid(s) => s.usage(),
+        }
+    }
+
+    /// Number of maps with a committed attempt.
+    pub fn maps_committed(&self) -> usize {
+        lock(&self.commits).committed_count()
+    }
+
     /// Number of data files of committed sort-mode attempts.
     pub fn committed_files(&self) -> usize {
         match &self.storage {
@@ -390,10 +439,17 @@ impl Shuffle {
         };
         self.core.env.memory.release(freed);
         self.complete.send_replace(true);
-        if let Err(e) = std::fs::remove_dir_all(&self.core.dir)
-            && e.kind() != std::io::ErrorKind::NotFound
-        {
-            tracing::warn!(dir = %self.core.dir.display(), error = %e, "could not remove shuffle directory");
+        // A flush that started before the removal may still create a file;
+        // try again after it has had time to finish.
+        for attempt in 0..3 {
+            match std::fs::remove_dir_all(&self.core.dir) {
+                Ok(()) => return,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+                Err(e) if attempt == 2 => {
+                    tracing::warn!(dir = %self.core.dir.display(), error = %e, "could not remove shuffle directory");
+                }
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(50)),
+            }
         }
     }
 }

@@ -119,6 +119,9 @@ impl SortStorage {
         let (map, attempt) = (header.id.map, header.id.attempt);
         let key = (header.id.run, header.id.partition);
         let mut writing = lock(&self.writing);
+        if core.is_removed() {
+            return Ok(None);
+        }
         let file = writing.entry((map, attempt)).or_insert_with(|| AttemptFile {
             path: Self::data_path(core, map, attempt),
             pending: Vec::new(),
@@ -219,10 +222,21 @@ impl SortStorage {
         let path = Self::data_path(core, map, attempt);
         let index_path = path.with_extension("index");
         let mut blocks = file.map(|f| f.blocks).unwrap_or_default();
-        let data = if blocks.is_empty() { Bytes::new() } else { map_file(&path)? };
-        blocks.sort_unstable();
-        std::fs::write(&index_path, encode_regions(&blocks))
-            .map_err(|e| disk::io_error(&index_path, "writing the region index", e))?;
+        let sealed = (|| {
+            let data = if blocks.is_empty() { Bytes::new() } else { map_file(&path)? };
+            blocks.sort_unstable();
+            std::fs::write(&index_path, encode_regions(&blocks))
+                .map_err(|e| disk::io_error(&index_path, "writing the region index", e))?;
+            Ok(data)
+        })();
+        let data = match sealed {
+            Ok(data) => data,
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                let _ = std::fs::remove_file(&index_path);
+                return Err(e);
+            }
+        };
         let file_key = self.next_file_key.fetch_add(1, Ordering::Relaxed);
         Ok(SealedAttempt { path, index_path, data, blocks, file_key })
     }
@@ -271,6 +285,14 @@ impl SortStorage {
             .filter(|(_, f)| !f.flushing && f.pending_bytes > 0)
             .map(|(&(m, a), f)| (m, a, f.pending_bytes))
             .max_by_key(|&(_, _, n)| n)
+    }
+
+    /// Bytes held in memory and written to files.
+    pub fn usage(&self) -> (u64, u64) {
+        let (memory, written) =
+            lock(&self.writing).values().fold((0, 0), |(m, d), f| (m + f.pending_bytes as u64, d + f.written));
+        let sealed: u64 = lock(&self.committed).iter().flatten().map(|s| s.data.len() as u64).sum();
+        (memory, written + sealed)
     }
 
     /// Drops everything; returns the bytes of memory to release.

@@ -47,6 +47,37 @@ pub struct ServiceState {
     apps: Mutex<HashMap<AppId, AppEntry>>,
     /// Source of app generations.
     next_generation: Mutex<u64>,
+    /// Partition reads being served now.
+    active_readers: std::sync::atomic::AtomicUsize,
+}
+
+/// Marks one partition read in progress; dropping it ends it.
+pub struct ReaderGuard<'a>(&'a ServiceState);
+
+impl Drop for ReaderGuard<'_> {
+    fn drop(&mut self) {
+        self.0.active_readers.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// One shuffle as `/status` shows it.
+#[derive(serde::Serialize)]
+pub struct ShuffleStatus {
+    pub id: u32,
+    pub mode: &'static str,
+    pub maps: u32,
+    pub maps_committed: usize,
+    pub partitions: u32,
+    pub memory_bytes: u64,
+    pub disk_bytes: u64,
+}
+
+/// One app as `/status` shows it.
+#[derive(serde::Serialize)]
+pub struct AppStatus {
+    pub app: String,
+    pub connections: usize,
+    pub shuffles: Vec<ShuffleStatus>,
 }
 
 /// A connection's binding to its app; dropping it marks the connection gone.
@@ -66,6 +97,7 @@ impl ServiceState {
             config,
             apps: Mutex::new(HashMap::new()),
             next_generation: Mutex::new(0),
+            active_readers: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -222,6 +254,50 @@ impl ServiceState {
     /// Number of registered apps.
     pub fn app_count(&self) -> usize {
         lock(&self.apps).len()
+    }
+
+    /// Marks a partition read in progress until the guard drops.
+    pub fn reader_started(&self) -> ReaderGuard<'_> {
+        self.active_readers.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        ReaderGuard(self)
+    }
+
+    /// Partition reads in progress.
+    pub fn active_readers(&self) -> usize {
+        self.active_readers.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Apps, their connections and shuffles, sorted by id.
+    pub fn app_status(&self) -> Vec<AppStatus> {
+        let apps: Vec<(AppId, usize, Vec<Arc<Shuffle>>)> = lock(&self.apps)
+            .iter()
+            .map(|(id, e)| (id.clone(), e.connections, e.shuffles.values().cloned().collect()))
+            .collect();
+        let mut out: Vec<AppStatus> = apps
+            .into_iter()
+            .map(|(app, connections, shuffles)| {
+                let mut shuffles: Vec<ShuffleStatus> = shuffles
+                    .iter()
+                    .map(|s| {
+                        let spec = s.spec();
+                        let (memory_bytes, disk_bytes) = s.usage();
+                        ShuffleStatus {
+                            id: s.core.id.0,
+                            mode: crate::stats::mode_name(spec.mode),
+                            maps: spec.maps,
+                            maps_committed: s.maps_committed(),
+                            partitions: spec.partitions,
+                            memory_bytes,
+                            disk_bytes,
+                        }
+                    })
+                    .collect();
+                shuffles.sort_by_key(|s| s.id);
+                AppStatus { app: app.to_string(), connections, shuffles }
+            })
+            .collect();
+        out.sort_by(|a, b| a.app.cmp(&b.app));
+        out
     }
 
     /// How often the reaper should look for idle apps.

@@ -60,6 +60,8 @@ fn with_no_arguments_it_serves_on_the_default_address_with_defaults_and_exits_0_
     assert!(line.contains("listening on 127.0.0.1:7337"), "{line}");
     assert!(line.contains("data dir ./shuffle-data"), "{line}");
     assert!(line.contains("memory budget 1GiB"), "{line}");
+    let metrics = wait_for_line(&log, "metrics on");
+    assert!(metrics.contains("metrics on http://127.0.0.1:9337/metrics"), "{metrics}");
     assert!(cwd.path().join("shuffle-data/tls/cert.pem").exists());
     assert_eq!(terminate_and_wait(child), 0);
 }
@@ -68,7 +70,11 @@ fn with_no_arguments_it_serves_on_the_default_address_with_defaults_and_exits_0_
 fn the_config_file_sets_keys_and_flags_override_it() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("server.toml");
-    std::fs::write(&file, "listen = \"127.0.0.1:0\"\nmemory = \"512MiB\"\ndata_dir = \"from-file\"\n").unwrap();
+    std::fs::write(
+        &file,
+        "listen = \"127.0.0.1:0\"\nmetrics_addr = \"off\"\nmemory = \"512MiB\"\ndata_dir = \"from-file\"\n",
+    )
+    .unwrap();
     let (child, log) = spawn(&["--config", file.to_str().unwrap()], dir.path());
     let line = wait_for_line(&log, "listening on");
     assert!(line.contains("memory budget 512MiB") && line.contains("data dir from-file"), "{line}");
@@ -107,7 +113,7 @@ fn bad_configuration_is_a_clear_error_and_exit_code_1() {
 fn the_generated_certificate_is_reused_on_restart() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let args = ["--listen", "127.0.0.1:0", "--data-dir", data.to_str().unwrap()];
+    let args = ["--listen", "127.0.0.1:0", "--metrics-addr", "off", "--data-dir", data.to_str().unwrap()];
     let (child, log) = spawn(&args, dir.path());
     wait_for_line(&log, "listening on");
     assert_eq!(terminate_and_wait(child), 0);

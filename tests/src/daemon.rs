@@ -39,6 +39,8 @@ pub struct Daemon {
     pub child: Child,
     /// Where it listens.
     pub addr: SocketAddr,
+    /// Where it serves `/metrics` and `/status`.
+    pub metrics_addr: SocketAddr,
     /// Its data dir (a temporary directory unless given).
     pub data_dir: PathBuf,
     /// Keeps the temporary data dir alive.
@@ -60,7 +62,7 @@ impl Daemon {
     /// Starts the daemon with `data_dir` and extra `args`.
     pub fn start_in(data_dir: &Path, args: &[&str]) -> Self {
         let mut child = Command::new(server_binary())
-            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .args(["--listen", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
             .args(args)
             .env("RUST_LOG", "info")
@@ -78,17 +80,30 @@ impl Daemon {
                 }
             }
         });
-        let addr = loop {
+        let mut addr = None;
+        let mut metrics_addr = None;
+        while addr.is_none() || metrics_addr.is_none() {
             let line = rx.recv_timeout(START_TIMEOUT).unwrap_or_else(|_| {
                 let _ = child.kill();
-                panic!("shuffle-server did not report its address within {START_TIMEOUT:?}")
+                panic!("shuffle-server did not report its addresses within {START_TIMEOUT:?}")
             });
             if let Some(rest) = line.split("listening on ").nth(1) {
-                let addr = rest.split_whitespace().next().expect("address after 'listening on'");
-                break addr.parse().expect("a socket address");
+                let a = rest.split_whitespace().next().expect("address after 'listening on'");
+                addr = Some(a.parse().expect("a socket address"));
             }
-        };
-        Self { child, addr, data_dir: data_dir.to_path_buf(), _temp: None, log: rx }
+            if let Some(rest) = line.split("metrics on http://").nth(1) {
+                let a = rest.split('/').next().expect("address after 'metrics on http://'");
+                metrics_addr = Some(a.parse().expect("a socket address"));
+            }
+        }
+        Self {
+            child,
+            addr: addr.expect("set above"),
+            metrics_addr: metrics_addr.expect("set above"),
+            data_dir: data_dir.to_path_buf(),
+            _temp: None,
+            log: rx,
+        }
     }
 
     /// The generated certificate clients trust.
@@ -123,6 +138,18 @@ impl Daemon {
             std::thread::sleep(Duration::from_millis(20));
         }
         None
+    }
+
+    /// GETs `path` from the metrics listener; returns the body.
+    pub fn http_get(&self, path: &str) -> String {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(self.metrics_addr).expect("connect to the metrics listener");
+        write!(stream, "GET {path} HTTP/1.1\r\nhost: localhost\r\n\r\n").expect("send the request");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).expect("read the response");
+        let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        body.to_string()
     }
 
     /// Bytes of all files under the daemon's `apps` directory.

@@ -201,6 +201,10 @@ async fn bad_blocks_out_of_range_partitions_and_lying_totals_are_refused() {
     let (kind, message) = error_of(&conn.exchange(&[open(0, 5), block_frame(&block(0, 5, 0, 0))]).await);
     assert_eq!(kind, ErrorKind::UnexpectedMessage);
     assert!(message.contains("ended without MapEnd"), "{message}");
+    // Its blocks may still be stored: the attempt id cannot be used again.
+    let (kind, message) = error_of(&conn.exchange(&[open(0, 5), block_frame(&block(0, 5, 0, 0))]).await);
+    assert_eq!(kind, ErrorKind::UnexpectedMessage);
+    assert!(message.contains("attempt 5") && message.contains("abandoned"), "{message}");
 
     bystander_is_intact(&witness).await;
 }

@@ -5,7 +5,7 @@ use std::{io::IsTerminal, net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use anyhow::Context;
 use clap::Parser;
-use shuffle_server::{ByteSize, ConfigFile, Seconds, ServerConfig};
+use shuffle_server::{ByteSize, ConfigFile, DEFAULT_METRICS_ADDR, OptionalAddr, Seconds, ServerConfig};
 use tracing_subscriber::EnvFilter;
 
 /// Remote shuffle service daemon.
@@ -51,11 +51,17 @@ struct Args {
     /// Most connections served at once [default: 1024].
     #[arg(long, value_name = "N")]
     max_connections: Option<usize>,
+    /// TCP address serving /metrics (Prometheus) and /status (JSON), or `off` [default: 127.0.0.1:9337].
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<OptionalAddr>,
 }
 
 impl Args {
     fn into_config(self) -> anyhow::Result<ServerConfig> {
-        let mut config = ServerConfig::default();
+        let mut config = ServerConfig {
+            metrics_addr: Some(DEFAULT_METRICS_ADDR.parse().expect("a valid address")),
+            ..ServerConfig::default()
+        };
         if let Some(path) = &self.config {
             ConfigFile::load(path)?.apply(&mut config);
         }
@@ -73,6 +79,7 @@ impl Args {
             shutdown_grace: self.shutdown_grace,
             max_connections: self.max_connections,
             max_streams_per_connection: None,
+            metrics_addr: self.metrics_addr,
         }
         .apply(&mut config);
         Ok(config)
