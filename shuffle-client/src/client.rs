@@ -36,6 +36,8 @@ struct Inner {
     options: ClientOptions,
     /// The app this connection is bound to.
     app: AppId,
+    /// Block bytes pushed by this client's writers (headers included), as the server counts them.
+    pushed_bytes: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl ShuffleClient {
@@ -51,12 +53,27 @@ impl ShuffleClient {
         endpoint.set_default_client_config(config);
         let connection = open_connection(&endpoint, addr, &options, &app).await?;
         let read_connection = open_connection(&endpoint, addr, &options, &app).await?;
-        Ok(Self { inner: Arc::new(Inner { endpoint, connection, read_connection, options, app }) })
+        Ok(Self {
+            inner: Arc::new(Inner {
+                endpoint,
+                connection,
+                read_connection,
+                options,
+                app,
+                pushed_bytes: Arc::default(),
+            }),
+        })
     }
 
     /// The app this client is bound to.
     pub fn app(&self) -> &AppId {
         &self.inner.app
+    }
+
+    /// Block bytes this client's writers have pushed, block headers included:
+    /// what the server counts as received.
+    pub fn pushed_bytes(&self) -> u64 {
+        self.inner.pushed_bytes.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The options the client was made with.
@@ -94,7 +111,8 @@ impl ShuffleClient {
         let (send, mut reader) = open_request(&self.inner.connection, &request, false).await?;
         match reader.response().await? {
             Response::PushAccepted { spec } => {
-                Ok(MapWriter::new(send, reader, (shuffle, map, attempt), spec, &self.inner.options))
+                let counter = self.inner.pushed_bytes.clone();
+                Ok(MapWriter::new(send, reader, (shuffle, map, attempt), spec, &self.inner.options, counter))
             }
             other => Err(ClientError::Protocol(format!("expected PushAccepted, got {other:?}"))),
         }

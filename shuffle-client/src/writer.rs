@@ -110,6 +110,8 @@ pub struct MapWriter {
     codec: CodecChooser,
     /// Set once the stream failed or finished, so drop does not reset it again.
     done: bool,
+    /// The client's count of pushed block bytes.
+    pushed_bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl MapWriter {
@@ -119,6 +121,7 @@ impl MapWriter {
         (shuffle, map, attempt): (ShuffleId, MapId, AttemptId),
         spec: ShuffleSpec,
         options: &ClientOptions,
+        pushed_bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
     ) -> Self {
         let block_size = options.block_size.clamp(1024, MAX_BLOCK_RAW_LEN);
         let write_buffer = options.write_buffer.max(block_size);
@@ -152,6 +155,7 @@ impl MapWriter {
             write_buffer,
             codec: CodecChooser::new(spec.codec),
             done: false,
+            pushed_bytes,
         }
     }
 
@@ -304,7 +308,10 @@ impl MapWriter {
         let mut head = Vec::with_capacity(FRAME_HEADER_LEN + BLOCK_HEADER_LEN);
         head.extend_from_slice(&encode_frame_header(FrameKind::Block, block.len()));
         head.extend_from_slice(&block.header_bytes);
-        self.send_chunks(&mut [Bytes::from(head), block.payload]).await
+        let len = block.len() as u64;
+        self.send_chunks(&mut [Bytes::from(head), block.payload]).await?;
+        self.pushed_bytes.fetch_add(len, std::sync::atomic::Ordering::AcqRel);
+        Ok(())
     }
 
     /// Sends chunks; if the server stopped the stream, returns the error it sent.
