@@ -70,3 +70,29 @@ async fn an_app_whose_client_went_away_is_removed_after_the_app_timeout() {
     assert!(!app_dir.exists(), "the app's files were not removed within 15 s of its client leaving");
     assert!(daemon.data_dir.join("apps").join("keeper").exists(), "a connected app is kept");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_whose_client_process_is_killed_is_removed_after_the_idle_and_app_timeouts() {
+    use std::io::BufRead;
+    let daemon = Daemon::start(&["--flush-size", "1MiB", "--idle-timeout", "2s", "--app-timeout", "1s"]);
+    let mut client = std::process::Command::new(env!("CARGO_BIN_EXE_shuffle-e2e-client"))
+        .args([daemon.addr.to_string(), daemon.cert_path().display().to_string(), "doomed".to_string()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(client.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+    let app_dir = daemon.data_dir.join("apps").join("doomed");
+    assert!(dir_bytes(&app_dir) > 1_000_000, "the killed client's committed map is on disk");
+
+    // SIGKILL: no connection close reaches the server; only its idle timeout can tell.
+    client.kill().unwrap();
+    client.wait().unwrap();
+    let killed = Instant::now();
+    while app_dir.exists() && killed.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!app_dir.exists(), "the killed client's app was not removed within 30 s");
+    assert!(killed.elapsed() >= Duration::from_secs(2), "removed before the idle timeout could expire");
+}
