@@ -6,4 +6,4 @@
 pub mod daemon;
 pub mod exchange;
 pub mod raw;
-pub mod workload;
+pub use engine_adapter::workload;

@@ -1,4 +1,6 @@
-//! Record generators of the standard workloads (`shared/WORKLOADS.md`).
+//! Record generators of the standard workloads (`shared/WORKLOADS.md`),
+//! shared by the engine's examples, the end-to-end tests and the benchmark
+//! harness so that all of them run exactly the same data.
 //!
 //! Record `i` is a pure function of `(seed, i)`, so any reducer can check
 //! what it received against checksums computed straight from the generator.
@@ -52,6 +54,16 @@ pub fn w1_key_value(key: &[u8]) -> u64 {
     let mut first = [0u8; 8];
     first.copy_from_slice(&key[..8]);
     u64::from_be_bytes(first)
+}
+
+/// W2 record `i`: key `splitmix64(seed ^ i) mod keys`, value `i`.
+pub fn w2_record(seed: u64, i: u64, keys: u64) -> (u64, i64) {
+    (splitmix64(seed ^ i) % keys.max(1), i as i64)
+}
+
+/// W4 key of record `i` (its value is 1): `splitmix64(seed ^ i) mod keys`.
+pub fn w4_key(seed: u64, i: u64, keys: u64) -> u64 {
+    splitmix64(seed ^ i) % keys.max(1)
 }
 
 /// The index range map `m` of `maps` generates out of `records`.

@@ -1,0 +1,247 @@
+//! [`Engine`]: where a job's shuffle service comes from and where its tasks run.
+//!
+//! `Engine::embedded()` starts a standalone shuffle server inside the process
+//! (its own runtime, an ephemeral port, a temporary data dir removed when the
+//! engine is dropped) and connects to it; `Engine::connect` uses a running
+//! daemon. Everything after that is the same code: every exchange between
+//! stages goes through `shuffle-client` to a real server.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU32, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use shuffle_client::{ClientOptions, ShuffleClient};
+use shuffle_server::{ByteSize, ServerConfig, ServerHandle};
+
+use crate::EngineError;
+
+/// How a job's stages run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ExecutionMode {
+    /// Stage by stage over blocking exchanges (hash, or sort when keys must
+    /// be ordered or R is large); failed tasks are retried.
+    Batch,
+    /// All stages at once over hybrid (pipelined) exchanges; keyed
+    /// reductions emit updated results as data arrives.
+    Streaming,
+}
+
+impl std::str::FromStr for ExecutionMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "batch" => Ok(Self::Batch),
+            "streaming" => Ok(Self::Streaming),
+            other => Err(format!("unknown mode {other:?}: expected batch or streaming")),
+        }
+    }
+}
+
+/// Tuning of an engine. The defaults suit a small machine.
+#[derive(Clone, Debug)]
+pub struct EngineOptions {
+    /// Threads running tasks.
+    pub worker_threads: usize,
+    /// Memory budget of an embedded server.
+    pub server_memory: u64,
+    /// Client write buffer per map writer (hash and hybrid) and sort buffer (sort).
+    pub write_buffer: usize,
+    /// Attempts a batch task gets before the job fails.
+    pub max_task_attempts: u32,
+    /// Batch tasks of one stage running at once (streaming runs every task at once).
+    pub batch_task_slots: usize,
+    /// Batch exchanges with more partitions than this use sort mode by default.
+    pub sort_above_partitions: u32,
+    /// Most distinct keys a map-side combiner holds before it pushes them all.
+    pub combine_entries: usize,
+    /// Streaming: a writer pushes its buffered records at least this often.
+    pub linger: Duration,
+    /// Streaming: most bytes each hybrid exchange may spill to disk (`None`:
+    /// only the disk reserve limits it). With the server's memory budget,
+    /// this bounds how far producers can run ahead of consumers.
+    pub spill_quota: Option<u64>,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        Self {
+            worker_threads: std::thread::available_parallelism().map_or(2, |n| n.get()).max(2),
+            server_memory: 1 << 30,
+            write_buffer: 32 << 20,
+            max_task_attempts: 3,
+            batch_task_slots: 8,
+            sort_above_partitions: 1000,
+            combine_entries: 1 << 20,
+            linger: Duration::from_millis(5),
+            spill_quota: Some(1 << 30),
+        }
+    }
+}
+
+/// A shuffle server running inside the process.
+struct EmbeddedServer {
+    /// Its own threads, so tasks busy with user code never starve its I/O.
+    runtime: tokio::runtime::Runtime,
+    handle: Option<ServerHandle>,
+    /// Removed (with every shuffle file) when the engine is dropped.
+    data_dir: tempfile::TempDir,
+}
+
+pub(crate) struct EngineInner {
+    /// Runs the job's tasks.
+    pub runtime: tokio::runtime::Runtime,
+    /// The connection every exchange goes through.
+    pub client: ShuffleClient,
+    pub options: Arc<EngineOptions>,
+    /// Source of stage and shuffle ids, unique within this engine.
+    next_id: AtomicU64,
+    /// Next shuffle id: every run of a job gets fresh shuffles.
+    next_shuffle: AtomicU32,
+    embedded: Option<EmbeddedServer>,
+}
+
+/// A handle on the engine: cheap to clone; the last clone dropped shuts the
+/// embedded server down and removes its files.
+#[derive(Clone)]
+pub struct Engine {
+    pub(crate) inner: Arc<EngineInner>,
+}
+
+/// Counts engines in this process, so each gets its own app on the service.
+static ENGINES: AtomicU32 = AtomicU32::new(0);
+
+fn app_name() -> String {
+    format!("engine-{}-{}", std::process::id(), ENGINES.fetch_add(1, Ordering::Relaxed))
+}
+
+fn task_runtime(options: &EngineOptions) -> Result<tokio::runtime::Runtime, EngineError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(options.worker_threads.max(1))
+        .thread_name("engine-task")
+        .enable_all()
+        .build()
+        .map_err(|e| EngineError::Runtime(e.to_string()))
+}
+
+impl Engine {
+    /// Starts a shuffle server in this process with default options and connects to it.
+    pub fn embedded() -> Result<Self, EngineError> {
+        Self::embedded_with(EngineOptions::default())
+    }
+
+    /// Starts a shuffle server in this process (ephemeral port on loopback,
+    /// temporary data dir, `options.server_memory` budget) and connects to it.
+    pub fn embedded_with(options: EngineOptions) -> Result<Self, EngineError> {
+        let data_dir = tempfile::Builder::new()
+            .prefix("engine-shuffle-")
+            .tempdir()
+            .map_err(|e| EngineError::io(std::env::temp_dir(), e))?;
+        let server_runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("embedded-shuffle-server")
+            .enable_all()
+            .build()
+            .map_err(|e| EngineError::Runtime(e.to_string()))?;
+        let config = ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            data_dir: data_dir.path().to_path_buf(),
+            memory: ByteSize(options.server_memory),
+            // Free space only has to cover this process's own exchanges.
+            disk_reserve: ByteSize(256 << 20),
+            ..ServerConfig::default()
+        };
+        let handle =
+            server_runtime.block_on(shuffle_server::start(config)).map_err(|e| EngineError::Server(e.to_string()))?;
+        let client_options = ClientOptions::new(app_name()).trusted_cert(handle.cert_path());
+        let addr = handle.local_addr();
+        let embedded = EmbeddedServer { runtime: server_runtime, handle: Some(handle), data_dir };
+        Self::start(addr, client_options, options, Some(embedded))
+    }
+
+    /// Connects to a running shuffle server at `addr`. `client.app` is
+    /// replaced by a name unique to this engine unless it is set.
+    pub fn connect(addr: SocketAddr, mut client: ClientOptions, options: EngineOptions) -> Result<Self, EngineError> {
+        if client.app.is_empty() {
+            client.app = app_name();
+        }
+        Self::start(addr, client, options, None)
+    }
+
+    fn start(
+        addr: SocketAddr,
+        mut client_options: ClientOptions,
+        options: EngineOptions,
+        embedded: Option<EmbeddedServer>,
+    ) -> Result<Self, EngineError> {
+        client_options.write_buffer = options.write_buffer;
+        client_options.sort_buffer = options.write_buffer;
+        let runtime = task_runtime(&options)?;
+        let client = runtime.block_on(ShuffleClient::connect(addr, client_options))?;
+        Ok(Self {
+            inner: Arc::new(EngineInner {
+                runtime,
+                client,
+                options: Arc::new(options),
+                next_id: AtomicU64::new(1),
+                next_shuffle: AtomicU32::new(1),
+                embedded,
+            }),
+        })
+    }
+
+    /// The engine's options.
+    pub fn options(&self) -> &EngineOptions {
+        &self.inner.options
+    }
+
+    /// The data directory of the embedded server, if this engine started one.
+    pub fn embedded_data_dir(&self) -> Option<&std::path::Path> {
+        self.inner.embedded.as_ref().map(|e| e.data_dir.path())
+    }
+
+    /// Block bytes this engine's writers have pushed to the service.
+    pub fn pushed_bytes(&self) -> u64 {
+        self.inner.client.pushed_bytes()
+    }
+
+    /// Peak of the embedded server's memory accounting is not kept; this is
+    /// the bytes it holds now (0 without an embedded server).
+    pub fn server_memory_used(&self) -> usize {
+        self.inner.embedded.as_ref().and_then(|e| e.handle.as_ref()).map_or(0, |h| h.memory_used())
+    }
+
+    pub(crate) fn next_id(&self) -> u64 {
+        self.inner.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub(crate) fn next_shuffle(&self) -> u32 {
+        self.inner.next_shuffle.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Runs a job's future on the task runtime and waits for it.
+    pub(crate) fn block_on<F: std::future::Future>(&self, future: F) -> F::Output {
+        self.inner.runtime.block_on(future)
+    }
+}
+
+impl Drop for EngineInner {
+    fn drop(&mut self) {
+        let client = self.client.clone();
+        self.runtime.block_on(async move {
+            if let Err(e) = client.unregister_app().await {
+                tracing::debug!("unregistering the engine's app: {e}");
+            }
+            client.close().await;
+        });
+        if let Some(embedded) = &mut self.embedded
+            && let Some(handle) = embedded.handle.take()
+        {
+            embedded.runtime.block_on(handle.shutdown());
+        }
+    }
+}

@@ -1,0 +1,40 @@
+//! The engine's one error type.
+
+use std::path::PathBuf;
+
+use shuffle_client::ClientError;
+
+/// What can go wrong running a job.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The shuffle service refused a request or the connection failed.
+    #[error("shuffle service: {0}")]
+    Client(#[from] ClientError),
+    /// The embedded shuffle server could not start.
+    #[error("embedded shuffle server: {0}")]
+    Server(String),
+    /// A record could not be encoded for the exchange.
+    #[error("encoding a record for the exchange: {0}")]
+    Encode(String),
+    /// A record read from an exchange did not decode as the job's type.
+    #[error("decoding a record of shuffle {shuffle}, partition {partition}: {detail}")]
+    Decode { shuffle: u32, partition: u32, detail: String },
+    /// A task kept failing; `cause` is its last failure.
+    #[error("task {task} failed {attempts} time(s); last failure: {cause}")]
+    TaskFailed { task: String, attempts: u32, cause: String },
+    /// The job cannot run as built (for example, sorting an unbounded input).
+    #[error("invalid job: {0}")]
+    Plan(String),
+    /// A file source or sink failed.
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    /// The engine's runtime could not be built.
+    #[error("runtime: {0}")]
+    Runtime(String),
+}
+
+impl EngineError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io { path: path.into(), source }
+    }
+}
