@@ -35,7 +35,9 @@ fn main() -> anyhow::Result<()> {
         .generate(args.records, args.maps, move |i| {
             let (mut key, mut value) = ([0u8; W1_KEY_LEN], [0u8; W1_VALUE_LEN]);
             w1_record(seed, i, &mut key, &mut value);
-            (key, value.to_vec())
+            // The value is lowercase hex: a String crosses the exchange as one
+            // length-prefixed run of bytes (a Vec<u8> would go byte by byte).
+            (key, String::from_utf8_lossy(&value).into_owned())
         })
         .sort_by_key(args.partitions);
 

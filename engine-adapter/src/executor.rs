@@ -126,7 +126,9 @@ pub(crate) fn run<'a, T: Data>(
         }
         for stage in &dataset.stages {
             if let Some(prepare) = &stage.prepare {
+                let started = std::time::Instant::now();
                 prepare().await?;
+                tracing::debug!("{}: prepared (sampled) in {:.2?}", stage.name, started.elapsed());
             }
         }
         let engine = &dataset.engine;
@@ -162,6 +164,7 @@ async fn run_batch<T: Data>(dataset: &Dataset<T>, ctx: &TaskContext, sink: SinkF
     for stage in &dataset.stages {
         let shuffle = ctx.shuffle(stage.id);
         ctx.client.register_shuffle(shuffle.id, shuffle.spec).await?;
+        let started = std::time::Instant::now();
         let mut tasks = JoinSet::new();
         for map in 0..stage.maps {
             let run_map = stage.run_map.clone();
@@ -170,14 +173,24 @@ async fn run_batch<T: Data>(dataset: &Dataset<T>, ctx: &TaskContext, sink: SinkF
             tasks.spawn(attempt(name, task_ctx, slots.clone(), move |c| run_map(c)));
         }
         join_all(tasks).await?;
+        tracing::debug!(
+            "{}: {} map tasks into {:?} in {:.2?}",
+            stage.name,
+            stage.maps,
+            shuffle.spec.mode,
+            started.elapsed()
+        );
     }
+    let started = std::time::Instant::now();
     let mut tasks = JoinSet::new();
     for part in 0..dataset.parts {
         let task_ctx = TaskContext { part, ..ctx.clone() };
         let task = result_task(dataset.open.clone(), sink.clone());
         tasks.spawn(attempt(format!("result part {part}"), task_ctx, slots.clone(), task));
     }
-    join_all(tasks).await
+    join_all(tasks).await?;
+    tracing::debug!("{} result tasks in {:.2?}", dataset.parts, started.elapsed());
+    Ok(())
 }
 
 async fn run_streaming<T: Data>(
