@@ -76,6 +76,24 @@ impl<T: Send, F: Fn(T, Duration) + Send + Sync> PartSink<T> for ForEachPart<F> {
     }
 }
 
+struct ForEachInPart<F> {
+    part: u32,
+    f: Arc<F>,
+}
+
+impl<T: Send, F: Fn(u32, T) + Send + Sync> PartSink<T> for ForEachInPart<F> {
+    fn write(&mut self, batch: Batch<T>) -> Result<(), EngineError> {
+        for event in batch {
+            (self.f)(self.part, event.value);
+        }
+        Ok(())
+    }
+
+    fn commit(self: Box<Self>) -> Result<(), EngineError> {
+        Ok(())
+    }
+}
+
 struct LatestPart<K, V> {
     latest: HashMap<K, V>,
     results: Arc<Mutex<HashMap<K, V>>>,
@@ -219,6 +237,17 @@ impl<T: Data> Dataset<T> {
     ) -> Result<(), EngineError> {
         let f = Arc::new(f);
         self.run(mode, Arc::new(move |_| Ok(Box::new(ForEachPart { f: f.clone() }) as _)))
+    }
+
+    /// Like [`Dataset::for_each`], also passing the number of the part (the
+    /// partition, after an exchange) each record belongs to.
+    pub fn for_each_in_part(
+        &self,
+        mode: ExecutionMode,
+        f: impl Fn(u32, T) + Send + Sync + 'static,
+    ) -> Result<(), EngineError> {
+        let f = Arc::new(f);
+        self.run(mode, Arc::new(move |part| Ok(Box::new(ForEachInPart { part, f: f.clone() }) as _)))
     }
 
     /// Runs the job and writes each part's records, one line each, to

@@ -28,6 +28,7 @@ mod client;
 mod error;
 mod options;
 mod reader;
+mod sort_buffer;
 mod transport;
 mod writer;
 
@@ -39,4 +40,5 @@ pub use shuffle_protocol::{
     AppId, AttemptId, Codec, ErrorKind, ExchangeMode, MapId, PartitionId, ServiceError, ShuffleId, ShuffleSpec,
     SpillStrategy,
 };
+pub use sort_buffer::{SORT_ENTRY_BYTES, SortBuffer};
 pub use writer::{CommitOutcome, MapWriter};

@@ -15,11 +15,11 @@ use bytes::Bytes;
 use shuffle_protocol::{
     AttemptId, BLOCK_HEADER_LEN, BlockId, CodecChooser, ExchangeMode, FRAME_HEADER_LEN, FrameKind, MAX_BLOCK_RAW_LEN,
     MapEnd, MapId, PartitionId, PartitionTotals, Request, Response, ShuffleId, ShuffleSpec, append_record,
-    encode_block_parts, encode_frame_header, key_prefix, record_len,
+    encode_block_parts, encode_frame_header, record_len,
 };
 
 use crate::{
-    ClientError, ClientOptions,
+    ClientError, ClientOptions, SortBuffer,
     transport::{FrameReader, request_frame, write_error},
 };
 
@@ -43,42 +43,16 @@ struct HashBuffers {
     preallocate: bool,
 }
 
-/// Bytes a sort buffer accounts per record besides its key and value.
-pub const SORT_ENTRY_BYTES: usize = std::mem::size_of::<SortEntry>();
-
-/// One record in the sort buffer: where its key and value lie in the arena.
-#[derive(Clone, Copy, Debug)]
-struct SortEntry {
-    /// The key's first 8 bytes (see `key_prefix`), so most key comparisons need not touch the arena.
-    prefix: u64,
-    partition: PartitionId,
-    offset: u32,
-    key_len: u32,
-    value_len: u32,
-}
-
-/// Sort mode: keys and values back to back in an arena, one entry per record.
-struct SortBuffer {
-    arena: Vec<u8>,
-    entries: Vec<SortEntry>,
-    /// Most bytes (arena + entries) before a run is emitted.
-    capacity: usize,
-    /// Whether runs are sorted by key within each partition.
-    key_ordering: bool,
-    /// Number of the next run.
+/// Sort mode: the sort buffer and the number of the next run.
+struct SortLayout {
+    buffer: SortBuffer,
     run: u32,
-}
-
-impl SortBuffer {
-    fn used(&self) -> usize {
-        self.arena.len() + self.entries.len() * SORT_ENTRY_BYTES
-    }
 }
 
 /// How a writer buffers records before they become blocks.
 enum Layout {
     Hash(HashBuffers),
-    Sort(SortBuffer),
+    Sort(SortLayout),
 }
 
 /// Writes one map attempt's records. Call [`MapWriter::finish`] to commit;
@@ -131,14 +105,9 @@ impl MapWriter {
                 counts: vec![0; spec.partitions as usize],
                 preallocate: (spec.partitions as usize).saturating_mul(block_size) <= write_buffer,
             }),
-            ExchangeMode::Sort => Layout::Sort(SortBuffer {
-                arena: Vec::new(),
-                entries: Vec::new(),
-                // Offsets into the arena are u32.
-                capacity: options.sort_buffer.clamp(4 * 1024, u32::MAX as usize / 2),
-                key_ordering: spec.key_ordering,
-                run: 0,
-            }),
+            ExchangeMode::Sort => {
+                Layout::Sort(SortLayout { buffer: SortBuffer::new(options.sort_buffer, spec.key_ordering), run: 0 })
+            }
         };
         Self {
             send,
@@ -212,22 +181,12 @@ impl MapWriter {
                 }
             }
             Layout::Sort(s) => {
-                let need = key.len() + value.len() + SORT_ENTRY_BYTES;
-                if !s.entries.is_empty() && s.used() + need > s.capacity {
+                if !s.buffer.fits(key.len(), value.len()) {
                     self.emit_run().await?;
                 }
                 let Layout::Sort(s) = &mut self.layout else { unreachable!() };
-                let offset = s.arena.len() as u32;
-                s.arena.extend_from_slice(key);
-                s.arena.extend_from_slice(value);
-                s.entries.push(SortEntry {
-                    prefix: if s.key_ordering { key_prefix(key) } else { 0 },
-                    partition,
-                    offset,
-                    key_len: key.len() as u32,
-                    value_len: value.len() as u32,
-                });
-                self.buffered = s.used();
+                s.buffer.push(partition, key, value);
+                self.buffered = s.buffer.used();
                 self.peak_buffered = self.peak_buffered.max(self.buffered);
             }
         }
@@ -253,39 +212,32 @@ impl MapWriter {
     /// Sort mode: sorts the buffer and pushes it as one run.
     async fn emit_run(&mut self) -> Result<(), ClientError> {
         let Layout::Sort(s) = &mut self.layout else { return Ok(()) };
-        if s.entries.is_empty() {
+        if s.buffer.is_empty() {
             return Ok(());
         }
-        let (arena, mut entries, run) = (std::mem::take(&mut s.arena), std::mem::take(&mut s.entries), s.run);
-        let key = |e: &SortEntry| &arena[e.offset as usize..(e.offset + e.key_len) as usize];
-        if s.key_ordering {
-            entries.sort_unstable_by(|a, b| {
-                (a.partition, a.prefix).cmp(&(b.partition, b.prefix)).then_with(|| key(a).cmp(key(b)))
-            });
-        } else {
-            entries.sort_unstable_by_key(|e| e.partition);
-        }
+        s.buffer.sort();
+        let run = s.run;
+        let empty = s.buffer.empty_like();
+        let sorted = std::mem::replace(&mut s.buffer, empty);
         let mut block = Vec::with_capacity(self.block_size + self.block_size / 8);
         let mut count = 0u32;
-        for (i, e) in entries.iter().enumerate() {
-            let start = e.offset as usize;
-            let (k, v) = arena[start..start + (e.key_len + e.value_len) as usize].split_at(e.key_len as usize);
+        for i in 0..sorted.len() {
+            let (partition, k, v) = sorted.record(i);
             if count > 0 && block.len() + record_len(k.len(), v.len()) > self.block_size {
                 let full = std::mem::replace(&mut block, Vec::with_capacity(self.block_size + self.block_size / 8));
-                self.push_block(e.partition, run, full, std::mem::take(&mut count)).await?;
+                self.push_block(partition, run, full, std::mem::take(&mut count)).await?;
             }
             append_record(&mut block, k, v);
             count += 1;
-            if entries.get(i + 1).is_none_or(|next| next.partition != e.partition) {
+            if i + 1 == sorted.len() || sorted.record(i + 1).0 != partition {
                 let full = std::mem::replace(&mut block, Vec::with_capacity(self.block_size + self.block_size / 8));
-                self.push_block(e.partition, run, full, std::mem::take(&mut count)).await?;
+                self.push_block(partition, run, full, std::mem::take(&mut count)).await?;
             }
         }
         let Layout::Sort(s) = &mut self.layout else { unreachable!() };
         // Keep the allocations for the next run.
-        (s.arena, s.entries) = (arena, entries);
-        s.arena.clear();
-        s.entries.clear();
+        s.buffer = sorted;
+        s.buffer.clear();
         s.run += 1;
         self.buffered = 0;
         Ok(())

@@ -2,10 +2,9 @@
 //! directly over QUIC so tests can send what `shuffle-client` never would
 //! (malformed frames, oversized headers, corrupt blocks, lying totals).
 
-use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
+use std::{net::SocketAddr, path::Path, time::Duration};
 
 use bytes::{Bytes, BytesMut};
-use rustls::pki_types::{CertificateDer, pem::PemObject};
 use shuffle_protocol::{
     AppId, Frame, FrameKind, PROTOCOL_VERSION, Request, Response, decode_frame, frame::encode_frame,
 };
@@ -44,21 +43,7 @@ pub fn request_bytes(request: &Request) -> Bytes {
 /// A QUIC client configuration trusting the PEM certificate at `cert`, with
 /// the service's transport settings.
 pub fn client_config(cert: &Path) -> quinn::ClientConfig {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(cert).expect("cert file") {
-        roots.add(c.expect("cert")).expect("root");
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("tls13")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![b"shuffle/1".to_vec()];
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("quic tls");
-    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    config.transport_config(shuffle_server::transport::transport_config(Duration::from_secs(30), 0));
-    config
+    shuffle_bench::baseline::quic_client_config(cert).expect("client config for the test certificate")
 }
 
 impl RawConnection {

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use shuffle_client::{ClientError, CommitOutcome, ExchangeMode, ShuffleClient, ShuffleId, ShuffleSpec};
 
-use crate::workload::{
+use engine_adapter::workload::{
     W1_KEY_LEN, W1_RECORD_LEN, W1_VALUE_LEN, W1Totals, map_range, w1_partition, w1_record, w3_partition,
 };
 

@@ -1,0 +1,315 @@
+//! `shuffle-bench`: runs the standard workloads of `shared/WORKLOADS.md`
+//! against an embedded or remote shuffle server, verifies every run, and
+//! reports medians as a table, JSON lines and (for the suite) a Markdown
+//! report with charts.
+//!
+//! ```text
+//! shuffle-bench exchange [--mode hash|sort|hybrid] [--records N] [--repeat K] [--baseline] [--json FILE]
+//! shuffle-bench groupby | sort | spill | stream [--rate R] [--seconds S]
+//! shuffle-bench baseline
+//! shuffle-bench suite [--quick] --report DIR
+//! ```
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use shuffle_bench::{
+    baseline::{self, Baseline},
+    report::{self, Machine},
+    workloads::{self, Params, RunReport, ServerChoice, Via},
+};
+use shuffle_client::ExchangeMode;
+use shuffle_server::ByteSize;
+
+#[derive(Parser)]
+#[command(
+    about = "Benchmark harness of the shuffle service: the standard workloads, verified, with baselines and reports"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// W1: pure repartition of 100-byte records; reducers count and checksum.
+    Exchange(Common),
+    /// W2: SUM(value) GROUP BY key with map-side combining.
+    Groupby(Common),
+    /// W3: total-order sort (TeraSort-like).
+    Sort(Common),
+    /// W4: pipelined keyed aggregation; latency percentiles at a rate, or the highest rate with p99 < 100 ms.
+    Stream(StreamArgs),
+    /// W5: W1 at 50,000,000 records under a 512 MiB server budget, in every mode (or --mode).
+    Spill(Common),
+    /// Memory, disk and raw-QUIC baselines of this machine.
+    Baseline,
+    /// Every workload in every mode it supports, with baselines; writes DIR/report.md and charts.
+    Suite(SuiteArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Mode {
+    Hash,
+    Sort,
+    Hybrid,
+}
+
+impl From<Mode> for ExchangeMode {
+    fn from(m: Mode) -> Self {
+        match m {
+            Mode::Hash => ExchangeMode::Hash,
+            Mode::Sort => ExchangeMode::Sort,
+            Mode::Hybrid => ExchangeMode::Hybrid,
+        }
+    }
+}
+
+#[derive(Args, Clone)]
+struct Common {
+    /// Exchange mode (default: the workload's natural one; spill: all three).
+    #[arg(long, value_enum)]
+    mode: Option<Mode>,
+    /// Records, N (default: the workload's).
+    #[arg(long)]
+    records: Option<u64>,
+    /// Map tasks, M.
+    #[arg(long)]
+    maps: Option<u32>,
+    /// Partitions, R.
+    #[arg(long)]
+    partitions: Option<u32>,
+    /// Distinct keys, K (W2, W4).
+    #[arg(long)]
+    keys: Option<u64>,
+    /// Seed of the record generators.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// `embedded` (a server in this process on a free port) or HOST:PORT of a running daemon.
+    #[arg(long, default_value = "embedded")]
+    server: String,
+    /// The daemon's certificate (PEM) to trust, with --server HOST:PORT.
+    #[arg(long)]
+    cert: Option<PathBuf>,
+    /// Token to present to the daemon.
+    #[arg(long)]
+    auth_token: Option<String>,
+    /// Memory budget of the embedded server (default 1GiB; spill: 512MiB).
+    #[arg(long)]
+    memory: Option<ByteSize>,
+    /// Runs per workload and mode; the median is reported with min and max.
+    #[arg(long, default_value_t = 3)]
+    repeat: u32,
+    /// Raw client calls or the engine's job (default: client for W1/W3/W5, engine for W2/W4).
+    #[arg(long, value_enum)]
+    via: Option<Via>,
+    /// Append one JSON object per workload and mode to FILE.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Measure the machine's baselines first and print each figure as a fraction of its limit.
+    #[arg(long)]
+    baseline: bool,
+}
+
+#[derive(Args, Clone)]
+struct StreamArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Records per second; without it, search for the highest rate whose p99 stays under 100 ms.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Seconds measured (after the warm-up).
+    #[arg(long, default_value_t = 30)]
+    seconds: u64,
+    /// Seconds of warm-up.
+    #[arg(long, default_value_t = 5)]
+    warmup: u64,
+}
+
+#[derive(Args, Clone)]
+struct SuiteArgs {
+    /// Directory for report.md and the charts.
+    #[arg(long)]
+    report: PathBuf,
+    /// Sizes (and the W5 budget, and W4's durations) scaled down ten-fold.
+    #[arg(long)]
+    quick: bool,
+    #[arg(long, default_value_t = 3)]
+    repeat: u32,
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// Defaults of one workload.
+struct Defaults {
+    records: u64,
+    mode: ExchangeMode,
+    via: Via,
+    memory: ByteSize,
+}
+
+fn defaults(workload: &str) -> Defaults {
+    let gib = ByteSize(1 << 30);
+    match workload {
+        "groupby" => Defaults { records: 20_000_000, mode: ExchangeMode::Hash, via: Via::Engine, memory: gib },
+        "sort" => Defaults { records: 10_000_000, mode: ExchangeMode::Sort, via: Via::Client, memory: gib },
+        "spill" => {
+            Defaults { records: 50_000_000, mode: ExchangeMode::Hash, via: Via::Client, memory: ByteSize(512 << 20) }
+        }
+        "stream" => Defaults { records: 0, mode: ExchangeMode::Hybrid, via: Via::Engine, memory: gib },
+        _ => Defaults { records: 10_000_000, mode: ExchangeMode::Hash, via: Via::Client, memory: gib },
+    }
+}
+
+fn params(workload: &str, c: &Common) -> anyhow::Result<Params> {
+    let d = defaults(workload);
+    let server = if c.server == "embedded" {
+        ServerChoice::Embedded { memory: c.memory.unwrap_or(d.memory) }
+    } else {
+        let addr: SocketAddr = c
+            .server
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--server {}: {e} (expected embedded or HOST:PORT)", c.server))?;
+        let cert = c
+            .cert
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("--server HOST:PORT needs --cert FILE (the daemon's certificate)"))?;
+        ServerChoice::Remote { addr, cert, token: c.auth_token.clone() }
+    };
+    let stream = workload == "stream";
+    Ok(Params {
+        records: c.records.unwrap_or(d.records),
+        maps: c.maps.unwrap_or(if stream { 2 } else { 4 }),
+        partitions: c.partitions.unwrap_or(if stream { 4 } else { 16 }),
+        keys: c.keys.unwrap_or(if stream { 100_000 } else { 1_000_000 }),
+        seed: c.seed,
+        mode: c.mode.map_or(d.mode, ExchangeMode::from),
+        via: c.via.unwrap_or(d.via),
+        repeat: c.repeat.max(1),
+        server,
+    })
+}
+
+fn run_workload(workload: &str, p: &Params, stream: Option<&StreamArgs>) -> anyhow::Result<Vec<RunReport>> {
+    Ok(match workload {
+        "exchange" => vec![workloads::exchange("exchange", p)?],
+        "groupby" => vec![workloads::groupby(p)?],
+        "sort" => vec![workloads::sort(p)?],
+        "spill" => vec![workloads::exchange("spill", p)?],
+        "stream" => {
+            let s = stream.expect("stream arguments for the stream workload");
+            vec![workloads::stream(p, s.rate, Duration::from_secs(s.warmup), Duration::from_secs(s.seconds))?]
+        }
+        other => anyhow::bail!("unknown workload {other}"),
+    })
+}
+
+fn measure_baseline() -> anyhow::Result<Baseline> {
+    eprintln!(
+        "measuring baselines (memcpy, 1 GiB disk write+fsync and read in {}, 1 GB over one quinn stream)…",
+        std::env::temp_dir().display()
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(baseline::measure(&std::env::temp_dir()))
+}
+
+fn single(workload: &str, c: &Common, stream: Option<&StreamArgs>) -> anyhow::Result<()> {
+    let baseline = c.baseline.then(measure_baseline).transpose()?;
+    let mut reports = Vec::new();
+    let base = params(workload, c)?;
+    let modes: Vec<ExchangeMode> = match (workload, c.mode) {
+        ("spill", None) => vec![ExchangeMode::Hash, ExchangeMode::Sort, ExchangeMode::Hybrid],
+        _ => vec![base.mode],
+    };
+    for mode in modes {
+        let p = Params { mode, ..base.clone() };
+        let mut got = run_workload(workload, &p, stream)?;
+        if let Some(path) = &c.json {
+            report::append_json(path, &got)?;
+        }
+        reports.append(&mut got);
+    }
+    print!("{}", report::table(&reports, baseline.as_ref()));
+    if let Some(b) = &baseline {
+        print!("\n{}", report::baseline_table(b));
+    }
+    Ok(())
+}
+
+fn suite(args: &SuiteArgs) -> anyhow::Result<()> {
+    let scale = if args.quick { 10 } else { 1 };
+    let baseline = measure_baseline()?;
+    let plan: &[(&str, Mode, Via)] = &[
+        ("exchange", Mode::Hash, Via::Client),
+        ("exchange", Mode::Sort, Via::Client),
+        ("exchange", Mode::Hybrid, Via::Client),
+        ("exchange", Mode::Hash, Via::Engine),
+        ("groupby", Mode::Hash, Via::Engine),
+        ("groupby", Mode::Hybrid, Via::Engine),
+        ("groupby", Mode::Hash, Via::Client),
+        ("sort", Mode::Sort, Via::Client),
+        ("sort", Mode::Sort, Via::Engine),
+        ("stream", Mode::Hybrid, Via::Engine),
+        ("spill", Mode::Hash, Via::Client),
+        ("spill", Mode::Sort, Via::Client),
+        ("spill", Mode::Hybrid, Via::Client),
+    ];
+    let mut reports = Vec::new();
+    for &(workload, mode, via) in plan {
+        let d = defaults(workload);
+        let common = Common {
+            mode: Some(mode),
+            records: Some(d.records / scale),
+            maps: None,
+            partitions: None,
+            keys: None,
+            seed: 42,
+            server: "embedded".into(),
+            cert: None,
+            auth_token: None,
+            memory: Some(ByteSize(d.memory.0 / scale)),
+            repeat: args.repeat,
+            via: Some(via),
+            json: None,
+            baseline: false,
+        };
+        let stream = StreamArgs { common: common.clone(), rate: None, seconds: 30 / scale, warmup: 5 / scale.min(5) };
+        let p = params(workload, &common)?;
+        eprintln!("{workload} ({}, via {via:?})…", workloads::mode_name(p.mode));
+        let mut got = run_workload(workload, &p, Some(&stream))?;
+        if let Some(path) = &args.json {
+            report::append_json(path, &got)?;
+        }
+        reports.append(&mut got);
+    }
+    print!("{}", report::table(&reports, Some(&baseline)));
+    print!("\n{}", report::baseline_table(&baseline));
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    report::write_report(&args.report, &reports, Some(&baseline), &Machine::detect(), &command)?;
+    println!("\nreport written to {}", args.report.join("report.md").display());
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .init();
+    let cli = Cli::parse();
+    let outcome = match &cli.command {
+        Command::Exchange(c) => single("exchange", c, None),
+        Command::Groupby(c) => single("groupby", c, None),
+        Command::Sort(c) => single("sort", c, None),
+        Command::Spill(c) => single("spill", c, None),
+        Command::Stream(s) => single("stream", &s.common, Some(s)),
+        Command::Baseline => measure_baseline().map(|b| print!("{}", report::baseline_table(&b))),
+        Command::Suite(s) => suite(s),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("shuffle-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

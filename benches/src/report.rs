@@ -1,0 +1,306 @@
+//! Reports: the human table on stdout, JSON lines, and the suite's
+//! Markdown report with PNG charts (plotters).
+
+use std::{fmt::Write as _, io::Write as _, path::Path};
+
+use anyhow::Context;
+use plotters::prelude::*;
+use serde::Serialize;
+
+use crate::{baseline::Baseline, workloads::RunReport};
+
+/// The machine a report was measured on.
+#[derive(Clone, Debug, Serialize)]
+pub struct Machine {
+    pub cores: usize,
+    pub memory_bytes: u64,
+    pub kernel: String,
+    pub rustc: String,
+    pub shuffle_version: &'static str,
+}
+
+impl Machine {
+    pub fn detect() -> Self {
+        let memory_kb = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                m.lines()
+                    .find_map(|l| l.strip_prefix("MemTotal:"))
+                    .map(|v| v.trim().trim_end_matches("kB").trim().to_string())
+            })
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map_or_else(|_| "unknown".into(), |k| k.trim().to_string());
+        let rustc = std::process::Command::new("rustc")
+            .arg("--version")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .map_or_else(|| "unknown".into(), |v| v.trim().to_string());
+        Self {
+            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            memory_bytes: memory_kb * 1024,
+            kernel,
+            rustc,
+            shuffle_version: env!("CARGO_PKG_VERSION"),
+        }
+    }
+}
+
+/// The limit a workload's throughput is compared with, and its name.
+fn relevant_limit(report: &RunReport, baseline: &Baseline) -> (f64, &'static str) {
+    match report.workload {
+        "spill" => {
+            (baseline.disk_write_fsync_mb_per_s.min(baseline.quinn_stream_mb_per_s), "min(disk write, quinn stream)")
+        }
+        _ => (baseline.quinn_stream_mb_per_s, "one quinn stream"),
+    }
+}
+
+/// The table of runs, with fractions of the baseline when one was measured.
+pub fn table(reports: &[RunReport], baseline: Option<&Baseline>) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "| workload | via | mode | N | M | R | median s | min s | max s | MB/s | verified |{}",
+        if baseline.is_some() { " of limit |" } else { "" }
+    );
+    let _ = writeln!(
+        out,
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |{}",
+        if baseline.is_some() { " ---: |" } else { "" }
+    );
+    for r in reports {
+        let min = r.seconds.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = r.seconds.iter().copied().fold(0.0, f64::max);
+        let _ = write!(
+            out,
+            "| {} | {:?} | {} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.1} | {} |",
+            r.workload,
+            r.via,
+            r.mode,
+            r.records,
+            r.maps,
+            r.partitions,
+            r.median_seconds,
+            min,
+            max,
+            r.mb_per_s,
+            if r.verified { "yes" } else { "NO" }
+        );
+        if let Some(b) = baseline {
+            let (limit, _) = relevant_limit(r, b);
+            let _ = write!(out, " {:.0}% |", 100.0 * r.mb_per_s / limit);
+        }
+        out.push('\n');
+        if r.workload == "stream" {
+            let get = |k: &str| r.extra.get(k).and_then(serde_json::Value::as_f64).unwrap_or(f64::NAN);
+            let _ = writeln!(
+                out,
+                "|   W4 | max rate with p99 < 100 ms: {:.0} records/s; at {:.0} records/s: p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms | | | | | | | | | |{}",
+                get("max_rate"),
+                get("rate"),
+                get("p50_ms"),
+                get("p99_ms"),
+                get("p999_ms"),
+                if baseline.is_some() { " |" } else { "" }
+            );
+        }
+    }
+    out
+}
+
+/// The baselines as a table.
+pub fn baseline_table(b: &Baseline) -> String {
+    format!(
+        "| baseline | MB/s |\n| --- | ---: |\n| memcpy | {:.0} |\n| disk write + fsync | {:.0} |\n| disk read | {:.0} |\n| one quinn stream, loopback | {:.0} |\n",
+        b.memcpy_mb_per_s, b.disk_write_fsync_mb_per_s, b.disk_read_mb_per_s, b.quinn_stream_mb_per_s
+    )
+}
+
+/// Appends one JSON object per report to `path`.
+pub fn append_json(path: &Path, reports: &[RunReport]) -> anyhow::Result<()> {
+    let mut file =
+        std::fs::OpenOptions::new().create(true).append(true).open(path).with_context(|| path.display().to_string())?;
+    for r in reports {
+        writeln!(file, "{}", serde_json::to_string(r)?)?;
+    }
+    Ok(())
+}
+
+/// Where plotters finds a font to draw text with: the first DejaVu or
+/// Liberation sans font on the system.
+const FONT_CANDIDATES: &[&str] = &[
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/TTF/DejaVuSans.ttf",
+    "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
+];
+
+fn register_font() -> anyhow::Result<()> {
+    let path =
+        FONT_CANDIDATES.iter().find(|p| Path::new(p).exists()).context("no TrueType font found for chart labels")?;
+    let bytes: &'static [u8] = Box::leak(std::fs::read(path)?.into_boxed_slice());
+    plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
+        .map_err(|_| anyhow::anyhow!("{path}: not a usable font"))?;
+    Ok(())
+}
+
+/// Bars of MB/s per workload, via and mode.
+fn throughput_chart(path: &Path, reports: &[RunReport]) -> anyhow::Result<()> {
+    let bars: Vec<(String, f64)> = reports
+        .iter()
+        .filter(|r| r.workload != "stream")
+        .map(|r| (format!("{} {:?} {}", r.workload, r.via, r.mode), r.mb_per_s))
+        .collect();
+    let top = bars.iter().map(|b| b.1).fold(1.0, f64::max) * 1.15;
+    let root = BitMapBackend::new(path, (1200, 700)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("Throughput by workload and mode (MB/s of input, median)", ("sans-serif", 24))
+        .margin(20)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0f64..bars.len().max(1) as f64, 0f64..top)?;
+    chart.configure_mesh().disable_x_mesh().disable_x_axis().y_desc("MB/s").label_style(("sans-serif", 16)).draw()?;
+    for (i, (label, value)) in bars.iter().enumerate() {
+        let x = i as f64;
+        chart.draw_series(std::iter::once(Rectangle::new(
+            [(x + 0.1, 0.0), (x + 0.9, *value)],
+            BLUE.mix(0.6).filled(),
+        )))?;
+        chart.draw_series(std::iter::once(Text::new(
+            format!("{value:.0}"),
+            (x + 0.3, *value + top * 0.02),
+            ("sans-serif", 15),
+        )))?;
+        chart.draw_series(std::iter::once(Text::new(
+            label.clone(),
+            (x + 0.2, top * 0.03),
+            ("sans-serif", 14).into_font().transform(FontTransform::Rotate270).color(&WHITE),
+        )))?;
+    }
+    root.present()?;
+    Ok(())
+}
+
+/// W4 latency percentiles of every probe against its rate.
+fn latency_chart(path: &Path, report: &RunReport) -> anyhow::Result<()> {
+    let probes: Vec<crate::workloads::StreamProbe> = report
+        .extra
+        .get("probes")
+        .map(|p| serde_json::from_value::<Vec<serde_json::Value>>(p.clone()))
+        .transpose()?
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|v| {
+            Some(crate::workloads::StreamProbe {
+                rate: v.get("rate")?.as_f64()?,
+                achieved_rate: v.get("achieved_rate")?.as_f64()?,
+                p50_ms: v.get("p50_ms")?.as_f64()?,
+                p99_ms: v.get("p99_ms")?.as_f64()?,
+                p999_ms: v.get("p999_ms")?.as_f64()?,
+                records: v.get("records")?.as_u64()?,
+            })
+        })
+        .collect();
+    let mut probes = probes;
+    probes.sort_by(|a, b| a.rate.total_cmp(&b.rate));
+    let max_rate = probes.iter().map(|p| p.rate).fold(1.0, f64::max) * 1.05;
+    let max_ms = probes.iter().map(|p| p.p999_ms).fold(1.0, f64::max).max(100.0) * 1.2;
+    let root = BitMapBackend::new(path, (1000, 600)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("W4 stream: end-to-end latency vs rate", ("sans-serif", 24))
+        .margin(20)
+        .x_label_area_size(50)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0f64..max_rate, (0.1f64..max_ms).log_scale())?;
+    chart
+        .configure_mesh()
+        .x_desc("records/s")
+        .y_desc("latency, ms (log)")
+        .x_label_formatter(&|x| format!("{:.1}M", x / 1e6))
+        .label_style(("sans-serif", 16))
+        .draw()?;
+    for (name, color, pick) in [
+        ("p50", GREEN, (|p: &crate::workloads::StreamProbe| p.p50_ms) as fn(&crate::workloads::StreamProbe) -> f64),
+        ("p99", BLUE, |p| p.p99_ms),
+        ("p99.9", RED, |p| p.p999_ms),
+    ] {
+        let points: Vec<(f64, f64)> = probes.iter().map(|p| (p.rate, pick(p).max(0.1))).collect();
+        chart
+            .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?
+            .label(name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+        chart.draw_series(points.into_iter().map(|p| Circle::new(p, 4, color.filled())))?;
+    }
+    chart
+        .draw_series(LineSeries::new(vec![(0.0, 100.0), (max_rate, 100.0)], BLACK.mix(0.4)))?
+        .label("100 ms")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.mix(0.4)));
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 16))
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+/// Writes `dir/report.md` and its charts.
+pub fn write_report(
+    dir: &Path,
+    reports: &[RunReport],
+    baseline: Option<&Baseline>,
+    machine: &Machine,
+    command: &str,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| dir.display().to_string())?;
+    let mut md = String::new();
+    let _ = writeln!(md, "# shuffle-bench report\n");
+    let _ = writeln!(md, "Command: `{command}`\n");
+    let _ = writeln!(
+        md,
+        "Machine: {} cores, {:.1} GiB memory, Linux {}, {}, shuffle {}.\n",
+        machine.cores,
+        machine.memory_bytes as f64 / (1u64 << 30) as f64,
+        machine.kernel,
+        machine.rustc,
+        machine.shuffle_version
+    );
+    let _ = writeln!(
+        md,
+        "Each figure is the median of the runs listed; every run was verified as WORKLOADS.md asks. MB/s is input bytes (W1/W3/W5: 100 per record; W2/W4: 16) per second.\n"
+    );
+    md.push_str(&table(reports, baseline));
+    if let Some(b) = baseline {
+        let _ = writeln!(
+            md,
+            "\nBaselines measured in the same run (\"of limit\": W1–W3 against one quinn stream, W5 against the lower of disk write and quinn):\n"
+        );
+        md.push_str(&baseline_table(b));
+    }
+    let charts = register_font().and_then(|()| {
+        throughput_chart(&dir.join("throughput.png"), reports)?;
+        if let Some(stream) = reports.iter().find(|r| r.workload == "stream") {
+            latency_chart(&dir.join("stream_latency.png"), stream)?;
+        }
+        Ok(())
+    });
+    match charts {
+        Ok(()) => {
+            let _ = writeln!(md, "\n![throughput](throughput.png)\n");
+            if reports.iter().any(|r| r.workload == "stream") {
+                let _ = writeln!(md, "![W4 latency](stream_latency.png)\n");
+            }
+        }
+        Err(e) => {
+            let _ = writeln!(md, "\nCharts were not drawn: {e:#}\n");
+        }
+    }
+    std::fs::write(dir.join("report.md"), md).with_context(|| dir.join("report.md").display().to_string())?;
+    Ok(())
+}

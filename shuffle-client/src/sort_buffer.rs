@@ -1,0 +1,140 @@
+//! [`SortBuffer`]: the bounded buffer of a sort-mode writer. Records are
+//! appended to one arena with a fixed-size entry each; when the buffer is
+//! full it is sorted by partition (and by key, bytewise, when the shuffle
+//! asks for key ordering) and becomes one run. Nothing is allocated per
+//! partition, so R can be in the thousands.
+
+use shuffle_protocol::{PartitionId, key_prefix};
+
+/// Bytes a sort buffer accounts per record besides its key and value.
+pub const SORT_ENTRY_BYTES: usize = std::mem::size_of::<SortEntry>();
+
+/// One record in the sort buffer: where its key and value lie in the arena.
+#[derive(Clone, Copy, Debug)]
+struct SortEntry {
+    /// The key's first 8 bytes (see `key_prefix`), so most key comparisons need not touch the arena.
+    prefix: u64,
+    partition: PartitionId,
+    offset: u32,
+    key_len: u32,
+    value_len: u32,
+}
+
+/// Keys and values back to back in an arena, one entry per record.
+#[derive(Debug)]
+pub struct SortBuffer {
+    arena: Vec<u8>,
+    entries: Vec<SortEntry>,
+    /// Most bytes (arena + entries) before the buffer counts as full.
+    capacity: usize,
+    /// Whether records are sorted by key within each partition.
+    key_ordering: bool,
+}
+
+impl SortBuffer {
+    /// A buffer of at most `capacity` bytes (clamped so arena offsets fit a u32).
+    pub fn new(capacity: usize, key_ordering: bool) -> Self {
+        Self {
+            arena: Vec::new(),
+            entries: Vec::new(),
+            capacity: capacity.clamp(4 * 1024, u32::MAX as usize / 2),
+            key_ordering,
+        }
+    }
+
+    /// Bytes held: keys, values and entries.
+    pub fn used(&self) -> usize {
+        self.arena.len() + self.entries.len() * SORT_ENTRY_BYTES
+    }
+
+    /// Number of records held.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Whether a record of these sizes fits (an empty buffer takes any record).
+    pub fn fits(&self, key_len: usize, value_len: usize) -> bool {
+        self.entries.is_empty() || self.used() + key_len + value_len + SORT_ENTRY_BYTES <= self.capacity
+    }
+
+    /// Appends a record; check [`SortBuffer::fits`] first.
+    pub fn push(&mut self, partition: PartitionId, key: &[u8], value: &[u8]) {
+        let offset = self.arena.len() as u32;
+        self.arena.extend_from_slice(key);
+        self.arena.extend_from_slice(value);
+        self.entries.push(SortEntry {
+            prefix: if self.key_ordering { key_prefix(key) } else { 0 },
+            partition,
+            offset,
+            key_len: key.len() as u32,
+            value_len: value.len() as u32,
+        });
+    }
+
+    /// Sorts the records by partition, and by key within a partition when
+    /// the buffer orders keys.
+    pub fn sort(&mut self) {
+        let arena = &self.arena;
+        let key = |e: &SortEntry| &arena[e.offset as usize..(e.offset + e.key_len) as usize];
+        if self.key_ordering {
+            self.entries.sort_unstable_by(|a, b| {
+                (a.partition, a.prefix).cmp(&(b.partition, b.prefix)).then_with(|| key(a).cmp(key(b)))
+            });
+        } else {
+            self.entries.sort_unstable_by_key(|e| e.partition);
+        }
+    }
+
+    /// Record `i` (in sorted order after [`SortBuffer::sort`]): partition, key, value.
+    pub fn record(&self, i: usize) -> (PartitionId, &[u8], &[u8]) {
+        let e = &self.entries[i];
+        let start = e.offset as usize;
+        let (k, v) = self.arena[start..start + (e.key_len + e.value_len) as usize].split_at(e.key_len as usize);
+        (e.partition, k, v)
+    }
+
+    /// Empties the buffer, keeping its allocations.
+    pub fn clear(&mut self) {
+        self.arena.clear();
+        self.entries.clear();
+    }
+
+    /// An empty buffer with the same capacity and ordering, and no allocations.
+    pub(crate) fn empty_like(&self) -> Self {
+        Self { arena: Vec::new(), entries: Vec::new(), capacity: self.capacity, key_ordering: self.key_ordering }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sorts_by_partition_then_key_when_asked() {
+        let mut b = SortBuffer::new(1 << 20, true);
+        for (p, k) in [(2, "b"), (1, "zz"), (2, "a"), (1, "aaaaaaaaab"), (1, "aaaaaaaaaa")] {
+            assert!(b.fits(k.len(), 1));
+            b.push(p, k.as_bytes(), b"v");
+        }
+        b.sort();
+        let got: Vec<(u32, &[u8])> = (0..b.len()).map(|i| (b.record(i).0, b.record(i).1)).collect();
+        let want: Vec<(u32, &[u8])> = vec![(1, b"aaaaaaaaaa"), (1, b"aaaaaaaaab"), (1, b"zz"), (2, b"a"), (2, b"b")];
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn is_full_at_its_capacity() {
+        let mut b = SortBuffer::new(4096, false);
+        let mut n = 0;
+        while b.fits(10, 90) {
+            b.push(0, &[0; 10], &[0; 90]);
+            n += 1;
+        }
+        assert_eq!(n, 4096 / (100 + SORT_ENTRY_BYTES));
+        assert!(b.used() <= 4096);
+    }
+}
