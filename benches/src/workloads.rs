@@ -83,6 +83,9 @@ pub struct RunReport {
     pub server_peak_rss_bytes: Option<u64>,
     /// Peak RSS of the client process (this one) during the runs.
     pub client_peak_rss_bytes: u64,
+    /// Peak anonymous RSS of this process (sampled every 50 ms): RSS
+    /// without the page cache of memory-mapped shuffle files.
+    pub peak_anon_rss_bytes: u64,
     /// Workload-specific figures (W4: `max_rate`, `p50_ms`, `p99_ms`, `p999_ms`, the probes).
     #[serde(flatten)]
     pub extra: serde_json::Map<String, serde_json::Value>,
@@ -104,6 +107,7 @@ fn repeated(
     mut once: impl FnMut(u32) -> anyhow::Result<Duration>,
 ) -> anyhow::Result<RunReport> {
     rss::reset_peak();
+    let sampler = rss::AnonSampler::start();
     let progress = crate::progress::spinner(workload, mode_name(params.mode), params.repeat);
     let mut seconds = Vec::new();
     for run in 0..params.repeat {
@@ -114,6 +118,7 @@ fn repeated(
     progress.finish_and_clear();
     let median_seconds = median(&seconds);
     let peak = rss::peak();
+    let peak_anon_rss_bytes = sampler.finish();
     Ok(RunReport {
         workload,
         mode: mode_name(params.mode).to_string(),
@@ -128,6 +133,7 @@ fn repeated(
         verified: true,
         server_peak_rss_bytes: matches!(params.server, ServerChoice::Embedded { .. }).then_some(peak),
         client_peak_rss_bytes: peak,
+        peak_anon_rss_bytes,
         extra: serde_json::Map::new(),
     })
 }
@@ -151,6 +157,8 @@ impl ClientSession {
                         listen: "127.0.0.1:0".parse()?,
                         data_dir: dir.path().to_path_buf(),
                         memory: *memory,
+                        // A small budget (W5 scaled down) still needs room for several partitions' buffers.
+                        flush_size: ByteSize((8 << 20).min(memory.0 / 4)),
                         ..ServerConfig::default()
                     };
                     let server = shuffle_server::start(config).await?;
@@ -512,6 +520,7 @@ pub fn stream(p: &Params, rate: Option<f64>, warmup: Duration, seconds: Duration
     ensure!(p.via == Via::Engine, "W4 runs through the engine (--via engine)");
     let engine = engine(&p.server, EngineOptions::default())?;
     rss::reset_peak();
+    let sampler = rss::AnonSampler::start();
     let start = Instant::now();
     let progress = crate::progress::spinner("stream", "hybrid", 0);
     let mut probes = Vec::new();
@@ -555,6 +564,7 @@ pub fn stream(p: &Params, rate: Option<f64>, warmup: Duration, seconds: Duration
     };
     progress.finish_and_clear();
     let peak = rss::peak();
+    let peak_anon_rss_bytes = sampler.finish();
     let elapsed = start.elapsed().as_secs_f64();
     let mut extra = serde_json::Map::new();
     extra.insert("max_rate".into(), serde_json::json!(max_rate));
@@ -587,6 +597,7 @@ pub fn stream(p: &Params, rate: Option<f64>, warmup: Duration, seconds: Duration
         verified: true,
         server_peak_rss_bytes: matches!(p.server, ServerChoice::Embedded { .. }).then_some(peak),
         client_peak_rss_bytes: peak,
+        peak_anon_rss_bytes,
         extra,
     })
 }

@@ -151,6 +151,8 @@ impl Engine {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             data_dir: data_dir.path().to_path_buf(),
             memory: ByteSize(options.server_memory),
+            // Small budgets (tests) still hold several partitions' buffers.
+            flush_size: ByteSize((8 << 20).min(options.server_memory / 4)),
             // Free space only has to cover this process's own exchanges.
             disk_reserve: ByteSize(256 << 20),
             ..ServerConfig::default()

@@ -1,0 +1,115 @@
+//! The benchmark harness as users run it: the `shuffle-bench` binary
+//! against its embedded server and against the daemon in a child process;
+//! every run verified, JSON as documented, clear errors.
+
+use std::process::Command;
+
+use shuffle_tests::daemon::Daemon;
+
+fn bench(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_shuffle-bench-e2e")).args(args).output().expect("run shuffle-bench")
+}
+
+fn json_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+#[test]
+fn exchange_on_an_embedded_server_prints_a_verified_table_and_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("runs.json");
+    let out = bench(&["exchange", "--records", "50000", "--repeat", "2", "--json", json.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("| exchange | Client | hash | 50000 | 4 | 16 |"), "{stdout}");
+    assert!(stdout.contains("| peak RSS MiB (anon) |"), "{stdout}");
+    assert!(stdout.contains("| yes |"), "{stdout}");
+    let runs = json_lines(&json);
+    assert_eq!(runs.len(), 1);
+    let run = &runs[0];
+    for field in [
+        "workload",
+        "mode",
+        "records",
+        "maps",
+        "partitions",
+        "input_bytes",
+        "seconds",
+        "median_seconds",
+        "mb_per_s",
+        "verified",
+        "server_peak_rss_bytes",
+        "client_peak_rss_bytes",
+        "peak_anon_rss_bytes",
+    ] {
+        assert!(run.get(field).is_some(), "{field} missing from {run}");
+    }
+    assert_eq!(run["input_bytes"], 5_000_000);
+    assert_eq!(run["seconds"].as_array().unwrap().len(), 2);
+    assert_eq!(run["verified"], true);
+    assert!(run["server_peak_rss_bytes"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn every_workload_runs_small_through_client_and_engine() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("runs.json");
+    let j = json.to_str().unwrap();
+    for args in [
+        &["exchange", "--records", "20000", "--repeat", "1", "--via", "engine", "--mode", "hybrid", "--json", j][..],
+        &["groupby", "--records", "50000", "--keys", "1000", "--repeat", "1", "--json", j],
+        &["groupby", "--records", "50000", "--keys", "1000", "--repeat", "1", "--via", "client", "--json", j],
+        &["sort", "--records", "20000", "--repeat", "1", "--json", j],
+        &["sort", "--records", "20000", "--repeat", "1", "--via", "engine", "--json", j],
+        &["spill", "--records", "60000", "--memory", "4MiB", "--repeat", "1", "--json", j],
+        &["stream", "--rate", "20000", "--seconds", "1", "--warmup", "1", "--json", j],
+    ] {
+        let out = bench(args);
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let runs = json_lines(&json);
+    let names: Vec<String> = runs.iter().map(|r| format!("{}/{}/{}", r["workload"], r["via"], r["mode"])).collect();
+    assert_eq!(runs.len(), 9, "{names:?}"); // spill runs all three modes
+    assert!(runs.iter().all(|r| r["verified"] == true));
+    let stream = runs.iter().find(|r| r["workload"] == "stream").unwrap();
+    for field in ["max_rate", "p50_ms", "p99_ms", "p999_ms"] {
+        assert!(stream[field].as_f64().is_some(), "{field} in {stream}");
+    }
+}
+
+#[test]
+fn the_harness_runs_against_a_daemon_in_another_process() {
+    let daemon = Daemon::start(&[]);
+    let addr = daemon.addr.to_string();
+    let cert = daemon.cert_path();
+    for via in ["client", "engine"] {
+        let out = bench(&[
+            "exchange",
+            "--records",
+            "30000",
+            "--repeat",
+            "1",
+            "--via",
+            via,
+            "--server",
+            &addr,
+            "--cert",
+            cert.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{via}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("| yes |"));
+    }
+}
+
+#[test]
+fn bad_arguments_fail_with_a_clear_error() {
+    let out = bench(&["exchange", "--server", "127.0.0.1:7999"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs --cert"), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = bench(&["stream", "--via", "client", "--rate", "1000"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("W4 runs through the engine"));
+    let out = bench(&["sort", "--mode", "hash", "--records", "1000"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("use --mode sort"));
+}
