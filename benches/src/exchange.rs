@@ -108,6 +108,32 @@ pub async fn read_partition(
     Ok(totals)
 }
 
+/// Starts attempt 0 of every map task, writing W1 records partitioned by `partitioner`.
+fn spawn_maps(
+    client: &ShuffleClient,
+    shuffle: ShuffleId,
+    params: ExchangeParams,
+    partitioner: Partitioner,
+) -> Vec<tokio::task::JoinHandle<Result<CommitOutcome, ClientError>>> {
+    (0..params.maps)
+        .map(|m| {
+            let client = client.clone();
+            tokio::spawn(async move { write_map_with(&client, shuffle, params, (m, 0), partitioner).await })
+        })
+        .collect()
+}
+
+/// Waits for the map tasks; each must have committed.
+async fn await_commits(maps: Vec<tokio::task::JoinHandle<Result<CommitOutcome, ClientError>>>) -> Result<(), String> {
+    for (m, task) in maps.into_iter().enumerate() {
+        match task.await.map_err(|e| e.to_string())? {
+            Ok(CommitOutcome::Committed) => {}
+            other => return Err(format!("map {m} did not commit: {other:?}")),
+        }
+    }
+    Ok(())
+}
+
 /// Registers `shuffle`, runs W1 through it with readers started alongside the
 /// maps, and returns what the reducers received (unverified: see [`verify`]).
 pub async fn run_exchange(
@@ -117,24 +143,14 @@ pub async fn run_exchange(
 ) -> Result<ExchangeOutcome, String> {
     client.register_shuffle(shuffle, params.spec()).await.map_err(|e| e.to_string())?;
     let start = Instant::now();
-    let maps: Vec<_> = (0..params.maps)
-        .map(|m| {
-            let client = client.clone();
-            tokio::spawn(async move { write_map(&client, shuffle, params, m, 0).await })
-        })
-        .collect();
+    let maps = spawn_maps(client, shuffle, params, w1_partition);
     let reducers: Vec<_> = (0..params.partitions)
         .map(|p| {
             let client = client.clone();
             tokio::spawn(async move { read_partition(&client, shuffle, p, params.partitions).await })
         })
         .collect();
-    for (m, task) in maps.into_iter().enumerate() {
-        match task.await.map_err(|e| e.to_string())? {
-            Ok(CommitOutcome::Committed) => {}
-            other => return Err(format!("map {m} did not commit: {other:?}")),
-        }
-    }
+    await_commits(maps).await?;
     let mut received = W1Totals::default();
     for task in reducers {
         received.merge(task.await.map_err(|e| e.to_string())??);
@@ -204,24 +220,14 @@ pub async fn run_sort(
         .await
         .map_err(|e| e.to_string())?;
     let start = Instant::now();
-    let maps: Vec<_> = (0..params.maps)
-        .map(|m| {
-            let client = client.clone();
-            tokio::spawn(async move { write_map_with(&client, shuffle, params, (m, 0), w3_partition).await })
-        })
-        .collect();
+    let maps = spawn_maps(client, shuffle, params, w3_partition);
     let reducers: Vec<_> = (0..params.partitions)
         .map(|p| {
             let client = client.clone();
             tokio::spawn(async move { read_sorted_partition(&client, shuffle, p, params.partitions).await })
         })
         .collect();
-    for (m, task) in maps.into_iter().enumerate() {
-        match task.await.map_err(|e| e.to_string())? {
-            Ok(CommitOutcome::Committed) => {}
-            other => return Err(format!("map {m} did not commit: {other:?}")),
-        }
-    }
+    await_commits(maps).await?;
     let mut received = W1Totals::default();
     let mut last_key: Option<(u32, Vec<u8>)> = None;
     for (p, task) in reducers.into_iter().enumerate() {

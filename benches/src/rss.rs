@@ -7,24 +7,24 @@ pub fn reset_peak() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
-/// The peak RSS in bytes since the last reset (0 if unknown).
-pub fn peak() -> u64 {
+/// A `kB` field of `/proc/self/status`, in bytes (0 if unknown).
+fn status_bytes(field: &str) -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map_or(0, |kb| kb * 1024)
 }
 
+/// The peak RSS in bytes since the last reset (0 if unknown).
+pub fn peak() -> u64 {
+    status_bytes("VmHWM")
+}
+
 /// This process's anonymous resident memory now (`RssAnon`), in bytes.
 pub fn anon() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("RssAnon:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
+    status_bytes("RssAnon")
 }
 
 /// Samples `RssAnon` every 50 ms until stopped and keeps the peak. Peak

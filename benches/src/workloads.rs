@@ -176,6 +176,23 @@ impl ClientSession {
         Ok(Self { runtime, client, server, _data_dir: data_dir })
     }
 
+    /// One verified W1 (or, with `sort`, W3) run as shuffle `run`, unregistered after.
+    fn w1_or_w3(&self, p: &Params, run: u32, sort: bool) -> anyhow::Result<Duration> {
+        let params = exchange_params(p);
+        self.runtime.block_on(async {
+            let shuffle = ShuffleId(run);
+            let outcome = if sort {
+                run_sort(&self.client, shuffle, params).await
+            } else {
+                run_exchange(&self.client, shuffle, params).await
+            }
+            .map_err(anyhow::Error::msg)?;
+            verify(params, outcome.received).map_err(anyhow::Error::msg)?;
+            self.client.unregister_shuffle(shuffle).await?;
+            Ok(outcome.elapsed)
+        })
+    }
+
     fn close(self) {
         self.runtime.block_on(async {
             let _ = self.client.unregister_app().await;
@@ -185,6 +202,19 @@ impl ClientSession {
             }
         });
     }
+}
+
+/// Opens a client session, runs `once` for each of `repeat` runs, closes the session.
+fn client_runs(
+    workload: &'static str,
+    p: &Params,
+    input_bytes: u64,
+    mut once: impl FnMut(&ClientSession, u32) -> anyhow::Result<Duration>,
+) -> anyhow::Result<RunReport> {
+    let session = ClientSession::open(&p.server, "shuffle-bench")?;
+    let report = repeated(workload, p, input_bytes, |run| once(&session, run));
+    session.close();
+    report
 }
 
 /// An engine on the chosen server.
@@ -227,21 +257,7 @@ fn engine_mode(mode: ExchangeMode) -> ExecutionMode {
 pub fn exchange(workload: &'static str, p: &Params) -> anyhow::Result<RunReport> {
     let input_bytes = p.records * W1_RECORD_LEN as u64;
     match p.via {
-        Via::Client => {
-            let session = ClientSession::open(&p.server, "shuffle-bench")?;
-            let params = exchange_params(p);
-            let report = repeated(workload, p, input_bytes, |run| {
-                session.runtime.block_on(async {
-                    let outcome =
-                        run_exchange(&session.client, ShuffleId(run), params).await.map_err(anyhow::Error::msg)?;
-                    verify(params, outcome.received).map_err(anyhow::Error::msg)?;
-                    session.client.unregister_shuffle(ShuffleId(run)).await?;
-                    Ok(outcome.elapsed)
-                })
-            });
-            session.close();
-            report
-        }
+        Via::Client => client_runs(workload, p, input_bytes, |session, run| session.w1_or_w3(p, run, false)),
         Via::Engine => {
             let engine = engine(&p.server, EngineOptions::default())?;
             let (seed, partitions) = (p.seed, p.partitions);
@@ -283,19 +299,7 @@ pub fn sort(p: &Params) -> anyhow::Result<RunReport> {
                 p.mode == ExchangeMode::Sort,
                 "W3 through the client runs a key-ordered sort shuffle: use --mode sort"
             );
-            let session = ClientSession::open(&p.server, "shuffle-bench")?;
-            let params = exchange_params(p);
-            let report = repeated("sort", p, input_bytes, |run| {
-                session.runtime.block_on(async {
-                    let outcome =
-                        run_sort(&session.client, ShuffleId(run), params).await.map_err(anyhow::Error::msg)?;
-                    verify(params, outcome.received).map_err(anyhow::Error::msg)?;
-                    session.client.unregister_shuffle(ShuffleId(run)).await?;
-                    Ok(outcome.elapsed)
-                })
-            });
-            session.close();
-            report
+            client_runs("sort", p, input_bytes, |session, run| session.w1_or_w3(p, run, true))
         }
         Via::Engine => {
             let engine = engine(&p.server, EngineOptions::default())?;
@@ -351,17 +355,12 @@ pub fn groupby(p: &Params) -> anyhow::Result<RunReport> {
                 Ok(elapsed)
             })
         }
-        Via::Client => {
-            let session = ClientSession::open(&p.server, "shuffle-bench")?;
-            let report = repeated("groupby", p, input_bytes, |run| {
-                let (groups, sum, elapsed) =
-                    session.runtime.block_on(groupby_client(&session.client, ShuffleId(run), p))?;
-                verify_groupby(p, groups, sum)?;
-                Ok(elapsed)
-            });
-            session.close();
-            report
-        }
+        Via::Client => client_runs("groupby", p, input_bytes, |session, run| {
+            let (groups, sum, elapsed) =
+                session.runtime.block_on(groupby_client(&session.client, ShuffleId(run), p))?;
+            verify_groupby(p, groups, sum)?;
+            Ok(elapsed)
+        }),
     }
 }
 

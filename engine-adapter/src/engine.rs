@@ -211,8 +211,7 @@ impl Engine {
         self.inner.client.pushed_bytes()
     }
 
-    /// Peak of the embedded server's memory accounting is not kept; this is
-    /// the bytes it holds now (0 without an embedded server).
+    /// Bytes of blocks the embedded server holds in memory now (0 without an embedded server).
     pub fn server_memory_used(&self) -> usize {
         self.inner.embedded.as_ref().and_then(|e| e.handle.as_ref()).map_or(0, |h| h.memory_used())
     }

@@ -23,7 +23,7 @@ use crate::{
     exchange::{CombineFn, Exchange, Key, Partitioner, Stage, Value, decode_record, encode_key, map_task},
     executor,
     sink::ReservoirSink,
-    task::{Batch, BoxFuture, Event, Input, RunShuffle, TaskContext, into_batches, now_us},
+    task::{Batch, BoxFuture, BoxInput, Event, Input, RunShuffle, TaskContext, into_batches, now_us},
 };
 
 /// Keys each map task samples per partition of a `sort_by_key` (as Spark's
@@ -369,16 +369,17 @@ impl<K: Key, V: Value, W: Value> Input<(K, (V, W))> for JoinInput<K, V, W> {
 }
 
 impl<K: Key, V: Value> Dataset<(K, V)> {
-    /// An exchange stage that hashes this dataset's keys into `exchange.partitions`.
+    /// An exchange stage whose map tasks write this dataset's records into
+    /// `exchange.partitions` partitions chosen by `partitioner`.
     fn exchange_stage(
         &self,
         name: &str,
         exchange: Exchange,
         partitioner: Partitioner,
         combiner: Option<CombineFn<V>>,
-    ) -> Arc<Stage> {
+    ) -> Stage {
         let id = self.engine.next_id();
-        Arc::new(Stage {
+        Stage {
             id,
             name: format!("{name}#{id}"),
             maps: self.parts,
@@ -387,24 +388,27 @@ impl<K: Key, V: Value> Dataset<(K, V)> {
             key_ordering: false,
             run_map: map_task(id, self.open.clone(), partitioner, combiner),
             prepare: None,
-        })
+        }
     }
 
-    /// The dataset read from `stage` by `R` tasks, each opening its partition with `open`.
-    fn after<T: crate::Data>(
+    /// The dataset read from `stage`'s partitions, one task each, every
+    /// task reading its partition through the input `read` makes.
+    fn read_after<T: crate::Data>(
         &self,
-        stages: Vec<Arc<Stage>>,
-        partitions: u32,
-        bounded: bool,
-        open: crate::task::OpenFn<T>,
+        stage: Stage,
+        read: impl Fn(ExchangeReader) -> BoxInput<T> + Send + Sync + 'static,
     ) -> Dataset<T> {
-        Dataset { engine: self.engine.clone(), parts: partitions, bounded, stages, open, invalid: self.invalid.clone() }
-    }
-
-    fn with_stage(&self, stage: &Arc<Stage>) -> Vec<Arc<Stage>> {
+        let (id, partitions) = (stage.id, stage.partitions);
         let mut stages = self.stages.clone();
-        stages.push(stage.clone());
-        stages
+        stages.push(Arc::new(stage));
+        Dataset {
+            engine: self.engine.clone(),
+            parts: partitions,
+            bounded: self.bounded,
+            stages,
+            open: Arc::new(move |ctx: &TaskContext| Ok(read(ExchangeReader::new(ctx, id)))),
+            invalid: self.invalid.clone(),
+        }
     }
 
     /// Combines the values of each key with `f` (associative and
@@ -422,20 +426,9 @@ impl<K: Key, V: Value> Dataset<(K, V)> {
         let partitions = exchange.partitions.max(1);
         let stage =
             self.exchange_stage("reduce_by_key", exchange, Partitioner::Hash { partitions }, Some(combine.clone()));
-        let id = stage.id;
-        self.after(
-            self.with_stage(&stage),
-            partitions,
-            self.bounded,
-            Arc::new(move |ctx: &TaskContext| {
-                Ok(Box::new(ReduceInput {
-                    from: ExchangeReader::new(ctx, id),
-                    combine: combine.clone(),
-                    table: HashMap::new(),
-                    output: None,
-                }) as _)
-            }),
-        )
+        self.read_after(stage, move |from| {
+            Box::new(ReduceInput { from, combine: combine.clone(), table: HashMap::new(), output: None })
+        })
     }
 
     /// Moves every record to the partition of its key (a hash of it), with
@@ -445,18 +438,7 @@ impl<K: Key, V: Value> Dataset<(K, V)> {
         let exchange = exchange.into();
         let partitions = exchange.partitions.max(1);
         let stage = self.exchange_stage("partition_by_key", exchange, Partitioner::Hash { partitions }, None);
-        let id = stage.id;
-        self.after(
-            self.with_stage(&stage),
-            partitions,
-            self.bounded,
-            Arc::new(move |ctx: &TaskContext| {
-                Ok(Box::new(PassInput::<K, V> {
-                    from: ExchangeReader::new(ctx, id),
-                    _records: std::marker::PhantomData,
-                }) as _)
-            }),
-        )
+        self.read_after(stage, |from| Box::new(PassInput::<K, V> { from, _records: std::marker::PhantomData }))
     }
 
     /// Gathers the values of each key into one record per key. The groups
@@ -466,16 +448,8 @@ impl<K: Key, V: Value> Dataset<(K, V)> {
         let exchange = exchange.into();
         let partitions = exchange.partitions.max(1);
         let stage = self.exchange_stage("group_by_key", exchange, Partitioner::Hash { partitions }, None);
-        let id = stage.id;
-        self.after(
-            self.with_stage(&stage),
-            partitions,
-            self.bounded,
-            Arc::new(move |ctx: &TaskContext| {
-                Ok(Box::new(GroupInput { from: ExchangeReader::new(ctx, id), output: None }) as _)
-            }),
-        )
-        .with_invalid((!self.bounded).then(|| "group_by_key needs a bounded input".into()))
+        self.read_after(stage, |from| Box::new(GroupInput { from, output: None }))
+            .with_invalid((!self.bounded).then(|| "group_by_key needs a bounded input".into()))
     }
 
     /// Sorts the dataset by key: part `r` holds the `r`-th range of keys, in
@@ -491,7 +465,6 @@ impl<K: Key, V: Value> Dataset<(K, V)> {
         let exchange = exchange.into();
         let partitions = exchange.partitions.max(1);
         let bounds: Arc<OnceLock<Vec<Vec<u8>>>> = Arc::new(OnceLock::new());
-        let id = self.engine.next_id();
         let sample_input = self.clone();
         let sample_bounds = bounds.clone();
         let prepare: crate::exchange::PrepareFn = Arc::new(move || {
@@ -504,25 +477,11 @@ impl<K: Key, V: Value> Dataset<(K, V)> {
                 Ok(())
             })
         });
-        let stage = Arc::new(Stage {
-            id,
-            name: format!("sort_by_key#{id}"),
-            maps: self.parts,
-            partitions,
-            mode: exchange.mode,
-            key_ordering: true,
-            run_map: map_task(id, self.open.clone(), Partitioner::Range { bounds }, None),
-            prepare: Some(prepare),
-        });
-        self.after(
-            self.with_stage(&stage),
-            partitions,
-            self.bounded,
-            Arc::new(move |ctx: &TaskContext| {
-                Ok(Box::new(SortInput { from: ExchangeReader::new(ctx, id), output: None }) as _)
-            }),
-        )
-        .with_invalid((!self.bounded).then(|| "sort_by_key needs a bounded input".into()))
+        let mut stage = self.exchange_stage("sort_by_key", exchange, Partitioner::Range { bounds }, None);
+        stage.key_ordering = true;
+        stage.prepare = Some(prepare);
+        self.read_after(stage, |from| Box::new(SortInput { from, output: None }))
+            .with_invalid((!self.bounded).then(|| "sort_by_key needs a bounded input".into()))
     }
 
     /// Inner join with `other` on the key: one record `(key, (v, w))` for
@@ -533,25 +492,27 @@ impl<K: Key, V: Value> Dataset<(K, V)> {
         let partitions = exchange.partitions.max(1);
         let left = self.exchange_stage("join-left", exchange, Partitioner::Hash { partitions }, None);
         let right = other.exchange_stage("join-right", exchange, Partitioner::Hash { partitions }, None);
+        let (left_id, right_id) = (left.id, right.id);
         let mut stages = merge_stages(&self.stages, &other.stages);
-        stages.push(left.clone());
-        stages.push(right.clone());
-        let (left, right) = (left.id, right.id);
-        self.after(
+        stages.push(Arc::new(left));
+        stages.push(Arc::new(right));
+        Dataset {
+            engine: self.engine.clone(),
+            parts: partitions,
+            bounded: self.bounded && other.bounded,
             stages,
-            partitions,
-            self.bounded && other.bounded,
-            Arc::new(move |ctx: &TaskContext| {
+            open: Arc::new(move |ctx: &TaskContext| {
                 Ok(Box::new(JoinInput::<K, V, W> {
-                    left: Some(ExchangeReader::new(ctx, left)),
-                    right: Some(ExchangeReader::new(ctx, right)),
+                    left: Some(ExchangeReader::new(ctx, left_id)),
+                    right: Some(ExchangeReader::new(ctx, right_id)),
                     output: None,
                     arrivals: None,
                     left_seen: HashMap::new(),
                     right_seen: HashMap::new(),
                 }) as _)
             }),
-        )
+            invalid: self.invalid.clone(),
+        }
         .with_invalid(other.invalid.clone())
     }
 }

@@ -58,33 +58,17 @@ impl<T: Send> PartSink<T> for CollectPart<T> {
     }
 }
 
+/// Calls the user's function on every record with its part and age.
 struct ForEachPart<F> {
-    f: Arc<F>,
-}
-
-impl<T: Send, F: Fn(T, Duration) + Send + Sync> PartSink<T> for ForEachPart<F> {
-    fn write(&mut self, batch: Batch<T>) -> Result<(), EngineError> {
-        for event in batch {
-            let age = Duration::from_micros(now_us().saturating_sub(event.created_us));
-            (self.f)(event.value, age);
-        }
-        Ok(())
-    }
-
-    fn commit(self: Box<Self>) -> Result<(), EngineError> {
-        Ok(())
-    }
-}
-
-struct ForEachInPart<F> {
     part: u32,
     f: Arc<F>,
 }
 
-impl<T: Send, F: Fn(u32, T) + Send + Sync> PartSink<T> for ForEachInPart<F> {
+impl<T: Send, F: Fn(u32, T, Duration) + Send + Sync> PartSink<T> for ForEachPart<F> {
     fn write(&mut self, batch: Batch<T>) -> Result<(), EngineError> {
         for event in batch {
-            (self.f)(self.part, event.value);
+            let age = Duration::from_micros(now_us().saturating_sub(event.created_us));
+            (self.f)(self.part, event.value, age);
         }
         Ok(())
     }
@@ -235,8 +219,7 @@ impl<T: Data> Dataset<T> {
         mode: ExecutionMode,
         f: impl Fn(T, Duration) + Send + Sync + 'static,
     ) -> Result<(), EngineError> {
-        let f = Arc::new(f);
-        self.run(mode, Arc::new(move |_| Ok(Box::new(ForEachPart { f: f.clone() }) as _)))
+        self.for_each_event(mode, move |_, value, age| f(value, age))
     }
 
     /// Like [`Dataset::for_each`], also passing the number of the part (the
@@ -246,8 +229,17 @@ impl<T: Data> Dataset<T> {
         mode: ExecutionMode,
         f: impl Fn(u32, T) + Send + Sync + 'static,
     ) -> Result<(), EngineError> {
+        self.for_each_event(mode, move |part, value, _| f(part, value))
+    }
+
+    /// Runs the job, calling `f(part, record, age)` on every record of its final dataset.
+    fn for_each_event(
+        &self,
+        mode: ExecutionMode,
+        f: impl Fn(u32, T, Duration) + Send + Sync + 'static,
+    ) -> Result<(), EngineError> {
         let f = Arc::new(f);
-        self.run(mode, Arc::new(move |part| Ok(Box::new(ForEachInPart { part, f: f.clone() }) as _)))
+        self.run(mode, Arc::new(move |part| Ok(Box::new(ForEachPart { part, f: f.clone() }) as _)))
     }
 
     /// Runs the job and writes each part's records, one line each, to
