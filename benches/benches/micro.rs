@@ -4,13 +4,10 @@
 
 use std::hint::black_box;
 
-use bytes::BytesMut;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use engine_adapter::workload::{W1_KEY_LEN, W1_VALUE_LEN, w1_partition, w1_record, w3_partition};
 use shuffle_client::SortBuffer;
-use shuffle_protocol::{
-    Block, BlockId, Codec, FrameKind, RecordIter, append_record, decode_frame, frame::encode_frame,
-};
+use shuffle_protocol::{Block, BlockId, Codec, FrameDecoder, FrameKind, RecordIter, append_record, encode_frame};
 
 /// W1 records framed into one block's payload of about `bytes`.
 fn w1_payload(bytes: usize) -> (Vec<u8>, u32) {
@@ -131,12 +128,9 @@ fn frames(c: &mut Criterion) {
         group.bench_with_input(BenchmarkId::new("encode", size), &payload, |b, p| {
             b.iter(|| encode_frame(FrameKind::Block, black_box(p)))
         });
-        let frame = encode_frame(FrameKind::Block, &payload);
+        let frame = encode_frame(FrameKind::Block, &payload).expect("fits a frame");
         group.bench_with_input(BenchmarkId::new("decode", size), &frame, |b, f| {
-            b.iter(|| {
-                let mut buf = BytesMut::from(&f[..]);
-                decode_frame(black_box(&mut buf)).expect("valid").expect("complete")
-            })
+            b.iter(|| FrameDecoder::default().feed(black_box(&f[..])).expect("valid").pop().expect("complete"))
         });
     }
     group.finish();

@@ -8,14 +8,17 @@ use std::{
     io::{Read, Write},
     path::Path,
     sync::Arc,
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use anyhow::Context;
 use bytes::Bytes;
-use rustls::pki_types::{CertificateDer, pem::PemObject};
 use serde::Serialize;
-use shuffle_server::{ServerConfig, tls::TlsMaterial, transport::transport_config};
+use shuffle_server::{
+    ServerConfig,
+    tls::TlsMaterial,
+    transport::{Windows, authenticated, server_transport},
+};
 
 /// What the machine did, in MB/s (10^6 bytes per second).
 #[derive(Clone, Copy, Debug, Default, Serialize)]
@@ -89,22 +92,9 @@ pub fn disk(dir: &Path) -> anyhow::Result<(f64, f64)> {
 }
 
 /// A QUIC client configuration trusting the PEM certificate at `cert`, with
-/// the service's ALPN and transport settings.
+/// the service's ALPN and transport settings (the client library's own).
 pub fn quic_client_config(cert: &Path) -> anyhow::Result<quinn::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(cert).with_context(|| cert.display().to_string())? {
-        roots.add(c?)?;
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![b"shuffle/1".to_vec()];
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
-    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    config.transport_config(transport_config(Duration::from_secs(30), 0));
-    Ok(config)
+    Ok(shuffle_client::quic_client_config(&shuffle_client::ClientOptions::new("baseline").trusted_cert(cert))?)
 }
 
 /// One quinn stream over loopback: 1 GB in 64 KiB chunks to a server that
@@ -116,7 +106,8 @@ pub async fn quinn_stream() -> anyhow::Result<f64> {
     let tls = TlsMaterial::load_or_generate(&config)?;
     let cert_path = tls.cert_path.clone();
     let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(tls.quic_server_config()?));
-    server_config.transport_config(transport_config(config.idle_timeout, 16));
+    let windows = Windows::for_budget(config.memory.as_u64(), config.max_connections);
+    server_config.transport_config(server_transport(windows, config.idle_timeout, config.max_udp_payload));
     let server = quinn::Endpoint::server(server_config, "127.0.0.1:0".parse()?)?;
     let addr = server.local_addr()?;
     let accept = tokio::spawn(async move {
@@ -125,6 +116,7 @@ pub async fn quinn_stream() -> anyhow::Result<f64> {
                 let Ok(connection) = incoming.await else {
                     return;
                 };
+                authenticated(&connection, windows, 16);
                 while let Ok((mut send, mut recv)) = connection.accept_bi().await {
                     let mut received = 0u64;
                     while let Ok(Some(chunk)) = recv.read_chunk(usize::MAX, true).await {

@@ -27,11 +27,9 @@ use serde::Serialize;
 use shuffle_client::{ClientOptions, CommitOutcome, ExchangeMode, ShuffleClient, ShuffleId, ShuffleSpec};
 use shuffle_server::{ByteSize, ServerConfig, ServerHandle};
 
-use crate::{
-    baseline::median,
-    exchange::{ExchangeParams, run_exchange, run_sort, verify},
-    rss,
-};
+use engine_adapter::workload::client::{ExchangeParams, run_exchange, run_sort, verify};
+
+use crate::{baseline::median, rss};
 
 /// Raw client calls or the engine's job.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]

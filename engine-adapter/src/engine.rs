@@ -16,6 +16,7 @@ use std::{
 };
 
 use shuffle_client::{ClientOptions, ShuffleClient};
+#[cfg(feature = "embedded")]
 use shuffle_server::{ByteSize, ServerConfig, ServerHandle};
 
 use crate::EngineError;
@@ -84,6 +85,7 @@ impl Default for EngineOptions {
 }
 
 /// A shuffle server running inside the process.
+#[cfg(feature = "embedded")]
 struct EmbeddedServer {
     /// Its own threads, so tasks busy with user code never starve its I/O.
     runtime: tokio::runtime::Runtime,
@@ -102,6 +104,7 @@ pub(crate) struct EngineInner {
     next_id: AtomicU64,
     /// Next shuffle id: every run of a job gets fresh shuffles.
     next_shuffle: AtomicU32,
+    #[cfg(feature = "embedded")]
     embedded: Option<EmbeddedServer>,
 }
 
@@ -128,6 +131,7 @@ fn task_runtime(options: &EngineOptions) -> Result<tokio::runtime::Runtime, Engi
         .map_err(|e| EngineError::Runtime(e.to_string()))
 }
 
+#[cfg(feature = "embedded")]
 impl Engine {
     /// Starts a shuffle server in this process with default options and connects to it.
     pub fn embedded() -> Result<Self, EngineError> {
@@ -159,46 +163,15 @@ impl Engine {
         };
         let handle =
             server_runtime.block_on(shuffle_server::start(config)).map_err(|e| EngineError::Server(e.to_string()))?;
-        let client_options = ClientOptions::new(app_name()).trusted_cert(handle.cert_path());
-        let addr = handle.local_addr();
-        let embedded = EmbeddedServer { runtime: server_runtime, handle: Some(handle), data_dir };
-        Self::start(addr, client_options, options, Some(embedded))
-    }
-
-    /// Connects to a running shuffle server at `addr`. `client.app` is
-    /// replaced by a name unique to this engine unless it is set.
-    pub fn connect(addr: SocketAddr, mut client: ClientOptions, options: EngineOptions) -> Result<Self, EngineError> {
-        if client.app.is_empty() {
-            client.app = app_name();
-        }
-        Self::start(addr, client, options, None)
-    }
-
-    fn start(
-        addr: SocketAddr,
-        mut client_options: ClientOptions,
-        options: EngineOptions,
-        embedded: Option<EmbeddedServer>,
-    ) -> Result<Self, EngineError> {
+        let socket = handle.unix_socket().ok_or_else(|| EngineError::Server("the server has no Unix socket".into()))?;
+        let mut client_options = ClientOptions::new(app_name());
         client_options.write_buffer = options.write_buffer;
         client_options.sort_buffer = options.write_buffer;
         let runtime = task_runtime(&options)?;
-        let client = runtime.block_on(ShuffleClient::connect(addr, client_options))?;
-        Ok(Self {
-            inner: Arc::new(EngineInner {
-                runtime,
-                client,
-                options: Arc::new(options),
-                next_id: AtomicU64::new(1),
-                next_shuffle: AtomicU32::new(1),
-                embedded,
-            }),
-        })
-    }
-
-    /// The engine's options.
-    pub fn options(&self) -> &EngineOptions {
-        &self.inner.options
+        // The embedded server is always reached through its Unix socket.
+        let client = runtime.block_on(ShuffleClient::connect_unix(socket, client_options))?;
+        let embedded = EmbeddedServer { runtime: server_runtime, handle: Some(handle), data_dir };
+        Ok(Self::assemble(runtime, client, options, Some(embedded)))
     }
 
     /// The data directory of the embedded server, if this engine started one.
@@ -206,14 +179,65 @@ impl Engine {
         self.inner.embedded.as_ref().map(|e| e.data_dir.path())
     }
 
+    /// Bytes the embedded server holds in its memory budget now (0 without an embedded server).
+    pub fn server_memory_used(&self) -> usize {
+        self.inner.embedded.as_ref().and_then(|e| e.handle.as_ref()).map_or(0, |h| h.memory_used())
+    }
+}
+
+impl Engine {
+    /// Connects to a running shuffle server at `addr`. `client.app` is
+    /// replaced by a name unique to this engine unless it is set.
+    pub fn connect(addr: SocketAddr, mut client: ClientOptions, options: EngineOptions) -> Result<Self, EngineError> {
+        if client.app.is_empty() {
+            client.app = app_name();
+        }
+        client.write_buffer = options.write_buffer;
+        client.sort_buffer = options.write_buffer;
+        let runtime = task_runtime(&options)?;
+        let client = runtime.block_on(ShuffleClient::connect(addr, client))?;
+        Ok(Self::assemble(
+            runtime,
+            client,
+            options,
+            #[cfg(feature = "embedded")]
+            None,
+        ))
+    }
+
+    fn assemble(
+        runtime: tokio::runtime::Runtime,
+        client: ShuffleClient,
+        options: EngineOptions,
+        #[cfg(feature = "embedded")] embedded: Option<EmbeddedServer>,
+    ) -> Self {
+        Self {
+            inner: Arc::new(EngineInner {
+                runtime,
+                client,
+                options: Arc::new(options),
+                next_id: AtomicU64::new(1),
+                next_shuffle: AtomicU32::new(1),
+                #[cfg(feature = "embedded")]
+                embedded,
+            }),
+        }
+    }
+
+    /// The app the engine's jobs run as, and its secret: hand them to other
+    /// processes that should join the same app.
+    pub fn credentials(&self) -> &shuffle_client::AppCredentials {
+        self.inner.client.credentials()
+    }
+
+    /// The engine's options.
+    pub fn options(&self) -> &EngineOptions {
+        &self.inner.options
+    }
+
     /// Block bytes this engine's writers have pushed to the service.
     pub fn pushed_bytes(&self) -> u64 {
         self.inner.client.pushed_bytes()
-    }
-
-    /// Bytes of blocks the embedded server holds in memory now (0 without an embedded server).
-    pub fn server_memory_used(&self) -> usize {
-        self.inner.embedded.as_ref().and_then(|e| e.handle.as_ref()).map_or(0, |h| h.memory_used())
     }
 
     pub(crate) fn next_id(&self) -> u64 {
@@ -239,6 +263,7 @@ impl Drop for EngineInner {
             }
             client.close().await;
         });
+        #[cfg(feature = "embedded")]
         if let Some(embedded) = &mut self.embedded
             && let Some(handle) = embedded.handle.take()
         {

@@ -76,3 +76,48 @@ fn a_slow_sink_holds_the_source_back_and_everything_arrives_once_it_speeds_up() 
     assert_eq!(key_sum.load(Ordering::Relaxed), RECORDS * (RECORDS - 1) / 2);
     eprintln!("slow sink: source {early} → {late} emitted in 2 s, {drained} consumed");
 }
+
+/// A streaming job over two hybrid exchanges with a slow sink: the stage
+/// that drains the first exchange pushes into the second, which is under
+/// its share of memory, so it is never paused on the first's behalf (with
+/// one server-wide pause, it was: a deadlock). The result is exact.
+#[test]
+fn a_streaming_job_over_two_exchanges_with_a_slow_sink_neither_deadlocks_nor_loses_records() {
+    const N: u64 = 200_000;
+    const KEYS: u64 = 5_000;
+    let options = EngineOptions {
+        server_memory: 8 << 20,
+        spill_quota: Some(1 << 20),
+        write_buffer: 128 << 10,
+        ..EngineOptions::default()
+    };
+    let engine = Engine::embedded_with(options).unwrap();
+    let job = engine
+        .generate_at_rate(RateSource { rate: None, limit: Some(N), ..RateSource::default() }, 2, |i| {
+            let value: Vec<u8> =
+                (0..VALUE_LEN / 8).flat_map(|w| splitmix64(i ^ (w as u64) << 40).to_le_bytes()).collect();
+            (splitmix64(i) % KEYS, (1u64, value))
+        })
+        .reduce_by_key(|(a, v), (b, _)| (a + b, v), 4)
+        .map(|(key, (count, _))| (key % 97, (key, count)))
+        .partition_by_key(3);
+    let latest = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let sink = latest.clone();
+    std::thread::spawn(move || {
+        let result = job.for_each(ExecutionMode::Streaming, move |(_, (key, count))| {
+            std::thread::sleep(Duration::from_micros(20));
+            sink.lock().unwrap().insert(key, count);
+        });
+        let _ = done_tx.send(result);
+    });
+    let result = done_rx.recv_timeout(Duration::from_secs(180)).expect("the job finished: no deadlock");
+    result.unwrap();
+    let latest = latest.lock().unwrap();
+    let mut expected = std::collections::HashMap::new();
+    for i in 0..N {
+        *expected.entry(splitmix64(i) % KEYS).or_insert(0u64) += 1;
+    }
+    assert_eq!(*latest, expected, "final counts per key");
+    assert_eq!(latest.values().sum::<u64>(), N);
+}

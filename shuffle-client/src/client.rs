@@ -1,73 +1,152 @@
-//! [`ShuffleClient`]: QUIC connections to a server, bound to one app: one
-//! for control requests and pushes, one for partition reads.
+//! [`ShuffleClient`]: the links to one server, bound to one app.
+//!
+//! Over QUIC a client holds two connections (one for control requests and
+//! pushes, one for partition reads, so each has its own crypto and packet
+//! work). When the server says it has a Unix socket and the client can open
+//! it and finds the same server behind it (the same server id in its
+//! `Welcome`), everything moves to the socket and the QUIC connections are
+//! closed. [`ShuffleClient::connect_unix`] goes straight to a socket (the
+//! embedded server is always reached that way).
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use rustls::pki_types::{CertificateDer, pem::PemObject};
 use shuffle_protocol::{
-    AppId, AttemptId, MapId, PROTOCOL_VERSION, PartitionId, Request, Response, ShuffleId, ShuffleSpec,
+    AppId, AppSecret, AttemptId, Codec, MapId, PROTOCOL_VERSION, PartitionId, Request, Response, ShuffleId, ShuffleSpec,
 };
 
 use crate::{
-    ClientError, ClientOptions, MapWriter, PartitionReader,
-    transport::{open_request, transport_config},
+    AppCredentials, ClientError, ClientOptions, MapWriter, PartitionReader,
+    transport::{Link, open_request, transport_config},
+    unix::UnixLink,
 };
 
 /// ALPN protocol id, as the server's.
 const ALPN: &[u8] = b"shuffle/1";
 
-/// Connections to the shuffle service for one app. Cheap to clone; clones share the connection.
+/// Links to the shuffle service for one app. Cheap to clone; clones share the links.
 #[derive(Clone)]
 pub struct ShuffleClient {
     inner: Arc<Inner>,
 }
 
 struct Inner {
-    /// Kept so the connections' UDP socket lives as long as the client.
-    endpoint: quinn::Endpoint,
-    /// The connection for control requests and push streams.
-    connection: quinn::Connection,
-    /// A second connection for partition reads. A quinn connection is driven
-    /// by one task on each side, so reads running alongside pushes (hybrid
-    /// mode) get their own crypto and packet work instead of queueing behind
-    /// the pushes: W1 in hybrid mode went from 5.0 s to 4.1 s on two cores.
-    read_connection: quinn::Connection,
+    /// Kept so the QUIC connections' UDP socket lives as long as the client.
+    endpoint: Option<quinn::Endpoint>,
+    /// Control requests and push streams.
+    control: Link,
+    /// Partition reads (the same link on the Unix socket).
+    reads: Link,
     /// Options the client was made with.
     options: ClientOptions,
-    /// The app this connection is bound to.
+    /// The app this client is bound to, and its secret.
+    credentials: AppCredentials,
     app: AppId,
+    /// The server's Unix socket, when the client uses it.
+    unix_socket: Option<PathBuf>,
     /// Block bytes pushed by this client's writers (headers included), as the server counts them.
     pushed_bytes: Arc<std::sync::atomic::AtomicU64>,
 }
 
+/// What a server's `Welcome` said.
+struct Welcomed {
+    secret: AppSecret,
+    server_id: String,
+    unix_socket: Option<String>,
+}
+
 impl ShuffleClient {
-    /// Connects to the server at `addr` and binds the connection to `options.app`.
+    /// Connects to the server at `addr` and binds the client to
+    /// `options.app`: creates the app (no secret in the options) or joins
+    /// it. Moves to the server's Unix socket when it is on this host.
     pub async fn connect(addr: SocketAddr, options: ClientOptions) -> Result<Self, ClientError> {
         let app = AppId::new(options.app.clone()).map_err(|e| ClientError::Options(e.to_string()))?;
         let connect_err = |reason: String| ClientError::Connect { addr, reason };
-        let crypto = client_crypto(&options)?;
-        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-        config.transport_config(transport_config(options.idle_timeout));
+        let config = quic_client_config(&options)?;
         let bind: SocketAddr = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().expect("valid literal");
         let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| connect_err(e.to_string()))?;
         endpoint.set_default_client_config(config);
-        let connection = open_connection(&endpoint, addr, &options, &app).await?;
-        let read_connection = open_connection(&endpoint, addr, &options, &app).await?;
-        Ok(Self {
+        let (control, welcome) = open_connection(&endpoint, addr, &options, &app, options.secret.clone()).await?;
+        let secret = welcome.secret.clone();
+        if options.same_host
+            && let Some(path) = welcome.unix_socket.as_deref().map(Path::new)
+            && path.exists()
+        {
+            match UnixLink::connect(path, &app, Some(secret.clone()), options.auth_token.clone()).await {
+                Ok((link, unix_welcome)) if unix_welcome.server_id == welcome.server_id => {
+                    control.close(0u32.into(), b"moving to the Unix socket");
+                    let link = Link::Unix(Arc::new(link));
+                    tracing::debug!(socket = %path.display(), "using the server's Unix socket");
+                    return Ok(Self::assemble(None, link.clone(), link, options, app, secret, Some(path.into())));
+                }
+                Ok(_) => {
+                    tracing::debug!(socket = %path.display(), "another server answers on that socket; staying on QUIC")
+                }
+                Err(e) => {
+                    tracing::debug!(socket = %path.display(), error = %e, "cannot use the Unix socket; staying on QUIC")
+                }
+            }
+        }
+        let (reads, _) = open_connection(&endpoint, addr, &options, &app, Some(secret.clone())).await?;
+        Ok(Self::assemble(Some(endpoint), Link::Quic(control), Link::Quic(reads), options, app, secret, None))
+    }
+
+    /// Connects through the server's Unix socket at `path` only.
+    pub async fn connect_unix(path: impl AsRef<Path>, options: ClientOptions) -> Result<Self, ClientError> {
+        let path = path.as_ref();
+        let app = AppId::new(options.app.clone()).map_err(|e| ClientError::Options(e.to_string()))?;
+        let connect = UnixLink::connect(path, &app, options.secret.clone(), options.auth_token.clone());
+        let (link, welcome) =
+            tokio::time::timeout(options.connect_timeout, connect).await.map_err(|_| ClientError::ConnectUnix {
+                path: path.into(),
+                reason: format!("no Welcome within {:?}", options.connect_timeout),
+            })??;
+        let link = Link::Unix(Arc::new(link));
+        Ok(Self::assemble(None, link.clone(), link, options, app, welcome.secret, Some(path.into())))
+    }
+
+    fn assemble(
+        endpoint: Option<quinn::Endpoint>,
+        control: Link,
+        reads: Link,
+        options: ClientOptions,
+        app: AppId,
+        secret: AppSecret,
+        unix_socket: Option<PathBuf>,
+    ) -> Self {
+        let credentials = AppCredentials { app: app.to_string(), secret };
+        Self {
             inner: Arc::new(Inner {
                 endpoint,
-                connection,
-                read_connection,
+                control,
+                reads,
                 options,
+                credentials,
                 app,
+                unix_socket,
                 pushed_bytes: Arc::default(),
             }),
-        })
+        }
     }
 
     /// The app this client is bound to.
     pub fn app(&self) -> &AppId {
         &self.inner.app
+    }
+
+    /// The app's name and secret, to hand to processes that should join it
+    /// (see [`AppCredentials::to_env`] and [`ClientOptions::joining`]).
+    pub fn credentials(&self) -> &AppCredentials {
+        &self.inner.credentials
+    }
+
+    /// The server's Unix socket, when this client talks to the server through it.
+    pub fn unix_socket(&self) -> Option<&Path> {
+        self.inner.unix_socket.as_deref()
     }
 
     /// Block bytes this client's writers have pushed, block headers included:
@@ -83,7 +162,7 @@ impl ShuffleClient {
 
     /// Sends a request that is answered by `Ok`.
     async fn call_ok(&self, request: &Request) -> Result<(), ClientError> {
-        let (_send, mut reader) = open_request(&self.inner.connection, request, true).await?;
+        let (_send, mut reader) = open_request(&self.inner.control, request, true).await?;
         match reader.response().await? {
             Response::Ok => Ok(()),
             other => Err(ClientError::Protocol(format!("expected Ok, got {other:?}"))),
@@ -108,9 +187,13 @@ impl ShuffleClient {
     /// Opens a writer for attempt `attempt` of map `map`.
     pub async fn writer(&self, shuffle: ShuffleId, map: MapId, attempt: AttemptId) -> Result<MapWriter, ClientError> {
         let request = Request::OpenPush { shuffle, map, attempt };
-        let (send, mut reader) = open_request(&self.inner.connection, &request, false).await?;
+        let (send, mut reader) = open_request(&self.inner.control, &request, false).await?;
         match reader.response().await? {
-            Response::PushAccepted { spec } => {
+            Response::PushAccepted { mut spec } => {
+                // In memory on this host, lz4 costs CPU and saves nothing.
+                if self.inner.control.is_unix() && !self.inner.options.compress_same_host {
+                    spec.codec = Codec::None;
+                }
                 let counter = self.inner.pushed_bytes.clone();
                 Ok(MapWriter::new(send, reader, (shuffle, map, attempt), spec, &self.inner.options, counter))
             }
@@ -118,18 +201,32 @@ impl ShuffleClient {
         }
     }
 
-    /// Opens a reader of `partition`; it yields records once every map has committed.
+    /// Opens a reader of `partition`; it yields records once every map has
+    /// committed (hybrid: as they arrive). On the Unix socket the server
+    /// hands over blocks that lie in files as the open files themselves and
+    /// the reader reads them (checking every block as it would a frame).
     pub async fn reader(&self, shuffle: ShuffleId, partition: PartitionId) -> Result<PartitionReader, ClientError> {
-        let request = Request::OpenPartition { shuffle, partition };
-        let (_send, reader) = open_request(&self.inner.read_connection, &request, true).await?;
+        let direct = self.inner.reads.is_unix() && self.inner.options.direct_reads;
+        let request = if direct {
+            Request::OpenPartitionDirect { shuffle, partition }
+        } else {
+            Request::OpenPartition { shuffle, partition }
+        };
+        let (_send, mut reader) = open_request(&self.inner.reads, &request, true).await?;
+        if direct {
+            // Nothing was read from the stream yet: every descriptor the server passes is kept.
+            reader.receive_files();
+        }
         Ok(PartitionReader::new(reader, shuffle, partition))
     }
 
-    /// Closes the connection gracefully and waits for the server to see it.
+    /// Closes the links gracefully and waits for the server to see it.
     pub async fn close(self) {
-        self.inner.connection.close(0u32.into(), b"client closed");
-        self.inner.read_connection.close(0u32.into(), b"client closed");
-        self.inner.endpoint.wait_idle().await;
+        self.inner.control.close();
+        self.inner.reads.close();
+        if let Some(endpoint) = &self.inner.endpoint {
+            endpoint.wait_idle().await;
+        }
     }
 }
 
@@ -139,7 +236,8 @@ async fn open_connection(
     addr: SocketAddr,
     options: &ClientOptions,
     app: &AppId,
-) -> Result<quinn::Connection, ClientError> {
+    secret: Option<AppSecret>,
+) -> Result<(quinn::Connection, Welcomed), ClientError> {
     let connect_err = |reason: String| ClientError::Connect { addr, reason };
     let connecting = endpoint.connect(addr, &options.server_name).map_err(|e| connect_err(e.to_string()))?;
     let timeout = options.connect_timeout;
@@ -147,18 +245,35 @@ async fn open_connection(
         .await
         .map_err(|_| connect_err(format!("no handshake within {timeout:?}")))?
         .map_err(|e| connect_err(e.to_string()))?;
-    let hello =
-        Request::Hello { protocol_version: PROTOCOL_VERSION, app: app.clone(), auth_token: options.auth_token.clone() };
+    let hello = Request::Hello {
+        protocol_version: PROTOCOL_VERSION,
+        app: app.clone(),
+        secret,
+        auth_token: options.auth_token.clone(),
+    };
+    let link = Link::Quic(connection.clone());
     let welcome = async {
-        let (_send, mut reader) = open_request(&connection, &hello, true).await?;
+        let (_send, mut reader) = open_request(&link, &hello, true).await?;
         reader.response().await
     };
     match tokio::time::timeout(timeout, welcome).await {
-        Ok(Ok(Response::Welcome { .. })) => Ok(connection),
+        Ok(Ok(Response::Welcome { app_secret, server_id, unix_socket, .. })) => {
+            Ok((connection, Welcomed { secret: app_secret, server_id, unix_socket }))
+        }
         Ok(Ok(other)) => Err(ClientError::Protocol(format!("expected Welcome, got {other:?}"))),
         Ok(Err(e)) => Err(e),
         Err(_) => Err(connect_err(format!("no answer to Hello within {timeout:?}"))),
     }
+}
+
+/// The QUIC client configuration a [`ShuffleClient`] uses: TLS 1.3 trusting
+/// `options.trusted_cert`, the service's ALPN and transport settings. For
+/// tools that measure or probe the server below the client's API.
+pub fn quic_client_config(options: &ClientOptions) -> Result<quinn::ClientConfig, ClientError> {
+    let crypto = client_crypto(options)?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    config.transport_config(transport_config(options.idle_timeout, options.max_udp_payload));
+    Ok(config)
 }
 
 /// TLS 1.3 client configuration trusting the configured certificate.

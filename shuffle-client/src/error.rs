@@ -9,6 +9,9 @@ pub enum ClientError {
     /// The connection could not be set up.
     #[error("cannot connect to {addr}: {reason}")]
     Connect { addr: std::net::SocketAddr, reason: String },
+    /// The server's Unix socket could not be used.
+    #[error("cannot connect to the Unix socket {path}: {reason}")]
+    ConnectUnix { path: std::path::PathBuf, reason: String },
     /// Options that cannot work (no trusted certificate, say).
     #[error("invalid client options: {0}")]
     Options(String),

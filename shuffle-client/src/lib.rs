@@ -1,6 +1,8 @@
 //! The client library that compute processes link to use the shuffle service.
 //!
-//! A [`ShuffleClient`] holds one QUIC connection to a server, bound to one app.
+//! A [`ShuffleClient`] holds its links to one server (QUIC, or the server's
+//! Unix socket when both are on one host), bound to one app by the app's
+//! secret ([`AppCredentials`]).
 //! Through it a job registers shuffles ([`ShuffleSpec`]), writes each map
 //! attempt's output with a [`MapWriter`] (records buffered per partition and
 //! pushed as ~64 KiB lz4 blocks, never one message per record), and reads each
@@ -30,15 +32,17 @@ mod options;
 mod reader;
 mod sort_buffer;
 mod transport;
+mod unix;
 mod writer;
 
-pub use client::ShuffleClient;
+pub use bytes::Bytes;
+pub use client::{ShuffleClient, quic_client_config};
 pub use error::ClientError;
-pub use options::ClientOptions;
+pub use options::{APP_ENV, APP_SECRET_ENV, AppCredentials, ClientOptions};
 pub use reader::{PartitionReader, Record, RecordBlock};
 pub use shuffle_protocol::{
-    AppId, AttemptId, Codec, ErrorKind, ExchangeMode, MapId, PartitionId, ServiceError, ShuffleId, ShuffleSpec,
-    SpillStrategy,
+    AppId, AppSecret, AttemptId, Codec, ErrorKind, ExchangeMode, MapId, PartitionId, ServiceError, ShuffleId,
+    ShuffleSpec, SpillStrategy,
 };
 pub use sort_buffer::{SORT_ENTRY_BYTES, SortBuffer};
 pub use writer::{CommitOutcome, MapWriter};

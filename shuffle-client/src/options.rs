@@ -1,6 +1,8 @@
-//! How a client connects and how much memory its writers may use.
+//! How a client connects, who it is, and how much memory its writers may use.
 
 use std::{path::PathBuf, time::Duration};
+
+use shuffle_protocol::{AppSecret, limits};
 
 /// Bytes of records a writer buffers per partition before pushing a block.
 /// 64 KiB keeps blocks large enough that per-block costs (a frame, a CRC,
@@ -19,17 +21,61 @@ pub const DEFAULT_WRITE_BUFFER: usize = 32 * 1024 * 1024;
 /// enough for several writers per compute process.
 pub const DEFAULT_SORT_BUFFER: usize = 32 * 1024 * 1024;
 
+/// The environment variable that carries an app's name to a child process.
+pub const APP_ENV: &str = "SHUFFLE_APP";
+/// The environment variable that carries an app's secret to a child process.
+pub const APP_SECRET_ENV: &str = "SHUFFLE_APP_SECRET";
+
+/// Who a client is on the server: its app and the app's secret. A client
+/// that created the app hands these to every process that should join it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AppCredentials {
+    /// The app's name.
+    pub app: String,
+    /// The secret the server generated when the app was created.
+    pub secret: AppSecret,
+}
+
+impl AppCredentials {
+    /// The credentials as environment variables for a child process.
+    pub fn to_env(&self) -> [(&'static str, String); 2] {
+        [(APP_ENV, self.app.clone()), (APP_SECRET_ENV, self.secret.0.clone())]
+    }
+
+    /// The credentials a parent process passed in the environment, if any.
+    pub fn from_env() -> Option<Self> {
+        let app = std::env::var(APP_ENV).ok()?;
+        let secret = std::env::var(APP_SECRET_ENV).ok()?;
+        Some(Self { app, secret: AppSecret(secret) })
+    }
+}
+
 /// Options of a [`crate::ShuffleClient`].
 #[derive(Clone, Debug)]
 pub struct ClientOptions {
     /// The app (job) this client works for; its shuffles belong to it.
     pub app: String,
+    /// The app's secret, to join an existing app; `None` creates the app
+    /// (the server generates its secret: see [`crate::ShuffleClient::credentials`]).
+    pub secret: Option<AppSecret>,
     /// Name the server's certificate must carry.
     pub server_name: String,
-    /// PEM certificate (or CA) to trust for the server; required.
+    /// PEM certificate (or CA) to trust for the server; required for QUIC.
     pub trusted_cert: Option<PathBuf>,
-    /// Token to present, if the server demands one.
+    /// Admission token to present, if the server demands one.
     pub auth_token: Option<String>,
+    /// Use the server's Unix socket when it is on this host (found and
+    /// checked automatically); `false` keeps everything on QUIC.
+    pub same_host: bool,
+    /// Compress blocks on the same-host path too (lz4 costs CPU and saves
+    /// no bandwidth in memory, so it is off unless asked for).
+    pub compress_same_host: bool,
+    /// On the same-host path, read blocks that lie in the server's files
+    /// from the files themselves (passed over the socket) instead of
+    /// through the server.
+    pub direct_reads: bool,
+    /// Largest UDP payload QUIC may probe up to (jumbo frames: 8952).
+    pub max_udp_payload: u16,
     /// Target size of a block's records before compression.
     pub block_size: usize,
     /// Most bytes one hash-mode writer buffers across its partitions.
@@ -47,9 +93,14 @@ impl ClientOptions {
     pub fn new(app: impl Into<String>) -> Self {
         Self {
             app: app.into(),
+            secret: None,
             server_name: "localhost".to_string(),
             trusted_cert: None,
             auth_token: None,
+            same_host: true,
+            compress_same_host: false,
+            direct_reads: true,
+            max_udp_payload: limits::DEFAULT_MAX_UDP_PAYLOAD,
             block_size: DEFAULT_BLOCK_SIZE,
             write_buffer: DEFAULT_WRITE_BUFFER,
             sort_buffer: DEFAULT_SORT_BUFFER,
@@ -58,15 +109,32 @@ impl ClientOptions {
         }
     }
 
+    /// Options that join the app of `credentials`.
+    pub fn joining(credentials: &AppCredentials) -> Self {
+        Self::new(credentials.app.clone()).secret(credentials.secret.clone())
+    }
+
     /// Trusts the server certificate (or CA) in this PEM file.
     pub fn trusted_cert(mut self, path: impl Into<PathBuf>) -> Self {
         self.trusted_cert = Some(path.into());
         self
     }
 
-    /// Presents this token to the server.
+    /// Presents this admission token to the server.
     pub fn auth_token(mut self, token: impl Into<String>) -> Self {
         self.auth_token = Some(token.into());
+        self
+    }
+
+    /// Joins the existing app with this secret.
+    pub fn secret(mut self, secret: AppSecret) -> Self {
+        self.secret = Some(secret);
+        self
+    }
+
+    /// Whether to use the server's Unix socket when it is on this host.
+    pub fn same_host(mut self, allowed: bool) -> Self {
+        self.same_host = allowed;
         self
     }
 }

@@ -13,8 +13,14 @@
 
 use std::{
     cmp::Reverse,
-    collections::{BinaryHeap, HashMap},
+    collections::{BinaryHeap, HashMap, VecDeque},
+    sync::Arc,
 };
+
+/// Largest file range a direct read accepts: the server sends ranges of at
+/// most a read batch (1 MiB) plus one block; this bounds what a confused or
+/// hostile server can make the reader allocate.
+const MAX_RANGE_LEN: u64 = 32 << 20;
 
 use bytes::Bytes;
 use shuffle_protocol::{
@@ -90,11 +96,17 @@ pub struct PartitionReader {
     spec: Option<ShuffleSpec>,
     /// Key-ordered reads: the merge of all runs, once every block has arrived.
     merge: Option<RunMerge>,
+    /// Direct reads: the files the server passed, by their number in this read.
+    files: HashMap<u32, Arc<std::fs::File>>,
+    /// Direct reads: checked blocks read from a file range, not yet handed out.
+    from_files: VecDeque<RecordBlock>,
 }
 
 impl PartitionReader {
     pub(crate) fn new(reader: FrameReader, shuffle: ShuffleId, partition: PartitionId) -> Self {
         Self {
+            files: HashMap::new(),
+            from_files: VecDeque::new(),
             reader,
             shuffle,
             partition,
@@ -119,6 +131,9 @@ impl PartitionReader {
     /// key-ordered shuffle use [`PartitionReader::next_record`] to get key
     /// order); `None` once the partition is complete and checked.
     pub async fn next_block(&mut self) -> Result<Option<RecordBlock>, ClientError> {
+        if let Some(block) = self.from_files.pop_front() {
+            return Ok(Some(block));
+        }
         if self.finished {
             return Ok(None);
         }
@@ -142,6 +157,17 @@ impl PartitionReader {
                         self.finished = true;
                         Err(ClientError::ProducerFailed { map, attempt, rereadable })
                     }
+                    Response::FileOpened { file } => {
+                        let fd = self.reader.take_fd().ok_or_else(|| {
+                            ClientError::Protocol(format!("FileOpened {file} came without a file descriptor"))
+                        })?;
+                        self.files.insert(file, Arc::new(std::fs::File::from(fd)));
+                        Box::pin(self.next_block()).await
+                    }
+                    Response::FileRange { file, offset, len, blocks } => {
+                        self.read_range(file, offset, len, blocks).await?;
+                        Box::pin(self.next_block()).await
+                    }
                     other => Err(ClientError::Protocol(format!("unexpected {other:?} on a partition stream"))),
                 }
             }
@@ -153,6 +179,46 @@ impl PartitionReader {
                 self.partition, self.shuffle
             ))),
         }
+    }
+
+    /// Direct reads: reads `len` bytes at `offset` of file `file` (a page
+    /// cache read, no copy through the server), and checks the `blocks`
+    /// blocks in them as if they had come as frames.
+    async fn read_range(&mut self, file: u32, offset: u64, len: u64, blocks: u32) -> Result<(), ClientError> {
+        let handle = self
+            .files
+            .get(&file)
+            .cloned()
+            .ok_or_else(|| ClientError::Protocol(format!("FileRange names file {file}, which was never opened")))?;
+        if len > MAX_RANGE_LEN {
+            return Err(ClientError::Protocol(format!(
+                "a FileRange of {len} bytes is over the limit of {MAX_RANGE_LEN}"
+            )));
+        }
+        let bytes = tokio::task::spawn_blocking(move || {
+            use std::os::unix::fs::FileExt;
+            let mut buf = vec![0u8; len as usize];
+            handle.read_exact_at(&mut buf, offset).map(|()| Bytes::from(buf))
+        })
+        .await
+        .map_err(|e| ClientError::ConnectionLost(format!("reading a shuffle file: {e}")))?
+        .map_err(|e| self.integrity(None, format!("reading {len} bytes at {offset} of a shuffle file: {e}")))?;
+        let mut at = 0;
+        for _ in 0..blocks {
+            let header =
+                shuffle_protocol::BlockHeader::decode(&bytes[at..]).map_err(|e| self.integrity(None, e.to_string()))?;
+            let end = at + shuffle_protocol::BLOCK_HEADER_LEN + header.stored_len as usize;
+            if end > bytes.len() {
+                return Err(self.integrity(Some(header.id.map), "a block runs past the end of its file range".into()));
+            }
+            let block = self.accept_block(bytes.slice(at..end))?;
+            self.from_files.push_back(block);
+            at = end;
+        }
+        if at != bytes.len() {
+            return Err(self.integrity(None, format!("{} bytes of a file range hold no block", bytes.len() - at)));
+        }
+        Ok(())
     }
 
     /// Checks one block and returns its records.

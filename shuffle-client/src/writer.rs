@@ -20,7 +20,7 @@ use shuffle_protocol::{
 
 use crate::{
     ClientError, ClientOptions, SortBuffer,
-    transport::{FrameReader, request_frame, write_error},
+    transport::{FrameReader, SendError, StreamSend, request_frame},
 };
 
 /// What ending a map attempt decided.
@@ -59,7 +59,7 @@ enum Layout {
 /// dropping the writer abandons the attempt, and its blocks are never read.
 pub struct MapWriter {
     /// The stream carrying this attempt's blocks.
-    send: quinn::SendStream,
+    send: StreamSend,
     /// The server's side of the stream, for its verdict or error.
     reader: FrameReader,
     shuffle: ShuffleId,
@@ -90,7 +90,7 @@ pub struct MapWriter {
 
 impl MapWriter {
     pub(crate) fn new(
-        send: quinn::SendStream,
+        send: StreamSend,
         reader: FrameReader,
         (shuffle, map, attempt): (ShuffleId, MapId, AttemptId),
         spec: ShuffleSpec,
@@ -258,7 +258,9 @@ impl MapWriter {
         self.codec.observe(tried, &block.header);
         totals.add(&block.header);
         let mut head = Vec::with_capacity(FRAME_HEADER_LEN + BLOCK_HEADER_LEN);
-        head.extend_from_slice(&encode_frame_header(FrameKind::Block, block.len()));
+        let frame_header =
+            encode_frame_header(FrameKind::Block, block.len()).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        head.extend_from_slice(&frame_header);
         head.extend_from_slice(&block.header_bytes);
         let len = block.len() as u64;
         self.send_chunks(&mut [Bytes::from(head), block.payload]).await?;
@@ -268,18 +270,18 @@ impl MapWriter {
 
     /// Sends chunks; if the server stopped the stream, returns the error it sent.
     async fn send_chunks(&mut self, chunks: &mut [Bytes]) -> Result<(), ClientError> {
-        match self.send.write_all_chunks(chunks).await {
+        match self.send.write_chunks(chunks).await {
             Ok(()) => Ok(()),
-            Err(quinn::WriteError::Stopped(_)) => {
+            Err(SendError::Stopped) => {
                 self.done = true;
                 Err(match self.reader.response().await {
                     Err(e) => e,
                     Ok(other) => ClientError::Protocol(format!("server stopped the push stream after {other:?}")),
                 })
             }
-            Err(e) => {
+            Err(SendError::Lost(e)) => {
                 self.done = true;
-                Err(write_error(e))
+                Err(e)
             }
         }
     }
@@ -305,9 +307,9 @@ impl MapWriter {
         self.flush().await?;
         let partitions = self.totals.values().copied().collect();
         let end = Request::MapEnd(MapEnd { map: self.map, attempt: self.attempt, partitions });
-        self.send_chunks(&mut [request_frame(&end)]).await?;
+        self.send_chunks(&mut [request_frame(&end)?]).await?;
         self.done = true;
-        let _ = self.send.finish();
+        self.send.finish();
         match self.reader.response().await? {
             Response::Committed { .. } => Ok(CommitOutcome::Committed),
             Response::AttemptRefused { committed_attempt, .. } => Ok(CommitOutcome::Refused { committed_attempt }),
@@ -323,7 +325,7 @@ impl MapWriter {
     fn reset(&mut self) {
         if !self.done {
             self.done = true;
-            let _ = self.send.reset(0u32.into());
+            self.send.reset();
         }
     }
 }

@@ -25,11 +25,11 @@ pub use block::{
     encode_block_parts,
 };
 pub use error::ProtocolError;
-pub use frame::{FRAME_HEADER_LEN, Frame, FrameKind, MAX_FRAME_LEN, decode_frame, encode_frame_header};
+pub use frame::{FRAME_HEADER_LEN, Frame, FrameDecoder, FrameKind, MAX_FRAME_LEN, encode_frame, encode_frame_header};
 pub use ids::{AppId, AttemptId, MapId, PartitionId, ShuffleId};
 pub use message::{
-    ErrorKind, ExchangeMode, MapCommit, MapEnd, PROTOCOL_VERSION, Request, Response, ServiceError, ShuffleSpec,
-    SpillStrategy,
+    APP_SECRET_BYTES, AppSecret, ErrorKind, ExchangeMode, MAX_MAPS, MAX_PARTITIONS, MapCommit, MapEnd,
+    PROTOCOL_VERSION, Request, Response, ServiceError, ShuffleSpec, SpillStrategy,
 };
 pub use record::{RecordIter, append_record, key_prefix, record_len};
 pub use totals::PartitionTotals;

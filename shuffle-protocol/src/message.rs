@@ -5,7 +5,9 @@
 //! Each request runs on its own bidirectional stream:
 //!
 //! - `Hello` is the first stream of a connection; nothing else is served
-//!   before it succeeds.
+//!   before it succeeds. It binds the connection to an app: without a
+//!   secret it creates the app and the `Welcome` carries the app's new
+//!   secret; with the secret it joins the existing app (see [`AppSecret`]).
 //! - `RegisterShuffle`, `UnregisterShuffle`, `UnregisterApp`: one request, one
 //!   `Ok` or `Error`.
 //! - `OpenPush`: answered by `PushAccepted`; then the client sends block
@@ -19,11 +21,51 @@ use serde::{Deserialize, Serialize};
 use crate::{AppId, AttemptId, Codec, MapId, PartitionId, PartitionTotals, ProtocolError, ShuffleId};
 
 /// Version of this message set; a server refuses a `Hello` with another.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
-/// Upper bound on maps and on partitions of one shuffle. It bounds the
-/// per-shuffle tables the server allocates from a client's `ShuffleSpec`.
-pub const MAX_MAPS_OR_PARTITIONS: u32 = 1_000_000;
+/// Most map tasks of one shuffle, 200,000: above the largest Spark jobs'
+/// map counts seen in practice, and small enough that a `PartitionEnd`
+/// naming every map (at most [`MAX_MAP_COMMIT_LEN`] bytes each, 7 MiB in
+/// all) fits in one frame of [`crate::MAX_FRAME_LEN`].
+pub const MAX_MAPS: u32 = 200_000;
+
+/// Most partitions of one shuffle, 200,000: sort mode is meant for R in the
+/// thousands to tens of thousands; a `MapEnd` naming every partition (at
+/// most [`MAX_PARTITION_TOTALS_LEN`] bytes each, 6 MiB) fits in one frame.
+pub const MAX_PARTITIONS: u32 = 200_000;
+
+/// Largest postcard encoding of one [`MapCommit`]: six varints (two u32
+/// ids, three u32 fields and a u64) of at most 5, 5, 5, 5, 10 and 5 bytes.
+pub const MAX_MAP_COMMIT_LEN: usize = 35;
+
+/// Largest postcard encoding of one [`PartitionTotals`]: 5 + 5 + 10 + 5 bytes.
+pub const MAX_PARTITION_TOTALS_LEN: usize = 25;
+
+/// Bytes of an app secret before hex encoding: 256 bits from the OS's
+/// random source, so guessing one is hopeless.
+pub const APP_SECRET_BYTES: usize = 32;
+
+/// The secret that binds connections to an app, as 64 lowercase hex digits.
+///
+/// The server generates it when the app is created (the first `Hello` for
+/// the app's name, presented without a secret) and returns it in `Welcome`;
+/// every later connection for the app presents it. The client library keeps
+/// it for its user and hands it to the connections and processes it spawns.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppSecret(pub String);
+
+impl AppSecret {
+    /// Whether it has the shape the server generates (64 hex digits).
+    pub fn is_well_formed(&self) -> bool {
+        self.0.len() == 2 * APP_SECRET_BYTES && self.0.bytes().all(|b| b.is_ascii_hexdigit())
+    }
+}
+
+impl std::fmt::Debug for AppSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AppSecret(..)") // never printed into logs
+    }
+}
 
 /// How a shuffle's data is laid out and exchanged (DESIGN.md, "The three exchange modes").
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -97,14 +139,15 @@ impl ShuffleSpec {
         Self { mode: ExchangeMode::Sort, key_ordering, ..Self::hash(maps, partitions) }
     }
 
-    /// Checks the spec against the limits of this protocol version.
+    /// Checks the spec against the limits of this protocol version, which
+    /// keep every message about the shuffle within one frame.
     pub fn validate(&self) -> Result<(), String> {
         if self.key_ordering && self.mode != ExchangeMode::Sort {
             return Err(format!("key ordering needs sort mode, not {:?}", self.mode));
         }
-        for (what, n) in [("maps", self.maps), ("partitions", self.partitions)] {
-            if n == 0 || n > MAX_MAPS_OR_PARTITIONS {
-                return Err(format!("{what} = {n} is outside 1..={MAX_MAPS_OR_PARTITIONS}"));
+        for (what, n, max) in [("maps", self.maps, MAX_MAPS), ("partitions", self.partitions, MAX_PARTITIONS)] {
+            if n == 0 || n > max {
+                return Err(format!("{what} = {n} is outside 1..={max}"));
             }
         }
         Ok(())
@@ -125,8 +168,11 @@ pub struct MapEnd {
 /// A request from client to server.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
-    /// Opens a connection for `app`, presenting the server's token if it has one.
-    Hello { protocol_version: u16, app: AppId, auth_token: Option<String> },
+    /// Binds the connection to `app`, presenting the server's admission token
+    /// if it has one. Without `secret` the app is created (its name must be
+    /// free) and `Welcome` returns its new secret; with it, the connection
+    /// joins the existing app.
+    Hello { protocol_version: u16, app: AppId, secret: Option<AppSecret>, auth_token: Option<String> },
     /// Registers a shuffle of the connection's app; idempotent for an equal spec.
     RegisterShuffle { shuffle: ShuffleId, spec: ShuffleSpec },
     /// Removes a shuffle with its memory and files.
@@ -139,6 +185,11 @@ pub enum Request {
     MapEnd(MapEnd),
     /// Reads one partition on this stream.
     OpenPartition { shuffle: ShuffleId, partition: PartitionId },
+    /// Reads one partition on this Unix-socket stream, taking blocks that
+    /// lie in files as the open files themselves (`FileOpened`, with the
+    /// descriptor passed beside the frame) and the ranges to read from them
+    /// (`FileRange`); blocks in memory come as block frames.
+    OpenPartitionDirect { shuffle: ShuffleId, partition: PartitionId },
 }
 
 /// The committed attempt of one map, and what it wrote to the partition being read.
@@ -165,7 +216,8 @@ pub enum ErrorKind {
     ProtocolVersion,
     /// The connection did not present the server's auth token.
     Unauthenticated,
-    /// The connection's app was unregistered or expired.
+    /// No app of that name is known to this connection: it does not exist,
+    /// was unregistered or expired, or the secret presented is not its secret.
     UnknownApp,
     /// No such shuffle in this app.
     UnknownShuffle,
@@ -197,6 +249,10 @@ pub enum ErrorKind {
     ShuttingDown,
     /// The server has no room for another connection or stream.
     Busy,
+    /// A `Hello` without a secret asked to create an app whose name is taken.
+    AppExists,
+    /// A named limit of the server (apps, shuffles per app, table memory) would be exceeded.
+    LimitExceeded,
 }
 
 /// An error sent back to the client that caused it.
@@ -237,8 +293,18 @@ impl From<ProtocolError> for ServiceError {
 pub enum Response {
     /// The request succeeded and has nothing to return.
     Ok,
-    /// The `Hello` succeeded.
-    Welcome { server_version: String },
+    /// The `Hello` succeeded: the connection is bound to its app.
+    Welcome {
+        /// The server's software version.
+        server_version: String,
+        /// The app's secret (new if this `Hello` created the app).
+        app_secret: AppSecret,
+        /// Identifies this server process; a client that finds the server's
+        /// Unix socket checks it answers with the same id.
+        server_id: String,
+        /// The server's Unix socket, for clients on the same host.
+        unix_socket: Option<String>,
+    },
     /// The push may begin; the shuffle has this spec.
     PushAccepted { spec: ShuffleSpec },
     /// This attempt is the map's committed attempt.
@@ -254,6 +320,11 @@ pub enum Response {
     ProducerFailed { map: MapId, attempt: AttemptId, rereadable: bool },
     /// All blocks of the partition were sent; here is what each map committed to it.
     PartitionEnd { partition: PartitionId, maps: Vec<MapCommit> },
+    /// Direct reads: the file descriptor sent beside this frame is file `file` of this read.
+    FileOpened { file: u32 },
+    /// Direct reads: the next `blocks` blocks lie back to back in file `file`,
+    /// `len` bytes at `offset`; the reader reads and checks them itself.
+    FileRange { file: u32, offset: u64, len: u64, blocks: u32 },
     /// The request failed.
     Error(ServiceError),
 }
@@ -311,9 +382,18 @@ mod tests {
 
     fn request() -> impl Strategy<Value = Request> {
         prop_oneof![
-            ("[a-z0-9_.-]{1,64}", any::<u16>(), proptest::option::of(".{0,40}")).prop_map(|(app, v, t)| {
-                Request::Hello { protocol_version: v, app: AppId::new(app).unwrap(), auth_token: t }
-            }),
+            (
+                "[a-z0-9][a-z0-9_.-]{0,63}",
+                any::<u16>(),
+                proptest::option::of("[0-9a-f]{64}"),
+                proptest::option::of(".{0,40}")
+            )
+                .prop_map(|(app, v, secret, t)| Request::Hello {
+                    protocol_version: v,
+                    app: AppId::new(app).unwrap(),
+                    secret: secret.map(AppSecret),
+                    auth_token: t
+                }),
             (any::<u32>(), spec()).prop_map(|(s, spec)| Request::RegisterShuffle { shuffle: ShuffleId(s), spec }),
             any::<u32>().prop_map(|s| Request::UnregisterShuffle { shuffle: ShuffleId(s) }),
             Just(Request::UnregisterApp),
@@ -323,6 +403,8 @@ mod tests {
                 .prop_map(|(map, attempt, partitions)| Request::MapEnd(MapEnd { map, attempt, partitions })),
             (any::<u32>(), any::<u32>())
                 .prop_map(|(s, partition)| Request::OpenPartition { shuffle: ShuffleId(s), partition }),
+            (any::<u32>(), any::<u32>())
+                .prop_map(|(s, partition)| Request::OpenPartitionDirect { shuffle: ShuffleId(s), partition }),
         ]
     }
 
@@ -334,7 +416,14 @@ mod tests {
         });
         prop_oneof![
             Just(Response::Ok),
-            ".{0,20}".prop_map(|v| Response::Welcome { server_version: v }),
+            (".{0,20}", "[0-9a-f]{64}", proptest::option::of("/[a-z/]{0,30}")).prop_map(|(v, secret, socket)| {
+                Response::Welcome {
+                    server_version: v,
+                    app_secret: AppSecret(secret),
+                    server_id: "id".into(),
+                    unix_socket: socket,
+                }
+            }),
             spec().prop_map(|spec| Response::PushAccepted { spec }),
             spec().prop_map(|spec| Response::PartitionOpened { spec }),
             (any::<u32>(), any::<u32>(), any::<bool>())
@@ -345,7 +434,38 @@ mod tests {
             (any::<u32>(), proptest::collection::vec(commit, 0..10))
                 .prop_map(|(partition, maps)| Response::PartitionEnd { partition, maps }),
             ".{0,80}".prop_map(|m| Response::Error(ServiceError::new(ErrorKind::UnknownShuffle, m))),
+            any::<u32>().prop_map(|file| Response::FileOpened { file }),
+            (any::<u32>(), any::<u64>(), any::<u64>(), any::<u32>())
+                .prop_map(|(file, offset, len, blocks)| Response::FileRange { file, offset, len, blocks }),
         ]
+    }
+
+    #[test]
+    fn the_largest_messages_the_limits_allow_fit_in_one_frame() {
+        let worst_totals =
+            PartitionTotals { partition: u32::MAX, blocks: u32::MAX, records: u64::MAX, checksum: u32::MAX };
+        let commit = MapCommit { map: u32::MAX, attempt: u32::MAX, totals: worst_totals };
+        assert_eq!(postcard::to_stdvec(&commit).unwrap().len(), MAX_MAP_COMMIT_LEN);
+        assert_eq!(postcard::to_stdvec(&worst_totals).unwrap().len(), MAX_PARTITION_TOTALS_LEN);
+        let end = Response::PartitionEnd { partition: u32::MAX, maps: vec![commit; MAX_MAPS as usize] };
+        assert!(end.encode().len() <= crate::MAX_FRAME_LEN);
+        let map_end = Request::MapEnd(MapEnd {
+            map: u32::MAX,
+            attempt: u32::MAX,
+            partitions: vec![worst_totals; MAX_PARTITIONS as usize],
+        });
+        assert!(map_end.encode().len() <= crate::MAX_FRAME_LEN);
+        assert!(ShuffleSpec::hash(MAX_MAPS + 1, 1).validate().is_err());
+        assert!(ShuffleSpec::hash(1, MAX_PARTITIONS + 1).validate().is_err());
+        assert!(ShuffleSpec::hash(MAX_MAPS, MAX_PARTITIONS).validate().is_ok());
+    }
+
+    #[test]
+    fn secrets_are_never_printed() {
+        let secret = AppSecret("ab".repeat(32));
+        assert!(secret.is_well_formed());
+        assert!(!format!("{secret:?}").contains("abab"));
+        assert!(!AppSecret("xyz".into()).is_well_formed());
     }
 
     proptest! {

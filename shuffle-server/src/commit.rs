@@ -158,6 +158,14 @@ impl MapCommits {
         }
     }
 
+    /// Every committed map: its attempt and declared totals.
+    pub fn committed_maps(&self) -> impl Iterator<Item = (MapId, AttemptId, &[PartitionTotals])> + '_ {
+        self.committed
+            .iter()
+            .enumerate()
+            .filter_map(|(m, c)| c.as_ref().map(|c| (m as MapId, c.attempt, c.totals.as_slice())))
+    }
+
     /// The committed attempt of `map`, if any.
     pub fn committed_attempt(&self, map: MapId) -> Option<AttemptId> {
         self.committed.get(map as usize)?.as_ref().map(|c| c.attempt)

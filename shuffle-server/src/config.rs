@@ -1,139 +1,239 @@
-//! Server configuration: defaults that run with no file, a TOML file given
-//! with `--config FILE`, and command-line flags that override the file.
+//! Server configuration: one struct, [`ServerConfig`], that is at once the
+//! command line (clap), the TOML file (serde) and what the library takes.
 //!
-//! The same keys are used in all three places (`data_dir` in the file is
-//! `--data-dir` on the command line). Sizes accept `512MiB`, `2GiB`, `64KiB`
-//! or a plain number of bytes; durations accept `500ms`, `30s`, `5m`, `1h`.
+//! Defaults run with no file. `--config FILE` loads a TOML file with the
+//! same keys as the flags (`data_dir` in the file is `--data-dir` on the
+//! command line); a flag given on the command line wins over the file, the
+//! file over the defaults. Sizes are written `512MiB`, `2GiB` (bytesize);
+//! durations `500ms`, `30s`, `5m` (humantime). The admission token is never
+//! a flag (argv is visible to every user of the host): it comes from
+//! `--auth-token-file` or the `SHUFFLE_AUTH_TOKEN` environment variable.
 
-use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 
-use serde::{Deserialize, Deserializer};
+use bytesize::ByteSize;
+use clap::{CommandFactory, FromArgMatches, Parser, parser::ValueSource};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::ServerError;
-
-/// Everything the server needs to start.
-#[derive(Clone, Debug)]
-pub struct ServerConfig {
-    /// UDP address the QUIC endpoint binds (port 0 picks a free one).
-    pub listen: SocketAddr,
-    /// Directory for shuffle files and the generated certificate.
-    pub data_dir: PathBuf,
-    /// Server-wide memory budget for buffered blocks.
-    pub memory: ByteSize,
-    /// A partition's in-memory blocks are written to its file once they reach this size.
-    pub flush_size: ByteSize,
-    /// Free space kept on the data dir's filesystem; a flush that would eat into it fails.
-    pub disk_reserve: ByteSize,
-    /// PEM certificate chain; with `key`. Without both, a self-signed one is generated.
-    pub cert: Option<PathBuf>,
-    /// PEM private key for `cert`.
-    pub key: Option<PathBuf>,
-    /// When set, connections must present this token in their `Hello`.
-    pub auth_token: Option<String>,
-    /// An app with no open connection for this long is removed with its files.
-    pub app_timeout: Duration,
-    /// A connection that shows no sign of life for this long is closed.
-    pub idle_timeout: Duration,
-    /// On SIGTERM, in-flight requests get this long to finish before the server stops.
-    pub shutdown_grace: Duration,
-    /// Most connections served at once; more are refused as busy.
-    pub max_connections: usize,
-    /// Most concurrent request streams one connection may open.
-    pub max_streams_per_connection: u32,
-    /// TCP address of the `/metrics` and `/status` listener; `None`: no listener.
-    /// The library's default is `None` (embedded servers open no extra port);
-    /// the `shuffle-server` binary defaults to [`DEFAULT_METRICS_ADDR`].
-    pub metrics_addr: Option<SocketAddr>,
-}
 
 /// Where the daemon serves `/metrics` and `/status` unless told otherwise.
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9337";
 
-impl Default for ServerConfig {
-    fn default() -> Self {
-        Self {
-            listen: SocketAddr::from(([127, 0, 0, 1], 7337)),
-            data_dir: PathBuf::from("./shuffle-data"),
-            memory: ByteSize(1 << 30),
-            flush_size: ByteSize(8 << 20),
-            disk_reserve: ByteSize(1 << 30),
-            cert: None,
-            key: None,
-            auth_token: None,
-            app_timeout: Duration::from_secs(300),
-            idle_timeout: Duration::from_secs(30),
-            shutdown_grace: Duration::from_secs(30),
-            max_connections: 1024,
-            max_streams_per_connection: 512,
-            metrics_addr: None,
-        }
-    }
-}
+/// The environment variable the admission token may come from.
+pub const AUTH_TOKEN_ENV: &str = "SHUFFLE_AUTH_TOKEN";
 
-/// The keys a TOML file may set; every key is optional and unknown keys are errors.
-#[derive(Debug, Default, Deserialize)]
+/// Everything the server needs to start.
+#[derive(Clone, Debug, Parser, Serialize, Deserialize)]
+#[command(name = "shuffle-server", version, about = "Remote shuffle service daemon")]
 #[serde(deny_unknown_fields)]
-pub struct ConfigFile {
-    pub listen: Option<SocketAddr>,
-    pub data_dir: Option<PathBuf>,
-    pub memory: Option<ByteSize>,
-    pub flush_size: Option<ByteSize>,
-    pub disk_reserve: Option<ByteSize>,
+pub struct ServerConfig {
+    /// TOML file with the same keys as these flags (data_dir, memory, ...); flags override it.
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// UDP address of the QUIC endpoint (port 0 picks a free one).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7337")]
+    pub listen: SocketAddr,
+    /// Directory for shuffle files and the generated certificate.
+    #[arg(long, value_name = "DIR", default_value = "./shuffle-data")]
+    pub data_dir: PathBuf,
+    /// Memory budget for everything held on behalf of clients: blocks, receive and read buffers, tables.
+    #[arg(long, value_name = "SIZE", default_value = "1GiB")]
+    pub memory: ByteSize,
+    /// The least a spill writes at once when a buffer holds that much; full hybrid spilling writes every flush size.
+    #[arg(long, value_name = "SIZE", default_value = "8MiB")]
+    pub flush_size: ByteSize,
+    /// Free space every write must leave on the data dir's filesystem; otherwise writers get DiskFull.
+    #[arg(long, value_name = "SIZE", default_value = "1GiB")]
+    pub disk_reserve: ByteSize,
+    /// PEM certificate chain (with --key); without, a self-signed one is generated into the data dir.
+    #[arg(long, value_name = "FILE", requires = "key")]
+    #[serde(skip_serializing_if = "Option::is_none", default)]
     pub cert: Option<PathBuf>,
+    /// PEM private key for --cert.
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    #[serde(skip_serializing_if = "Option::is_none", default)]
     pub key: Option<PathBuf>,
+    /// File holding the admission token clients must present (or set SHUFFLE_AUTH_TOKEN).
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub auth_token_file: Option<PathBuf>,
+    /// The admission token itself, read from `auth_token_file` or the environment; never a flag.
+    #[arg(skip)]
+    #[serde(skip)]
     pub auth_token: Option<String>,
-    pub app_timeout: Option<Seconds>,
-    pub idle_timeout: Option<Seconds>,
-    pub shutdown_grace: Option<Seconds>,
-    pub max_connections: Option<usize>,
-    pub max_streams_per_connection: Option<u32>,
-    pub metrics_addr: Option<OptionalAddr>,
+    /// Remove an app this long after its last connection closed.
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub app_timeout: Duration,
+    /// Close a connection that shows no sign of life for this long.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// On SIGTERM, give in-flight requests this long to finish.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// Most connections served at once; the QUIC receive windows are sized so that this many fit the budget.
+    #[arg(long, value_name = "N", default_value_t = 1024)]
+    pub max_connections: usize,
+    /// Most request streams one connection may have open at once.
+    #[arg(long, value_name = "N", default_value_t = 512)]
+    pub max_streams_per_connection: u32,
+    /// Most apps registered at once.
+    #[arg(long, value_name = "N", default_value_t = 1024)]
+    pub max_apps: usize,
+    /// Most shuffles one app may have registered at once.
+    #[arg(long, value_name = "N", default_value_t = 4096)]
+    pub max_shuffles_per_app: usize,
+    /// TCP address serving /metrics (Prometheus) and /status (JSON), or `off`.
+    #[arg(long, value_name = "ADDR", default_value = DEFAULT_METRICS_ADDR)]
+    pub metrics_addr: OptionalAddr,
+    /// Unix socket for clients on this host: `auto` (shuffle.sock in the data dir), a path, or `off`.
+    #[arg(long, value_name = "PATH", default_value = "auto")]
+    pub unix_socket: UnixSocketSetting,
+    /// Largest UDP payload QUIC probes up to (1452 for Ethernet; 8952 with jumbo frames).
+    #[arg(long, value_name = "BYTES", default_value_t = shuffle_protocol::limits::DEFAULT_MAX_UDP_PAYLOAD)]
+    pub max_udp_payload: u16,
 }
 
-impl ConfigFile {
-    /// Reads and parses a TOML file.
-    pub fn load(path: &std::path::Path) -> Result<Self, ServerError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ServerError::Config(format!("cannot read {}: {e}", path.display())))?;
-        toml::from_str(&text).map_err(|e| ServerError::Config(format!("{}: {e}", path.display())))
-    }
+/// Where the server's Unix socket goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UnixSocketSetting {
+    /// `shuffle.sock` in the data dir.
+    Auto,
+    /// No socket.
+    Off,
+    /// This path.
+    Path(PathBuf),
+}
 
-    /// Applies every key this file (or command line) sets on top of `config`.
-    pub fn apply(self, config: &mut ServerConfig) {
-        macro_rules! set {
-            ($($field:ident),*) => { $( if let Some(v) = self.$field { config.$field = v.into(); } )* };
+impl UnixSocketSetting {
+    /// The socket's path for a server with `data_dir`, if it has one.
+    pub fn path(&self, data_dir: &std::path::Path) -> Option<PathBuf> {
+        match self {
+            Self::Auto => Some(data_dir.join("shuffle.sock")),
+            Self::Off => None,
+            Self::Path(p) => Some(p.clone()),
         }
-        set!(listen, data_dir, memory, flush_size, disk_reserve, app_timeout, idle_timeout, shutdown_grace);
-        set!(max_connections, max_streams_per_connection, metrics_addr);
-        if let Some(v) = self.cert {
-            config.cert = Some(v);
+    }
+}
+
+impl FromStr for UnixSocketSetting {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s.trim() {
+            "auto" => Self::Auto,
+            "off" => Self::Off,
+            "" => return Err("an empty socket path; use auto, off or a path".into()),
+            path => Self::Path(PathBuf::from(path)),
+        })
+    }
+}
+
+impl std::fmt::Display for UnixSocketSetting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Auto => f.write_str("auto"),
+            Self::Off => f.write_str("off"),
+            Self::Path(p) => write!(f, "{}", p.display()),
         }
-        if let Some(v) = self.key {
-            config.key = Some(v);
-        }
-        if let Some(v) = self.auth_token {
-            config.auth_token = Some(v);
-        }
+    }
+}
+
+impl Serialize for UnixSocketSetting {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for UnixSocketSetting {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl Default for ServerConfig {
+    /// The command line's defaults, with no metrics listener: a server
+    /// embedded as a library opens no extra port unless asked.
+    fn default() -> Self {
+        let mut config = Self::parse_from(["shuffle-server"]);
+        config.metrics_addr = OptionalAddr(None);
+        config
     }
 }
 
 impl ServerConfig {
+    /// The configuration from command-line `args` (the program name first),
+    /// the file they name with `--config`, and the token's file or environment.
+    pub fn load<I, T>(args: I) -> Result<Self, ServerError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let matches = Self::command().try_get_matches_from(args).map_err(|e| ServerError::Usage(Box::new(e)))?;
+        let mut config = Self::from_arg_matches(&matches).map_err(|e| ServerError::Usage(Box::new(e)))?;
+        if let Some(path) = config.config.clone() {
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| ServerError::Config(format!("cannot read {}: {e}", path.display())))?;
+            let file: toml::Table =
+                toml::from_str(&text).map_err(|e| ServerError::Config(format!("{}: {e}", path.display())))?;
+            let mut merged = toml::Table::try_from(&config).map_err(|e| ServerError::Config(e.to_string()))?;
+            for (key, value) in file {
+                // Only known keys have a source; unknown ones are refused when the merge is read back.
+                let source = matches.try_get_raw(&key).ok().flatten().and_then(|_| matches.value_source(&key));
+                let from_command_line = matches!(source, Some(ValueSource::CommandLine | ValueSource::EnvVariable));
+                if !from_command_line {
+                    merged.insert(key, value);
+                }
+            }
+            config = merged
+                .try_into()
+                .map_err(|e: toml::de::Error| ServerError::Config(format!("{}: {e}", path.display())))?;
+            config.config = Some(path);
+        }
+        config.auth_token = match &config.auth_token_file {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| {
+                        ServerError::Config(format!("cannot read the auth token file {}: {e}", path.display()))
+                    })?
+                    .trim()
+                    .to_string(),
+            ),
+            None => std::env::var(AUTH_TOKEN_ENV).ok(),
+        };
+        Ok(config)
+    }
+
     /// Checks combinations that no single key can get wrong on its own.
     pub fn validate(&self) -> Result<(), ServerError> {
         if self.cert.is_some() != self.key.is_some() {
             return Err(ServerError::Config("--cert and --key must be given together".into()));
         }
-        if self.memory.0 < 1 << 20 {
+        if self.memory.as_u64() < 1 << 20 {
             return Err(ServerError::Config(format!("memory budget {} is below the minimum of 1MiB", self.memory)));
         }
-        if self.flush_size.0 == 0 || self.flush_size.0 > self.memory.0 {
+        if self.flush_size.as_u64() == 0 || self.flush_size > self.memory {
             return Err(ServerError::Config(format!(
                 "flush_size {} must be above zero and not above the memory budget {}",
                 self.flush_size, self.memory
             )));
         }
         if matches!(&self.auth_token, Some(t) if t.is_empty()) {
-            return Err(ServerError::Config("auth_token must not be empty".into()));
+            return Err(ServerError::Config("the auth token must not be empty".into()));
+        }
+        for (what, n) in [
+            ("max_connections", self.max_connections),
+            ("max_streams_per_connection", self.max_streams_per_connection as usize),
+            ("max_apps", self.max_apps),
+            ("max_shuffles_per_app", self.max_shuffles_per_app),
+        ] {
+            if n == 0 {
+                return Err(ServerError::Config(format!("{what} must be at least 1")));
+            }
         }
         Ok(())
     }
@@ -163,108 +263,24 @@ impl FromStr for OptionalAddr {
     }
 }
 
+impl std::fmt::Display for OptionalAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(addr) => write!(f, "{addr}"),
+            None => f.write_str("off"),
+        }
+    }
+}
+
+impl Serialize for OptionalAddr {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 impl<'de> Deserialize<'de> for OptionalAddr {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
-    }
-}
-
-/// A number of bytes, written with a binary unit suffix or none.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct ByteSize(pub u64);
-
-impl FromStr for ByteSize {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        let s = s.trim();
-        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-        let (digits, unit) = s.split_at(split);
-        let n: u64 = digits.parse().map_err(|_| format!("{s:?} is not a size such as 512MiB or 2GiB"))?;
-        let shift = match unit.trim() {
-            "" | "B" => 0,
-            "KiB" | "K" | "KB" => 10,
-            "MiB" | "M" | "MB" => 20,
-            "GiB" | "G" | "GB" => 30,
-            "TiB" | "T" | "TB" => 40,
-            other => {
-                return Err(format!("unknown size unit {other:?} in {s:?} (use B, KiB, MiB, GiB or TiB)"));
-            }
-        };
-        n.checked_mul(1 << shift).map(ByteSize).ok_or_else(|| format!("{s:?} is too large"))
-    }
-}
-
-impl fmt::Display for ByteSize {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let units = [(40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")];
-        for (shift, unit) in units {
-            if self.0 >= 1 << shift && self.0 % (1 << shift) == 0 {
-                return write!(f, "{}{unit}", self.0 >> shift);
-            }
-        }
-        write!(f, "{}B", self.0)
-    }
-}
-
-impl<'de> Deserialize<'de> for ByteSize {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Number(u64),
-            Text(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Number(n) => Ok(ByteSize(n)),
-            Raw::Text(s) => s.parse().map_err(serde::de::Error::custom),
-        }
-    }
-}
-
-/// A duration written as `500ms`, `30s`, `5m` or `1h` (a bare number is seconds).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Seconds(pub Duration);
-
-impl From<Seconds> for Duration {
-    fn from(s: Seconds) -> Self {
-        s.0
-    }
-}
-
-impl FromStr for Seconds {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        let s = s.trim();
-        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-        let (digits, unit) = s.split_at(split);
-        let n: u64 = digits.parse().map_err(|_| format!("{s:?} is not a duration such as 30s or 5m"))?;
-        let d = match unit.trim() {
-            "ms" => Duration::from_millis(n),
-            "" | "s" => Duration::from_secs(n),
-            "m" => Duration::from_secs(n * 60),
-            "h" => Duration::from_secs(n * 3600),
-            other => {
-                return Err(format!("unknown duration unit {other:?} in {s:?} (use ms, s, m or h)"));
-            }
-        };
-        Ok(Seconds(d))
-    }
-}
-
-impl<'de> Deserialize<'de> for Seconds {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Number(u64),
-            Text(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Number(n) => Ok(Seconds(Duration::from_secs(n))),
-            Raw::Text(s) => s.parse().map_err(serde::de::Error::custom),
-        }
     }
 }
 
@@ -273,34 +289,53 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sizes_parse_with_binary_units() {
-        assert_eq!("512MiB".parse(), Ok(ByteSize(512 << 20)));
-        assert_eq!("2GiB".parse(), Ok(ByteSize(2 << 30)));
-        assert_eq!("4096".parse(), Ok(ByteSize(4096)));
-        assert!("12 parsecs".parse::<ByteSize>().is_err());
-        assert!("MiB".parse::<ByteSize>().is_err());
-        assert_eq!(ByteSize(512 << 20).to_string(), "512MiB");
+    fn defaults_need_no_file_and_the_library_opens_no_metrics_port() {
+        let config = ServerConfig::default();
+        assert_eq!(config.listen, "127.0.0.1:7337".parse().unwrap());
+        assert_eq!(config.memory, ByteSize::gib(1));
+        assert_eq!(config.app_timeout, Duration::from_secs(300));
+        assert_eq!(config.metrics_addr, OptionalAddr(None));
+        let cli = ServerConfig::load(["shuffle-server"]).unwrap();
+        assert_eq!(cli.metrics_addr.0, Some(DEFAULT_METRICS_ADDR.parse().unwrap()));
     }
 
     #[test]
-    fn durations_parse_with_units() {
-        assert_eq!("30s".parse(), Ok(Seconds(Duration::from_secs(30))));
-        assert_eq!("250ms".parse(), Ok(Seconds(Duration::from_millis(250))));
-        assert_eq!("5m".parse(), Ok(Seconds(Duration::from_secs(300))));
-        assert!("5 fortnights".parse::<Seconds>().is_err());
-    }
-
-    #[test]
-    fn file_keys_override_defaults_and_unknown_keys_are_refused() {
-        let file: ConfigFile = toml::from_str(
-            "listen = \"0.0.0.0:9000\"\nmemory = \"512MiB\"\ndata_dir = \"/tmp/x\"\napp_timeout = \"10s\"",
+    fn flags_win_over_the_file_and_the_file_over_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("server.toml");
+        std::fs::write(
+            &path,
+            "listen = \"0.0.0.0:9000\"\nmemory = \"512MiB\"\ndata_dir = \"/tmp/x\"\napp_timeout = \"10s\"\n",
         )
         .unwrap();
-        let mut config = ServerConfig::default();
-        file.apply(&mut config);
-        assert_eq!(config.listen, "0.0.0.0:9000".parse().unwrap());
-        assert_eq!(config.memory, ByteSize(512 << 20));
+        let config =
+            ServerConfig::load(["shuffle-server", "--config", path.to_str().unwrap(), "--memory", "2GiB"]).unwrap();
+        assert_eq!(config.listen, "0.0.0.0:9000".parse().unwrap(), "from the file");
+        assert_eq!(config.memory, ByteSize::gib(2), "the flag wins");
         assert_eq!(config.app_timeout, Duration::from_secs(10));
-        assert!(toml::from_str::<ConfigFile>("memroy = \"1GiB\"").is_err());
+        assert_eq!(config.flush_size, ByteSize::mib(8), "a default");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused_with_the_file_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("server.toml");
+        std::fs::write(&path, "memroy = \"1GiB\"\n").unwrap();
+        let err = ServerConfig::load(["shuffle-server", "--config", path.to_str().unwrap()]).unwrap_err();
+        assert!(err.to_string().contains("memroy"), "{err}");
+        std::fs::write(&path, "app_timeout = \"5 fortnights\"\n").unwrap();
+        let err = ServerConfig::load(["shuffle-server", "--config", path.to_str().unwrap()]).unwrap_err();
+        assert!(err.to_string().contains("server.toml"), "{err}");
+        assert!(ServerConfig::load(["shuffle-server", "--memory", "12 parsecs"]).is_err());
+    }
+
+    #[test]
+    fn the_token_comes_from_its_file_never_from_argv() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "s3cret\n").unwrap();
+        let config = ServerConfig::load(["shuffle-server", "--auth-token-file", path.to_str().unwrap()]).unwrap();
+        assert_eq!(config.auth_token.as_deref(), Some("s3cret"));
+        assert!(ServerConfig::load(["shuffle-server", "--auth-token", "x"]).is_err());
     }
 }

@@ -1,19 +1,26 @@
-//! One client connection: the `Hello` that binds it to an app (and checks its
-//! token), then one task per request stream. A failing request gets an error
-//! response on its own stream; the connection and every other stream go on.
+//! One client connection: the `Hello` that binds it to an app (checking the
+//! admission token and the app's secret), then one task per request
+//! stream. A failing request gets an error response on its own stream; the
+//! connection and every other stream go on.
+//!
+//! Everything here is generic over the streams' types: a QUIC connection
+//! carries many request streams after one `Hello`; a Unix-socket stream
+//! carries one `Hello` and then one request.
 
 use std::{sync::Arc, time::Duration};
 
-use shuffle_protocol::{ErrorKind, PROTOCOL_VERSION, Request, Response, ServiceError};
+use shuffle_protocol::{ErrorKind, MAX_FRAME_LEN, PROTOCOL_VERSION, Request, Response, ServiceError};
+use tokio::io::AsyncRead;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
+    auth,
     push::{handle_push, request_name},
     read::handle_read,
-    shutdown::{InFlight, Shutdown},
     state::{AppSession, ServiceState},
     stats::ServerStats,
     telemetry,
-    transport::{FrameReader, FrameWriter},
+    transport::{self, FrameReader, FrameSink, FrameWriter, StreamSink, Windows},
 };
 
 /// How long a new connection has to send its `Hello`.
@@ -24,55 +31,133 @@ pub const CLOSE_HELLO_FAILED: u32 = 1;
 /// QUIC application error code for closing connections at shutdown.
 pub const CLOSE_SHUTDOWN: u32 = 2;
 
-/// Serves one connection until it closes.
-pub async fn serve_connection(
-    state: Arc<ServiceState>,
-    connection: quinn::Connection,
-    shutdown: Shutdown,
-    in_flight: InFlight,
-) {
+/// What every connection task shares.
+#[derive(Clone)]
+pub struct ServerContext {
+    /// The service's state.
+    pub state: Arc<ServiceState>,
+    /// Cancelled when the server starts shutting down.
+    pub shutdown: CancellationToken,
+    /// Tracks requests in flight, so shutdown can let them finish.
+    pub requests: TaskTracker,
+    /// The QUIC windows derived from the budget.
+    pub windows: Windows,
+    /// Authenticated QUIC connections now.
+    pub authenticated: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Counts an authenticated connection while it lives.
+struct Authenticated(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Authenticated {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// Serves one QUIC connection until it closes.
+pub async fn serve_quic_connection(ctx: ServerContext, connection: quinn::Connection) {
     let remote = connection.remote_address();
-    let session = match hello(&state, &connection).await {
-        Ok(session) => Arc::new(session),
+    let state = &ctx.state;
+    let first = tokio::time::timeout(HELLO_TIMEOUT, connection.accept_bi()).await;
+    let session = match first {
+        Ok(Ok((send, recv))) => {
+            let mut reader = FrameReader::for_hello(recv, &state.receive_buffers);
+            let mut writer = FrameWriter::new(send);
+            let admit = || {
+                let counted = ctx.authenticated.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                let guard = Authenticated(ctx.authenticated.clone());
+                if counted >= ctx.windows.max_connections {
+                    return Err(ServiceError::new(
+                        ErrorKind::Busy,
+                        format!(
+                            "the server serves at most {} authenticated connections with its memory budget; retry later",
+                            ctx.windows.max_connections
+                        ),
+                    ));
+                }
+                Ok(guard)
+            };
+            let session = hello(state, &mut reader, &mut writer, admit).await;
+            if session.is_ok() {
+                writer.finish();
+            }
+            session
+        }
+        Ok(Err(e)) => Err(ServiceError::new(ErrorKind::Io, format!("connection lost before Hello: {e}"))),
+        Err(_) => Err(ServiceError::new(ErrorKind::UnexpectedMessage, "no Hello within 10 s of connecting")),
+    };
+    let (session, _authenticated) = match session {
+        Ok((session, counted)) => (Arc::new(session), counted),
         Err(e) => {
             tracing::info!(%remote, error = %e, "connection refused");
             connection.close(CLOSE_HELLO_FAILED.into(), e.message.as_bytes());
             return;
         }
     };
+    transport::authenticated(&connection, ctx.windows, state.config.max_streams_per_connection);
     tracing::debug!(%remote, app = %session.app, "connection open");
     loop {
-        let (send, recv) = match connection.accept_bi().await {
-            Ok(streams) => streams,
-            Err(e) => {
-                tracing::debug!(%remote, app = %session.app, reason = %e, "connection closed");
+        let (send, recv) = tokio::select! {
+            streams = connection.accept_bi() => match streams {
+                Ok(streams) => streams,
+                Err(e) => {
+                    tracing::debug!(%remote, app = %session.app, reason = %e, "connection closed");
+                    return;
+                }
+            },
+            _ = ctx.shutdown.cancelled() => {
+                // In-flight requests go on; new streams are refused below until the connection closes.
+                connection.set_max_concurrent_bi_streams(0u8.into());
+                let _ = connection.closed().await;
                 return;
             }
         };
-        let guard = in_flight.enter();
-        let (state, session, shutdown) = (state.clone(), session.clone(), shutdown.clone());
-        tokio::spawn(async move {
-            serve_stream(&state, &session, FrameReader::new(recv), FrameWriter::new(send), &shutdown).await;
-            drop(guard);
+        let (ctx, session) = (ctx.clone(), session.clone());
+        ctx.requests.clone().spawn(async move {
+            // Partly received frames count against the app's own share of memory.
+            let reader = FrameReader::new(recv, &session.receive_buffers, MAX_FRAME_LEN);
+            serve_stream(&ctx, &session, reader, FrameWriter::new(send), false).await;
         });
     }
 }
 
-/// Reads the first stream's `Hello`, answers it, and binds the connection to its app.
-async fn hello(state: &Arc<ServiceState>, connection: &quinn::Connection) -> Result<AppSession, ServiceError> {
-    let timed_out = |_| ServiceError::new(ErrorKind::UnexpectedMessage, "no Hello within 10 s of connecting");
-    let (send, recv) = tokio::time::timeout(HELLO_TIMEOUT, connection.accept_bi())
-        .await
-        .map_err(timed_out)?
-        .map_err(|e| ServiceError::new(ErrorKind::Io, format!("connection lost before Hello: {e}")))?;
-    let (mut reader, mut writer) = (FrameReader::new(recv), FrameWriter::new(send));
-    let result = match tokio::time::timeout(HELLO_TIMEOUT, reader.next_request()).await.map_err(timed_out) {
-        Ok(Ok(Some(Request::Hello { protocol_version, app, auth_token }))) => {
-            check_hello(state, protocol_version, auth_token.as_deref()).and_then(|_| {
-                app.validate().map_err(ServiceError::from)?;
-                Ok(app)
-            })
+/// Serves one Unix-socket stream: a `Hello`, then one request.
+pub async fn serve_unix_stream(ctx: ServerContext, stream: tokio::net::UnixStream) {
+    let (read, write) = stream.into_split();
+    let mut reader = FrameReader::for_hello(read, &ctx.state.receive_buffers);
+    let mut writer = FrameWriter::new(StreamSink(write));
+    let session = match hello(&ctx.state, &mut reader, &mut writer, || Ok(())).await {
+        Ok((session, ())) => session,
+        Err(e) => {
+            tracing::info!(error = %e, "Unix socket stream refused");
+            return;
         }
+    };
+    reader.after_hello(&session.receive_buffers, MAX_FRAME_LEN);
+    serve_stream(&ctx, &session, reader, writer, true).await;
+}
+
+/// Reads a `Hello`, answers it, and binds the connection to its app;
+/// `admit` decides, once the credentials are good, whether there is room
+/// for the connection (its result lives as long as the connection).
+pub async fn hello<R, W, T>(
+    state: &Arc<ServiceState>,
+    reader: &mut FrameReader<R>,
+    writer: &mut FrameWriter<W>,
+    admit: impl FnOnce() -> Result<T, ServiceError>,
+) -> Result<(AppSession, T), ServiceError>
+where
+    R: AsyncRead + Unpin + Send,
+    W: FrameSink,
+{
+    let timed_out = |_| ServiceError::new(ErrorKind::UnexpectedMessage, "no Hello within 10 s of connecting");
+    let result = match tokio::time::timeout(HELLO_TIMEOUT, reader.next_request()).await.map_err(timed_out) {
+        Ok(Ok(Some(Request::Hello { protocol_version, app, secret, auth_token }))) => check_version(protocol_version)
+            .and_then(|()| auth::check_token(state.config.auth_token.as_deref(), auth_token.as_deref()))
+            .and_then(|()| app.validate().map_err(ServiceError::from))
+            .and_then(|()| state.open_session(app, secret.as_ref()))
+            .and_then(|session| Ok((session, admit()?))),
         Ok(Ok(Some(other))) => Err(ServiceError::new(
             ErrorKind::UnexpectedMessage,
             format!("the first request of a connection must be Hello, not {}", request_name(&other)),
@@ -81,17 +166,19 @@ async fn hello(state: &Arc<ServiceState>, connection: &quinn::Connection) -> Res
         Ok(Err(e)) | Err(e) => Err(e),
     };
     match result {
-        Ok(app) => {
-            let welcome = Response::Welcome { server_version: env!("CARGO_PKG_VERSION").to_string() };
-            writer
-                .response(&welcome)
-                .await
-                .map_err(|e| ServiceError::new(ErrorKind::Io, format!("answering Hello: {e}")))?;
-            writer.finish();
-            Ok(state.open_session(app))
+        Ok((session, admitted)) => {
+            let welcome = Response::Welcome {
+                server_version: env!("CARGO_PKG_VERSION").to_string(),
+                app_secret: session.secret.clone(),
+                server_id: state.server_id.clone(),
+                unix_socket: crate::storage::lock(&state.unix_socket).as_ref().map(|p| p.display().to_string()),
+            };
+            writer.response(&welcome).await?;
+            Ok((session, admitted))
         }
         Err(e) => {
             ServerStats::add(&state.stats.errors, 1);
+            telemetry::record_error(e.kind);
             let _ = writer.response(&Response::Error(e.clone())).await;
             writer.finish_and_flush().await;
             Err(e)
@@ -99,67 +186,70 @@ async fn hello(state: &Arc<ServiceState>, connection: &quinn::Connection) -> Res
     }
 }
 
-fn check_hello(state: &ServiceState, protocol_version: u16, token: Option<&str>) -> Result<(), ServiceError> {
+fn check_version(protocol_version: u16) -> Result<(), ServiceError> {
     if protocol_version != PROTOCOL_VERSION {
         return Err(ServiceError::new(
             ErrorKind::ProtocolVersion,
             format!("client speaks protocol version {protocol_version}, this server speaks {PROTOCOL_VERSION}"),
         ));
     }
-    if let Some(expected) = &state.config.auth_token
-        && !token.is_some_and(|t| constant_time_eq(t.as_bytes(), expected.as_bytes()))
-    {
-        let what = if token.is_some() { "presented a wrong auth token" } else { "presented no auth token" };
-        return Err(ServiceError::new(
-            ErrorKind::Unauthenticated,
-            format!("authentication failed: the connection {what}"),
-        ));
-    }
     Ok(())
 }
 
-/// Compares secrets without an early exit, so timing does not reveal a prefix.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// Serves one request stream; errors go back to the client on the same stream.
-async fn serve_stream(
-    state: &Arc<ServiceState>,
+/// Serves one request stream; errors go back to the client on the same
+/// stream. `can_pass_files`: the stream is a Unix socket (direct reads).
+pub async fn serve_stream<R, W>(
+    ctx: &ServerContext,
     session: &AppSession,
-    mut reader: FrameReader<quinn::RecvStream>,
-    mut writer: FrameWriter<quinn::SendStream>,
-    shutdown: &Shutdown,
-) {
+    mut reader: FrameReader<R>,
+    mut writer: FrameWriter<W>,
+    can_pass_files: bool,
+) where
+    R: AsyncRead + Unpin + Send,
+    W: FrameSink,
+{
+    let state = &ctx.state;
     let started = std::time::Instant::now();
     let mut name = "unknown";
     let result = async {
-        let Some(request) = reader.next_request().await? else {
+        // An idle stream (a same-host client's anchor) must not hold up shutdown.
+        let request = tokio::select! {
+            request = reader.next_request() => request?,
+            _ = ctx.shutdown.cancelled() => return Ok(()),
+        };
+        let Some(request) = request else {
             return Ok(());
         };
         name = request_name(&request);
-        if shutdown.is_triggered() {
+        if ctx.shutdown.is_cancelled() {
             return Err(ServiceError::new(ErrorKind::ShuttingDown, "the server is shutting down"));
         }
         match request {
             Request::RegisterShuffle { shuffle, spec } => {
                 state.register_shuffle(session, shuffle, spec)?;
-                respond_ok(&mut writer).await
+                writer.response(&Response::Ok).await
             }
             Request::UnregisterShuffle { shuffle } => {
                 state.unregister_shuffle(session, shuffle).await?;
-                respond_ok(&mut writer).await
+                writer.response(&Response::Ok).await
             }
             Request::UnregisterApp => {
                 state.unregister_app(session).await?;
-                respond_ok(&mut writer).await
+                writer.response(&Response::Ok).await
             }
             Request::OpenPush { shuffle, map, attempt } => {
                 handle_push(state, session, (shuffle, map, attempt), &mut reader, &mut writer).await
             }
             Request::OpenPartition { shuffle, partition } => {
-                handle_read(state, session, (shuffle, partition), &mut writer, shutdown).await
+                handle_read(state, session, (shuffle, partition), &mut writer, &ctx.shutdown, false).await
             }
+            Request::OpenPartitionDirect { shuffle, partition } if can_pass_files => {
+                handle_read(state, session, (shuffle, partition), &mut writer, &ctx.shutdown, true).await
+            }
+            Request::OpenPartitionDirect { .. } => Err(ServiceError::new(
+                ErrorKind::UnexpectedMessage,
+                "direct reads pass open files, which only the server's Unix socket can carry",
+            )),
             other => Err(ServiceError::new(
                 ErrorKind::UnexpectedMessage,
                 format!("{} cannot open a stream", request_name(&other)),
@@ -175,23 +265,4 @@ async fn serve_stream(
         let _ = writer.response(&Response::Error(e)).await;
     }
     writer.finish();
-}
-
-async fn respond_ok(writer: &mut FrameWriter<quinn::SendStream>) -> Result<(), ServiceError> {
-    writer
-        .response(&Response::Ok)
-        .await
-        .map_err(|e| ServiceError::new(ErrorKind::Io, format!("writing to the stream: {e}")))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::constant_time_eq;
-
-    #[test]
-    fn token_comparison_needs_equal_bytes() {
-        assert!(constant_time_eq(b"secret", b"secret"));
-        assert!(!constant_time_eq(b"secret", b"secreT"));
-        assert!(!constant_time_eq(b"secret", b"secret2"));
-    }
 }

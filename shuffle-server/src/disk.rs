@@ -1,22 +1,14 @@
-//! Disk space: a flush must leave the configured reserve free on the data
+//! Disk space: every write must leave the configured reserve free on the data
 //! dir's filesystem, and a full disk becomes an error that names the cause.
 
-use std::{ffi::CString, os::unix::ffi::OsStrExt, path::Path};
+use std::path::Path;
 
 use shuffle_protocol::{ErrorKind, ServiceError};
 
 /// Bytes available to unprivileged writers on the filesystem holding `path`.
 pub fn available_bytes(path: &Path) -> std::io::Result<u64> {
-    let c_path = CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "path contains a NUL byte"))?;
-    // SAFETY: statvfs writes only into the struct we pass, and `c_path` is a
-    // valid NUL-terminated string that outlives the call.
-    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
-    let rc = unsafe { libc::statvfs(c_path.as_ptr(), &mut stat) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(stat.f_bavail as u64 * stat.f_frsize as u64)
+    let stat = rustix::fs::statvfs(path)?;
+    Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
 }
 
 /// Checks that writing `bytes` under `dir` leaves at least `reserve` bytes free.
@@ -37,12 +29,16 @@ pub fn check_reserve(dir: &Path, bytes: u64, reserve: u64) -> Result<(), Service
 
 /// Turns an I/O error on `path` into a service error, naming a full disk as such.
 pub fn io_error(path: &Path, doing: &str, e: std::io::Error) -> ServiceError {
-    let kind = if e.raw_os_error() == Some(libc::ENOSPC) || e.raw_os_error() == Some(libc::EDQUOT) {
-        ErrorKind::DiskFull
-    } else {
-        ErrorKind::Io
-    };
+    let full = [rustix::io::Errno::NOSPC.raw_os_error(), rustix::io::Errno::DQUOT.raw_os_error()];
+    let kind =
+        if e.raw_os_error().is_some_and(|code| full.contains(&code)) { ErrorKind::DiskFull } else { ErrorKind::Io };
     ServiceError::new(kind, format!("{doing} {}: {e}", path.display()))
+}
+
+/// Asks the kernel to read `len` bytes at `offset` of `file` ahead, so the
+/// disk sees requests in the order the read scheduler chose. Advice only.
+pub fn advise_will_need(file: &std::fs::File, offset: u64, len: u64) {
+    let _ = rustix::fs::fadvise(file, offset, std::num::NonZeroU64::new(len), rustix::fs::Advice::WillNeed);
 }
 
 #[cfg(test)]
@@ -61,7 +57,7 @@ mod tests {
 
     #[test]
     fn enospc_maps_to_disk_full() {
-        let e = std::io::Error::from_raw_os_error(libc::ENOSPC);
+        let e = std::io::Error::from_raw_os_error(rustix::io::Errno::NOSPC.raw_os_error());
         assert_eq!(io_error(Path::new("/x"), "writing", e).kind, ErrorKind::DiskFull);
     }
 }

@@ -5,20 +5,20 @@
 //! reader, as Flink's sort-merge shuffle does.
 //!
 //! [`ElevatorQueue`] is the decision, a plain data structure. [`ReadScheduler`]
-//! wraps it for the readers of one shuffle: each reader submits its blocks and
-//! receives them on a channel as the elevator grants them; granting a block
-//! advises the kernel to read its pages ahead (`MADV_WILLNEED`) in that order.
-//! A reader returns its credit once it has handed a block to the network.
+//! wraps it for the readers of one shuffle: each reader submits the disk
+//! reads of a batch and performs them as the elevator grants them, asking
+//! the kernel to read each one ahead (`POSIX_FADV_WILLNEED`) in that order.
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
-    sync::Mutex,
+    sync::{Arc, Mutex},
 };
 
 use bytes::Bytes;
+use shuffle_protocol::{ErrorKind, ServiceError};
 use tokio::sync::mpsc;
 
-use crate::shuffle::{SnapshotBlock, lock};
+use crate::storage::{DataFile, lock};
 
 /// Bytes one reader may have granted but not yet sent, 4 MiB: enough to keep
 /// a stream busy between grants (64 blocks of 64 KiB) while bounding what a
@@ -131,90 +131,128 @@ impl ElevatorQueue {
     }
 }
 
-/// A reader's registration: the blocks it will receive, and the channel they come on.
-struct Registered {
-    /// The reader's blocks, taken as they are granted.
-    blocks: Vec<Option<Bytes>>,
-    /// Where granted blocks go.
-    tx: mpsc::UnboundedSender<Bytes>,
+/// One block to read from disk.
+#[derive(Clone, Debug)]
+pub struct DiskRead {
+    pub file: Arc<DataFile>,
+    pub offset: u64,
+    pub len: usize,
 }
 
-/// The elevator shared by the readers of one shuffle.
+/// Reads `reads` from disk, coalescing ranges that follow each other in the
+/// same file into one positioned read; returns the blocks in order. Blocking I/O.
+pub fn read_blocking(reads: &[DiskRead]) -> Result<Vec<Bytes>, ServiceError> {
+    let mut out = Vec::with_capacity(reads.len());
+    let mut i = 0;
+    while i < reads.len() {
+        let first = &reads[i];
+        let (mut end, mut j) = (first.offset + first.len as u64, i + 1);
+        while j < reads.len()
+            && Arc::ptr_eq(&reads[j].file, &first.file)
+            && reads[j].offset == end
+            && end - first.offset < COALESCE_BYTES
+        {
+            end += reads[j].len as u64;
+            j += 1;
+        }
+        let bytes = first.file.read(first.offset, (end - first.offset) as usize)?;
+        let mut at = 0;
+        for r in &reads[i..j] {
+            out.push(bytes.slice(at..at + r.len));
+            at += r.len;
+        }
+        i = j;
+    }
+    Ok(out)
+}
+
+/// Largest single positioned read when coalescing neighbouring blocks.
+pub const COALESCE_BYTES: u64 = 4 << 20;
+
+/// A reader's pending reads and where its grants go.
+struct Registered {
+    reads: Arc<Vec<DiskRead>>,
+    tx: mpsc::UnboundedSender<usize>,
+}
+
+/// The elevator shared by the readers of one shuffle: every reader's disk
+/// reads are granted in file-offset order across readers, each within its
+/// read-ahead credit.
 #[derive(Default)]
 pub struct ReadScheduler {
     inner: Mutex<(ElevatorQueue, HashMap<ReaderId, Registered>, ReaderId)>,
 }
 
-/// One reader's end of the scheduler; unregisters on drop.
-pub struct ScheduledReader<'a> {
+/// Unregisters a reader when dropped.
+struct Registration<'a> {
     scheduler: &'a ReadScheduler,
     id: ReaderId,
-    /// Granted blocks, in grant order.
-    pub rx: mpsc::UnboundedReceiver<Bytes>,
 }
 
-impl ReadScheduler {
-    /// Registers a reader for `blocks` (each with a file position) and grants what it can.
-    pub fn register(&self, blocks: Vec<SnapshotBlock>) -> ScheduledReader<'_> {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let id = {
-            let mut inner = lock(&self.inner);
-            inner.2 += 1;
-            let id = inner.2;
-            let positions = blocks.iter().map(|b| {
-                let (file, offset) = b.position.unwrap_or((u64::MAX, 0));
-                (file, offset, b.bytes.len())
-            });
-            inner.0.submit(id, READ_AHEAD_BYTES, positions.collect::<Vec<_>>());
-            inner.1.insert(id, Registered { blocks: blocks.into_iter().map(|b| Some(b.bytes)).collect(), tx });
-            id
-        };
-        self.pump();
-        ScheduledReader { scheduler: self, id, rx }
-    }
-
-    /// Grants blocks while any reader has credit, in elevator order.
-    fn pump(&self) {
-        let mut inner = lock(&self.inner);
-        let (queue, readers, _) = &mut *inner;
-        while let Some(grant) = queue.next_grant() {
-            let Some(reader) = readers.get_mut(&grant.reader) else { continue };
-            if let Some(bytes) = reader.blocks[grant.index].take() {
-                advise_will_need(&bytes);
-                let _ = reader.tx.send(bytes);
-            }
-        }
-    }
-}
-
-impl ScheduledReader<'_> {
-    /// Returns credit for `n` bytes the reader has sent on, and grants more.
-    pub fn sent(&self, n: usize) {
-        lock(&self.scheduler.inner).0.return_credit(self.id, n);
-        self.scheduler.pump();
-    }
-}
-
-impl Drop for ScheduledReader<'_> {
+impl Drop for Registration<'_> {
     fn drop(&mut self) {
         let mut inner = lock(&self.scheduler.inner);
         inner.0.remove(self.id);
         inner.1.remove(&self.id);
+        drop(inner);
+        self.scheduler.pump();
     }
 }
 
-/// Asks the kernel to read a mapped block's pages ahead, so the disk sees
-/// requests in the elevator's order. Advice only: errors are ignored.
-fn advise_will_need(bytes: &Bytes) {
-    const PAGE: usize = 4096;
-    let start = bytes.as_ptr() as usize;
-    let aligned = start & !(PAGE - 1);
-    let len = bytes.len() + (start - aligned);
-    if len > 0 {
-        // SAFETY: madvise only advises the kernel about a range we hold a
-        // mapping (or heap allocation) for; WILLNEED never changes contents.
-        unsafe {
-            libc::madvise(aligned as *mut libc::c_void, len, libc::MADV_WILLNEED);
+impl ReadScheduler {
+    /// Reads `reads` from disk in the elevator's order across all readers of
+    /// the shuffle (asking the kernel to read each ahead as it is granted);
+    /// returns the blocks in the order given.
+    pub async fn read(&self, reads: Vec<DiskRead>) -> Result<Vec<Bytes>, ServiceError> {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let reads = Arc::new(reads);
+        let id = {
+            let mut inner = lock(&self.inner);
+            inner.2 += 1;
+            let id = inner.2;
+            let positions: Vec<_> = reads.iter().map(|r| (r.file.key(), r.offset, r.len)).collect();
+            inner.0.submit(id, READ_AHEAD_BYTES, positions);
+            inner.1.insert(id, Registered { reads: reads.clone(), tx });
+            id
+        };
+        let _registration = Registration { scheduler: self, id };
+        self.pump();
+        let mut out: Vec<Option<Bytes>> = vec![None; reads.len()];
+        let mut done = 0;
+        while done < reads.len() {
+            let Some(first) = rx.recv().await else {
+                return Err(ServiceError::new(ErrorKind::Io, "the read scheduler dropped a reader"));
+            };
+            let mut granted = vec![first];
+            while let Ok(next) = rx.try_recv() {
+                granted.push(next);
+            }
+            granted.sort_unstable();
+            let batch: Vec<DiskRead> = granted.iter().map(|&i| reads[i].clone()).collect();
+            let bytes = tokio::task::spawn_blocking(move || read_blocking(&batch))
+                .await
+                .map_err(|e| ServiceError::new(ErrorKind::Io, format!("disk read task: {e}")))??;
+            let credit: usize = bytes.iter().map(Bytes::len).sum();
+            for (i, b) in granted.into_iter().zip(bytes) {
+                out[i] = Some(b);
+                done += 1;
+            }
+            lock(&self.inner).0.return_credit(id, credit);
+            self.pump();
+        }
+        Ok(out.into_iter().map(|b| b.expect("every read was granted")).collect())
+    }
+
+    /// Grants reads while any reader has credit, in elevator order.
+    fn pump(&self) {
+        let mut inner = lock(&self.inner);
+        let (queue, readers, _) = &mut *inner;
+        while let Some(grant) = queue.next_grant() {
+            if let Some(reader) = readers.get(&grant.reader) {
+                let r = &reader.reads[grant.index];
+                crate::disk::advise_will_need(r.file.file(), r.offset, r.len as u64);
+                let _ = reader.tx.send(grant.index);
+            }
         }
     }
 }

@@ -6,6 +6,10 @@ use thiserror::Error;
 /// Why the server could not start (or stop cleanly).
 #[derive(Debug, Error)]
 pub enum ServerError {
+    /// The command line does not parse, or asks for help or the version
+    /// (`clap::Error::exit` prints it and exits with the right code).
+    #[error("{0}")]
+    Usage(Box<clap::Error>),
     /// A configuration value or combination is invalid.
     #[error("configuration: {0}")]
     Config(String),

@@ -2,37 +2,39 @@
 //! and as the `shuffle-server` binary.
 //!
 //! Layers, from the outside in:
-//! - [`server`]: the QUIC endpoint, the accept loop, background tasks, shutdown.
-//! - [`connection`]: `Hello` and authentication, then one task per request stream.
-//! - [`transport`]: frames over any byte stream (QUIC today; a Unix socket can follow).
+//! - [`server`]: start-up and recovery, the QUIC endpoint's accept loop,
+//!   background tasks (spiller, reaper), shutdown.
+//! - [`connection`]: `Hello` and app credentials ([`auth`]), then one task
+//!   per request stream.
+//! - [`transport`]: frames over any byte stream, with their buffers in the
+//!   memory budget; QUIC windows derived from the budget.
 //! - [`push`], [`read`]: the request handlers for writing and reading partitions.
-//! - [`state`]: apps and their shuffles; [`shuffle`]: what every mode shares;
-//!   [`hash`], [`sort`], [`hybrid`]: the storage of each exchange mode;
-//!   [`commit`]: the commit rule; [`memory`]: the budget and its watermarks;
-//!   [`disk`]: the free-space reserve.
+//! - [`state`]: apps, their secrets and shuffles, named limits;
+//!   [`shuffle`]: the commit rule ([`commit`]) around a mode's
+//!   [`storage`]; [`memory`]: the budget, reservations and fair shares;
+//!   [`disk`]: the free-space reserve; [`elevator`]: offset-ordered disk reads.
 
+pub mod auth;
 pub mod commit;
 pub mod config;
 pub mod connection;
 pub mod disk;
 pub mod elevator;
 pub mod error;
-pub mod hash;
-pub mod hybrid;
 pub mod memory;
 pub mod push;
 pub mod read;
 pub mod server;
 pub mod shuffle;
-pub mod shutdown;
-pub mod sort;
 pub mod state;
 pub mod stats;
+pub mod storage;
 pub mod telemetry;
 pub mod tls;
 pub mod transport;
 
-pub use config::{ByteSize, ConfigFile, DEFAULT_METRICS_ADDR, OptionalAddr, Seconds, ServerConfig};
+pub use bytesize::ByteSize;
+pub use config::{DEFAULT_METRICS_ADDR, OptionalAddr, ServerConfig};
 pub use error::ServerError;
-pub use server::{ServerHandle, start};
+pub use server::{ServerHandle, start, start_with_metrics};
 pub use stats::StatsSnapshot;

@@ -1,10 +1,14 @@
 //! `OpenPush`: one map attempt pushes its blocks on one stream and ends with
 //! `MapEnd`. Each block is checked (header, CRC, ids, sequence) before it is
 //! stored; at `MapEnd` the declared totals must equal what arrived, and the
-//! commit rule decides. While the memory budget is at its hard limit the
-//! handler stops reading, so QUIC flow control blocks the producer.
+//! commit rule decides.
+//!
+//! The stream's receive buffers count against the shuffle's share of the
+//! memory budget: while the shuffle holds more than its share and memory is
+//! short, the stream is not read, so flow control holds this producer (and
+//! only the producers of shuffles over their share).
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, sync::Arc};
 
 use shuffle_protocol::{
     AttemptId, Block, ErrorKind, FrameKind, MapEnd, MapId, PartitionId, PartitionTotals, Request, Response,
@@ -14,13 +18,11 @@ use tokio::io::AsyncRead;
 
 use crate::{
     commit::CommitDecision,
-    shuffle::{FlushReason, FlushTarget, Shuffle},
+    shuffle::Shuffle,
     state::{AppSession, ServiceState},
+    storage::SpillTarget,
     transport::{FrameReader, FrameSink, FrameWriter},
 };
-
-/// How long a paused producer waits between re-checks of the disk and of shutdown.
-const PAUSE_RECHECK: Duration = Duration::from_millis(200);
 
 /// Serves one push stream after its `OpenPush` request.
 pub async fn handle_push<R: AsyncRead + Unpin + Send, W: FrameSink>(
@@ -32,9 +34,10 @@ pub async fn handle_push<R: AsyncRead + Unpin + Send, W: FrameSink>(
 ) -> Result<(), ServiceError> {
     let shuffle = state.shuffle(session, shuffle_id)?;
     shuffle.begin_push(map, attempt)?;
+    reader.account_to(&shuffle.core.memory);
     let result = match writer.response(&Response::PushAccepted { spec: shuffle.spec() }).await {
         Ok(()) => receive_attempt(state, &shuffle, (map, attempt), reader, writer).await,
-        Err(e) => Err(io_err(e)),
+        Err(e) => Err(e),
     };
     // On failure the attempt can never commit: its memory is freed at once and its id retired.
     shuffle.end_push(map, attempt, result.is_err());
@@ -52,8 +55,7 @@ async fn receive_attempt<R: AsyncRead + Unpin + Send, W: FrameSink>(
     let label = format!("map {map} attempt {attempt} of {}", shuffle.label());
     let mut received: BTreeMap<PartitionId, PartitionTotals> = BTreeMap::new();
     loop {
-        wait_for_memory(state, shuffle).await?;
-        let Some(frame) = reader.next_frame().await? else {
+        let Some((frame, memory)) = reader.next_frame().await? else {
             return Err(ServiceError::new(
                 ErrorKind::UnexpectedMessage,
                 format!("push stream of {label} ended without MapEnd; the attempt is abandoned"),
@@ -85,21 +87,15 @@ async fn receive_attempt<R: AsyncRead + Unpin + Send, W: FrameSink>(
                 }
                 totals.add(&block.header);
                 let len = block.bytes.len() as u64;
-                if let Some(target) = shuffle.append(&block.header, block.bytes)? {
-                    spawn_flush(shuffle.clone(), target, FlushReason::BufferFull);
+                if let Some(target) = shuffle.append(&block.header, block.bytes, memory)? {
+                    spawn_spill(shuffle.clone(), target);
                 }
                 state.stats.received(shuffle.spec().mode, len);
             }
             FrameKind::Request => match Request::decode(&frame.payload)? {
                 Request::MapEnd(end) => {
-                    // Sealing a sort-mode attempt writes and maps its file: blocking I/O.
-                    let (owned_shuffle, owned_label) = (shuffle.clone(), label.clone());
-                    let response = tokio::task::spawn_blocking(move || {
-                        end_attempt(&owned_shuffle, &owned_label, (map, attempt), end, &received)
-                    })
-                    .await
-                    .map_err(|e| ServiceError::new(ErrorKind::Io, format!("committing {label}: {e}")))??;
-                    writer.response(&response).await.map_err(io_err)?;
+                    let response = end_attempt(shuffle, &label, (map, attempt), end, &received)?;
+                    writer.response(&response).await?;
                     return expect_end_of_stream(reader, &label).await;
                 }
                 other => {
@@ -165,7 +161,7 @@ async fn expect_end_of_stream<R: AsyncRead + Unpin + Send>(
 ) -> Result<(), ServiceError> {
     match reader.next_frame().await? {
         None => Ok(()),
-        Some(frame) => {
+        Some((frame, _)) => {
             let kind = match frame.kind {
                 FrameKind::Request if matches!(Request::decode(&frame.payload), Ok(Request::MapEnd(_))) => {
                     ErrorKind::DuplicateMapEnd
@@ -177,26 +173,11 @@ async fn expect_end_of_stream<R: AsyncRead + Unpin + Send>(
     }
 }
 
-/// Pauses the producer while the memory budget is at its hard limit; fails
-/// if the shuffle cannot be flushed (a full disk) so the producer is not stuck.
-async fn wait_for_memory(state: &ServiceState, shuffle: &Shuffle) -> Result<(), ServiceError> {
-    while !state.memory.wait_for_room(PAUSE_RECHECK).await {
-        if let Some(failure) = shuffle.failure() {
-            return Err(failure);
-        }
-    }
-    Ok(())
-}
-
-/// Flushes a buffer on a blocking thread; a failure is recorded on the shuffle.
-pub fn spawn_flush(shuffle: Arc<Shuffle>, target: FlushTarget, reason: FlushReason) {
+/// Writes a buffer to disk on a blocking thread; a failure is recorded by the shuffle.
+pub fn spawn_spill(shuffle: Arc<Shuffle>, target: SpillTarget) {
     tokio::task::spawn_blocking(move || {
-        let _ = shuffle.flush(target, reason);
+        let _ = shuffle.spill(target, false);
     });
-}
-
-fn io_err(e: std::io::Error) -> ServiceError {
-    ServiceError::new(ErrorKind::Io, format!("writing to the stream: {e}"))
 }
 
 /// A request's name, for messages.
@@ -209,5 +190,147 @@ pub fn request_name(request: &Request) -> &'static str {
         Request::OpenPush { .. } => "OpenPush",
         Request::MapEnd(_) => "MapEnd",
         Request::OpenPartition { .. } => "OpenPartition",
+        Request::OpenPartitionDirect { .. } => "OpenPartitionDirect",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use shuffle_protocol::{
+        AppId, BlockId, Codec, Frame, FrameDecoder, MAX_FRAME_LEN, MapEnd, PartitionTotals, ShuffleSpec, append_record,
+        encode_block, encode_frame, encode_frame_header,
+    };
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::{ServerConfig, read::handle_read, transport::StreamSink};
+
+    fn state(budget: u64) -> (tempfile::TempDir, Arc<ServiceState>) {
+        let dir = tempfile::tempdir().unwrap();
+        let config = ServerConfig {
+            data_dir: dir.path().to_path_buf(),
+            memory: bytesize::ByteSize(budget),
+            ..ServerConfig::default()
+        };
+        (dir, Arc::new(ServiceState::new(config).unwrap()))
+    }
+
+    /// The server's reading end of an in-memory pipe.
+    type PipeReader = FrameReader<tokio::io::ReadHalf<DuplexStream>>;
+    /// The server's writing end of an in-memory pipe.
+    type PipeWriter = FrameWriter<StreamSink<tokio::io::WriteHalf<DuplexStream>>>;
+
+    /// The server's ends of an in-memory pipe, and the client's end.
+    fn pipe(state: &ServiceState) -> (PipeReader, PipeWriter, DuplexStream) {
+        let (client, server) = tokio::io::duplex(4 << 20);
+        let (read, write) = tokio::io::split(server);
+        (FrameReader::new(read, &state.receive_buffers, MAX_FRAME_LEN), FrameWriter::new(StreamSink(write)), client)
+    }
+
+    /// An attempt's frames: `blocks` blocks of ~`len` bytes to `partition`, then `MapEnd`.
+    fn attempt(map: u32, attempt: u32, partition: u32, blocks: u32, len: usize) -> (Vec<u8>, Vec<Bytes>) {
+        let mut wire = Vec::new();
+        let mut totals = PartitionTotals::new(partition);
+        let mut sent = Vec::new();
+        for sequence in 0..blocks {
+            let mut raw = Vec::new();
+            append_record(&mut raw, &sequence.to_be_bytes(), &vec![map as u8; len]);
+            let block = encode_block(BlockId { map, attempt, partition, run: 0, sequence }, &raw, 1, Codec::None);
+            totals.add(&shuffle_protocol::BlockHeader::decode(&block).unwrap());
+            wire.extend_from_slice(&encode_frame_header(FrameKind::Block, block.len()).unwrap());
+            wire.extend_from_slice(&block);
+            sent.push(block);
+        }
+        let end = Request::MapEnd(MapEnd { map, attempt, partitions: vec![totals] });
+        wire.extend_from_slice(&encode_frame(FrameKind::Request, &end.encode()).unwrap());
+        (wire, sent)
+    }
+
+    async fn frames(client: &mut DuplexStream) -> Vec<Frame> {
+        let mut all = Vec::new();
+        client.read_to_end(&mut all).await.unwrap();
+        FrameDecoder::default().feed(&all).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_push_and_a_read_run_through_in_memory_pipes() {
+        let (_dir, state) = state(64 << 20);
+        let session = state.open_session(AppId::new("pipes").unwrap(), None).unwrap();
+        state.register_shuffle(&session, ShuffleId(0), ShuffleSpec::hash(1, 2)).unwrap();
+
+        let (mut reader, mut writer, mut client) = pipe(&state);
+        let (wire, sent) = attempt(0, 0, 1, 5, 1000);
+        client.write_all(&wire).await.unwrap();
+        client.shutdown().await.unwrap();
+        handle_push(&state, &session, (ShuffleId(0), 0, 0), &mut reader, &mut writer).await.unwrap();
+        writer.finish();
+        let responses: Vec<_> =
+            frames(&mut client).await.iter().map(|f| Response::decode(&f.payload).unwrap()).collect();
+        assert!(matches!(responses[..], [Response::PushAccepted { .. }, Response::Committed { map: 0, attempt: 0 }]));
+
+        let (_, mut writer, mut client) = pipe(&state);
+        let shutdown = CancellationToken::new();
+        handle_read(&state, &session, (ShuffleId(0), 1), &mut writer, &shutdown, false).await.unwrap();
+        writer.finish();
+        let got = frames(&mut client).await;
+        let blocks: Vec<Bytes> = got.iter().filter(|f| f.kind == FrameKind::Block).map(|f| f.payload.clone()).collect();
+        assert_eq!(blocks, sent);
+        let end = Response::decode(&got.last().unwrap().payload).unwrap();
+        assert!(matches!(end, Response::PartitionEnd { partition: 1, ref maps } if maps[0].totals.blocks == 5));
+    }
+
+    #[tokio::test]
+    async fn a_shuffle_over_its_share_stalls_its_own_producer_only() {
+        let (_dir, state) = state(4 << 20);
+        let session = state.open_session(AppId::new("fair").unwrap(), None).unwrap();
+        for id in [0, 1] {
+            state
+                .register_shuffle(
+                    &session,
+                    ShuffleId(id),
+                    ShuffleSpec::hybrid(1, 1, shuffle_protocol::SpillStrategy::Selective),
+                )
+                .unwrap();
+        }
+        // Shuffle 0 has no reader and no quota to spill into (its quota is 0):
+        // its producer fills it past its share and stalls.
+        let hog = state.shuffle(&session, ShuffleId(0)).unwrap();
+        assert!(hog.spec().spill_quota.is_none());
+        let (mut reader, mut writer, mut client) = pipe(&state);
+        let (wire, _) = attempt(0, 0, 0, 200, 60_000);
+        let feeder = tokio::spawn(async move {
+            let _ = client.write_all(&wire).await;
+            client
+        });
+        let stalled = {
+            let state = state.clone();
+            let hog_session = state.open_session(AppId::new("fair").unwrap(), Some(&session.secret)).unwrap();
+            tokio::spawn(async move {
+                handle_push(&state, &hog_session, (ShuffleId(0), 0, 0), &mut reader, &mut writer).await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!stalled.is_finished(), "the hog's producer must be held");
+        let held = hog.core.memory.used();
+        let blocks_budget = (4 << 20) - state.read_share;
+        assert!(held > blocks_budget / 2, "the hog holds most of the memory for blocks: {held}");
+
+        // Meanwhile another shuffle's producer is not held.
+        let (mut reader, mut writer, mut client) = pipe(&state);
+        let (wire, _) = attempt(0, 0, 0, 5, 60_000);
+        client.write_all(&wire).await.unwrap();
+        client.shutdown().await.unwrap();
+        let other = tokio::time::timeout(
+            Duration::from_secs(5),
+            handle_push(&state, &session, (ShuffleId(1), 0, 0), &mut reader, &mut writer),
+        )
+        .await;
+        assert!(matches!(other, Ok(Ok(()))), "{other:?}");
+        stalled.abort();
+        feeder.abort();
     }
 }

@@ -1,144 +1,206 @@
-//! `OpenPartition`: streams one partition to a reader once every map of the
-//! shuffle has committed — exactly the committed attempt's blocks of every
-//! map, each once — and closes with `PartitionEnd`, listing what each map
-//! committed to the partition so the reader can check it got all of it.
+//! `OpenPartition`: streams one partition to a reader and closes with
+//! `PartitionEnd`, listing what each map committed to the partition so the
+//! reader can check it got all of it.
 //!
-//! Hash-mode blocks go out in arrival order. Sort-mode blocks lie in sealed
-//! per-map files and go through the shuffle's elevator ([`crate::elevator`]),
-//! which serves all readers' pending blocks in file-offset order; within one
-//! map's file that order is also the blocks' sequence order.
-//!
-//! Hybrid partitions are streamed as blocks arrive (see [`serve_hybrid`]).
+//! Hash and sort readers start once every map has committed and receive
+//! exactly the committed attempt's blocks of every map, each once. Hybrid
+//! readers receive blocks as they arrive until every map has committed and
+//! the log is drained, and are told when an attempt whose blocks they
+//! received fails. Blocks in memory go out without copying; blocks on disk
+//! are read into buffers counted in the budget (in sort mode, through the
+//! shuffle's elevator). The reader holds only the batch it is sending.
 
-use std::collections::HashSet;
+use std::{
+    collections::{HashMap, HashSet},
+    os::fd::AsFd,
+};
 
-use shuffle_protocol::{ErrorKind, PartitionId, Response, ServiceError, ShuffleId};
+use bytes::Bytes;
+use shuffle_protocol::{ErrorKind, ExchangeMode, PartitionId, Response, ServiceError, ShuffleId};
+use tokio_util::sync::CancellationToken;
 
 use crate::{
-    shuffle::SnapshotBlock,
-    shutdown::Shutdown,
+    elevator::{DiskRead, read_blocking},
+    shuffle::Shuffle,
     state::{AppSession, ServiceState},
+    storage::{BlockRef, ReadBatch, ReadCursor},
     transport::{FrameSink, FrameWriter},
 };
 
-/// Blocks handed to the stream per write; bounds the frame headers built ahead.
-const BLOCKS_PER_WRITE: usize = 64;
+/// Bytes a reader takes from storage per batch: enough to amortise locks and
+/// a disk read, small enough that a reader pins little.
+pub const READ_BATCH_BYTES: usize = 1 << 20;
 
-/// Serves one partition read.
+/// Serves one partition read; `direct` (same-host readers on the Unix
+/// socket) hands over blocks that lie in files as the files and ranges.
 pub async fn handle_read<W: FrameSink>(
     state: &ServiceState,
     session: &AppSession,
     (shuffle_id, partition): (ShuffleId, PartitionId),
     writer: &mut FrameWriter<W>,
-    shutdown: &Shutdown,
+    shutdown: &CancellationToken,
+    direct: bool,
 ) -> Result<(), ServiceError> {
     let shuffle = state.shuffle(session, shuffle_id)?;
-    shuffle.check_partition(partition)?;
+    shuffle.open_reader(partition)?;
     let _reading = state.reader_started();
-    let io = |e: std::io::Error| ServiceError::new(ErrorKind::Io, format!("sending partition {partition}: {e}"));
-    if let Some(hybrid) = shuffle.hybrid() {
-        hybrid.open_reader(&shuffle.core, partition)?;
-        writer.response(&Response::PartitionOpened { spec: shuffle.spec() }).await.map_err(io)?;
-        return serve_hybrid(state, &shuffle, partition, writer, shutdown).await;
-    }
-    writer.response(&Response::PartitionOpened { spec: shuffle.spec() }).await.map_err(io)?;
-    tokio::select! {
-        complete = shuffle.wait_complete() => complete?,
-        _ = shutdown.wait() => {
-            return Err(ServiceError::new(
-                ErrorKind::ShuttingDown,
-                format!("the server is shutting down before {} completed", shuffle.label()),
-            ));
-        }
-    }
-    let snapshot = shuffle.partition_snapshot(partition)?;
-    let total = snapshot.blocks.len();
-    if snapshot.blocks.iter().all(|b| b.position.is_none()) {
-        let blocks: Vec<_> = snapshot.blocks.into_iter().map(|b: SnapshotBlock| b.bytes).collect();
-        for batch in blocks.chunks(BLOCKS_PER_WRITE) {
-            writer.blocks(batch).await.map_err(io)?;
-            count_served(state, &shuffle, batch);
-        }
-    } else {
-        let mut scheduled = shuffle.scheduler.register(snapshot.blocks);
-        let mut sent = 0;
-        while sent < total {
-            let Some(first) = scheduled.rx.recv().await else {
-                return Err(ServiceError::new(ErrorKind::Io, "read scheduler dropped a reader"));
-            };
-            let mut batch = vec![first];
-            while batch.len() < BLOCKS_PER_WRITE
-                && let Ok(next) = scheduled.rx.try_recv()
-            {
-                batch.push(next);
+    writer.response(&Response::PartitionOpened { spec: shuffle.spec() }).await?;
+    let hybrid = shuffle.spec().mode == ExchangeMode::Hybrid;
+    if !hybrid {
+        tokio::select! {
+            complete = shuffle.wait_complete() => complete?,
+            _ = shutdown.cancelled() => {
+                return Err(ServiceError::new(
+                    ErrorKind::ShuttingDown,
+                    format!("the server is shutting down before {} completed", shuffle.label()),
+                ));
             }
-            writer.blocks(&batch).await.map_err(io)?;
-            count_served(state, &shuffle, &batch);
-            sent += batch.len();
-            scheduled.sent(batch.iter().map(|b| b.len()).sum());
         }
     }
-    writer.response(&Response::PartitionEnd { partition, maps: snapshot.commits }).await.map_err(io)
-}
-
-/// Streams a hybrid partition: every servable block as it arrives, in log
-/// order, until all maps have committed and the log is drained. Tells the
-/// reader when an attempt whose blocks it received fails, and stops.
-async fn serve_hybrid<W: FrameSink>(
-    state: &ServiceState,
-    shuffle: &crate::shuffle::Shuffle,
-    partition: PartitionId,
-    writer: &mut FrameWriter<W>,
-    shutdown: &Shutdown,
-) -> Result<(), ServiceError> {
-    let hybrid = shuffle.hybrid().expect("called for hybrid shuffles");
-    let io = |e: std::io::Error| ServiceError::new(ErrorKind::Io, format!("sending partition {partition}: {e}"));
-    let mut cursor = 0;
+    let mut cursor = ReadCursor::default();
     let mut delivered = HashSet::new();
+    let mut opened = HashMap::new();
     loop {
-        let mut changed = hybrid.subscribe(partition);
-        changed.borrow_and_update();
-        if shuffle.core.is_removed() {
-            return Err(ServiceError::new(ErrorKind::UnknownShuffle, format!("{} was unregistered", shuffle.label())));
+        let mut changed = shuffle.subscribe(partition);
+        if let Some(changed) = &mut changed {
+            changed.borrow_and_update();
         }
-        if let Some(&(map, attempt)) = delivered.iter().find(|(m, a)| hybrid.is_failed(*m, *a)) {
-            let rereadable = hybrid.rereadable();
-            return writer.response(&Response::ProducerFailed { map, attempt, rereadable }).await.map_err(io);
+        if let Some(&(map, attempt)) = delivered.iter().find(|(m, a)| shuffle.attempt_failed(*m, *a)) {
+            let rereadable = shuffle.rereadable();
+            return writer.response(&Response::ProducerFailed { map, attempt, rereadable }).await;
         }
         // Completion is read before the log: every block of a committed
         // attempt was appended before its commit, so none can be missed.
         let complete = shuffle.is_complete();
-        let mut batch = Vec::new();
-        let mut indices = Vec::new();
-        while batch.len() < BLOCKS_PER_WRITE {
-            let Some(next) = hybrid.next_block(&shuffle.core, partition, cursor)? else { break };
-            delivered.insert((next.map, next.attempt));
-            cursor = next.index + 1;
-            indices.push(next.index);
-            batch.push(next.bytes);
-        }
+        let batch = shuffle.read(partition, &mut cursor, READ_BATCH_BYTES)?;
         if !batch.is_empty() {
-            writer.blocks(&batch).await.map_err(io)?;
-            count_served(state, shuffle, &batch);
-            for index in indices {
-                hybrid.consumed(&shuffle.core, partition, index);
+            if direct {
+                send_batch_direct(state, &shuffle, &batch, writer, &mut opened).await?;
+            } else {
+                send_batch(state, &shuffle, &batch, writer).await?;
             }
+            shuffle.sent(partition, &batch);
+            delivered.extend(batch.owners.iter().copied());
             continue;
         }
-        if complete {
+        if complete || !hybrid {
             let maps = shuffle.partition_commits(partition)?;
-            return writer.response(&Response::PartitionEnd { partition, maps }).await.map_err(io);
+            return writer.response(&Response::PartitionEnd { partition, maps }).await;
         }
+        let Some(changed) = &mut changed else { continue };
         tokio::select! {
             _ = changed.changed() => {}
-            _ = shutdown.wait() => {
+            _ = shutdown.cancelled() => {
                 return Err(ServiceError::new(ErrorKind::ShuttingDown, "the server is shutting down"));
             }
         }
     }
 }
 
-fn count_served(state: &ServiceState, shuffle: &crate::shuffle::Shuffle, batch: &[bytes::Bytes]) {
-    let bytes: usize = batch.iter().map(|b| b.len()).sum();
-    state.stats.served(shuffle.spec().mode, batch.len() as u64, bytes as u64);
+/// Sends a batch: memory blocks as they are, disk blocks read first.
+async fn send_batch<W: FrameSink>(
+    state: &ServiceState,
+    shuffle: &Shuffle,
+    batch: &ReadBatch,
+    writer: &mut FrameWriter<W>,
+) -> Result<(), ServiceError> {
+    let disk: Vec<DiskRead> = batch
+        .blocks
+        .iter()
+        .filter_map(|b| match b {
+            BlockRef::Disk { file, offset, len } => {
+                Some(DiskRead { file: file.clone(), offset: *offset, len: *len as usize })
+            }
+            BlockRef::Memory(_) => None,
+        })
+        .collect();
+    let mut _permits = None;
+    let mut from_disk = Vec::new().into_iter();
+    if !disk.is_empty() {
+        // Read buffers are new memory: they hold permits of the read share until the stream has taken them.
+        let bytes: usize = disk.iter().map(|d| d.len).sum();
+        let permits = state
+            .read_permits
+            .clone()
+            .acquire_many_owned(bytes.min(state.read_share) as u32)
+            .await
+            .map_err(|_| ServiceError::new(ErrorKind::ShuttingDown, "the server is shutting down"))?;
+        _permits = Some(permits);
+        let bytes = if shuffle.spec().mode == ExchangeMode::Sort {
+            shuffle.scheduler.read(disk).await?
+        } else {
+            tokio::task::spawn_blocking(move || read_blocking(&disk))
+                .await
+                .map_err(|e| ServiceError::new(ErrorKind::Io, format!("disk read task: {e}")))??
+        };
+        from_disk = bytes.into_iter();
+    }
+    let blocks: Vec<Bytes> = batch
+        .blocks
+        .iter()
+        .map(|b| match b {
+            BlockRef::Memory(bytes) => bytes.clone(),
+            BlockRef::Disk { .. } => from_disk.next().expect("one read per disk block"),
+        })
+        .collect();
+    writer.blocks(&blocks).await?;
+    let bytes: usize = blocks.iter().map(Bytes::len).sum();
+    state.stats.served(shuffle.spec().mode, blocks.len() as u64, bytes as u64);
+    Ok(())
+}
+
+/// Sends a batch to a same-host reader: memory blocks as block frames, runs
+/// of disk blocks that lie back to back in one file as a `FileRange` (the
+/// file itself passed once per read, with `FileOpened`). Nothing on disk is
+/// read or copied by the server.
+async fn send_batch_direct<W: FrameSink>(
+    state: &ServiceState,
+    shuffle: &Shuffle,
+    batch: &ReadBatch,
+    writer: &mut FrameWriter<W>,
+    opened: &mut HashMap<u64, u32>,
+) -> Result<(), ServiceError> {
+    let mut memory: Vec<Bytes> = Vec::new();
+    let mut i = 0;
+    while i < batch.blocks.len() {
+        match &batch.blocks[i] {
+            BlockRef::Memory(bytes) => {
+                memory.push(bytes.clone());
+                i += 1;
+            }
+            BlockRef::Disk { file, offset, len } => {
+                if !memory.is_empty() {
+                    writer.blocks(&std::mem::take(&mut memory)).await?;
+                }
+                let (start, mut end, mut count) = (*offset, *offset + u64::from(*len), 1u32);
+                while let Some(BlockRef::Disk { file: next, offset, len }) = batch.blocks.get(i + count as usize)
+                    && std::sync::Arc::ptr_eq(next, file)
+                    && *offset == end
+                {
+                    end += u64::from(*len);
+                    count += 1;
+                }
+                let next_index = opened.len() as u32;
+                let index = match opened.get(&file.key()) {
+                    Some(index) => *index,
+                    None => {
+                        writer
+                            .response_with_fd(&Response::FileOpened { file: next_index }, file.file().as_fd())
+                            .await?;
+                        opened.insert(file.key(), next_index);
+                        next_index
+                    }
+                };
+                writer
+                    .response(&Response::FileRange { file: index, offset: start, len: end - start, blocks: count })
+                    .await?;
+                i += count as usize;
+            }
+        }
+    }
+    if !memory.is_empty() {
+        writer.blocks(&memory).await?;
+    }
+    state.stats.served(shuffle.spec().mode, batch.blocks.len() as u64, batch.bytes() as u64);
+    Ok(())
 }

@@ -1,6 +1,10 @@
-//! Starting, running and stopping the server: the QUIC endpoint's accept
-//! loop, the background spiller and app reaper, and the drain on shutdown
-//! (stop accepting, let in-flight requests finish, flush, close).
+//! Starting, running and stopping the server: recovery of what a graceful
+//! shutdown left, the QUIC endpoint's accept loop, the background spiller
+//! and app reaper, and the drain on shutdown (stop accepting, let in-flight
+//! requests finish, write everything down, close).
+//!
+//! Shutdown flows from one [`CancellationToken`]; requests in flight are a
+//! [`TaskTracker`] that shutdown waits on (up to the grace period).
 
 use std::{
     net::SocketAddr,
@@ -12,28 +16,29 @@ use std::{
     time::{Duration, Instant},
 };
 
+use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::task::JoinHandle;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     ServerConfig, ServerError,
-    connection::{CLOSE_SHUTDOWN, serve_connection},
-    shuffle::FlushReason,
-    shutdown::{InFlight, Shutdown},
+    connection::{CLOSE_SHUTDOWN, ServerContext, serve_quic_connection},
+    disk,
     state::ServiceState,
     stats::StatsSnapshot,
     telemetry,
     tls::TlsMaterial,
-    transport::transport_config,
+    transport::{Windows, server_transport},
 };
 
-/// How often the spiller re-checks memory when nothing woke it.
+/// How often the spiller re-checks memory (and a full disk) when nothing woke it.
 const SPILL_RECHECK: Duration = Duration::from_millis(200);
 /// How long the endpoint waits for peers to acknowledge the close at shutdown.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 /// A running server. Dropping the handle signals shutdown.
 pub struct ServerHandle {
-    /// The address the endpoint is bound to.
+    /// The address the QUIC endpoint is bound to.
     local_addr: SocketAddr,
     /// The certificate clients should trust.
     cert_path: PathBuf,
@@ -42,7 +47,7 @@ pub struct ServerHandle {
     /// Shared state, for inspection.
     state: Arc<ServiceState>,
     /// The stop signal.
-    shutdown: Shutdown,
+    shutdown: CancellationToken,
     /// The server's main task; completes when the server has stopped.
     task: Option<JoinHandle<()>>,
 }
@@ -63,14 +68,24 @@ impl ServerHandle {
         &self.cert_path
     }
 
+    /// The Unix socket same-host clients use, if the server has one.
+    pub fn unix_socket(&self) -> Option<PathBuf> {
+        crate::storage::lock(&self.state.unix_socket).clone()
+    }
+
     /// The server's counters now.
     pub fn stats(&self) -> StatsSnapshot {
         self.state.stats.snapshot()
     }
 
-    /// Bytes of blocks held in memory now.
+    /// Bytes reserved in the memory budget now.
     pub fn memory_used(&self) -> usize {
         self.state.memory.used()
+    }
+
+    /// Memory accounting errors since start (0 unless there is a bug).
+    pub fn memory_accounting_errors(&self) -> u64 {
+        self.state.memory.accounting_errors()
     }
 
     /// Number of registered apps.
@@ -78,9 +93,14 @@ impl ServerHandle {
         self.state.app_count()
     }
 
+    /// The `/status` view, without going through HTTP.
+    pub fn status(&self) -> serde_json::Value {
+        telemetry::status(&self.state)
+    }
+
     /// Signals shutdown without waiting for it.
     pub fn begin_shutdown(&self) {
-        self.shutdown.trigger();
+        self.shutdown.cancel();
     }
 
     /// Waits until the server has stopped (after a shutdown signal).
@@ -92,7 +112,8 @@ impl ServerHandle {
         }
     }
 
-    /// Shuts down: stops accepting, lets in-flight requests finish, flushes, closes.
+    /// Shuts down: stops accepting, lets in-flight requests finish, writes
+    /// everything committed down for the next start, closes.
     pub async fn shutdown(mut self) {
         self.begin_shutdown();
         self.stopped().await;
@@ -101,31 +122,67 @@ impl ServerHandle {
 
 impl Drop for ServerHandle {
     fn drop(&mut self) {
-        self.shutdown.trigger();
+        self.shutdown.cancel();
     }
 }
 
-/// Starts a server with `config` on the current tokio runtime.
+/// Starts a server with `config` on the current tokio runtime; `/metrics`
+/// stays empty (no recorder: see [`start_with_metrics`]).
 pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
+    start_with_metrics(config, None).await
+}
+
+/// Starts a server whose `/metrics` renders the Prometheus recorder
+/// `metrics`, which the caller installed.
+pub async fn start_with_metrics(
+    config: ServerConfig,
+    metrics: Option<PrometheusHandle>,
+) -> Result<ServerHandle, ServerError> {
     config.validate()?;
     let io = |path: &Path, e: std::io::Error| ServerError::Io(format!("{}: {e}", path.display()));
     std::fs::create_dir_all(&config.data_dir).map_err(|e| io(&config.data_dir, e))?;
-    let state = Arc::new(ServiceState::new(config.clone()));
+    let state = Arc::new(ServiceState::new(config.clone()).map_err(|e| ServerError::Io(e.message))?);
     let apps_dir = state.apps_dir();
-    if apps_dir.exists() {
-        // Shuffle metadata lives in memory, so files of an earlier run cannot be served.
-        tracing::warn!(dir = %apps_dir.display(), "removing shuffle files left by an earlier run");
-        std::fs::remove_dir_all(&apps_dir).map_err(|e| io(&apps_dir, e))?;
-    }
     std::fs::create_dir_all(&apps_dir).map_err(|e| io(&apps_dir, e))?;
+    let recovering = state.clone();
+    let (apps, shuffles) = tokio::task::spawn_blocking(move || recovering.recover())
+        .await
+        .map_err(|e| ServerError::Io(format!("recovery: {e}")))?;
+    if apps > 0 {
+        tracing::info!(apps, shuffles, "recovered the shuffles a graceful shutdown left");
+    }
 
     let tls = TlsMaterial::load_or_generate(&config)?;
     let cert_path = tls.cert_path.clone();
+    let windows = Windows::for_budget(config.memory.as_u64(), config.max_connections);
     let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(tls.quic_server_config()?));
-    server_config.transport_config(transport_config(config.idle_timeout, config.max_streams_per_connection));
+    server_config.transport_config(server_transport(windows, config.idle_timeout, config.max_udp_payload));
     let endpoint = quinn::Endpoint::server(server_config, config.listen)
         .map_err(|source| ServerError::Bind { addr: config.listen, source })?;
     let local_addr = endpoint.local_addr().map_err(|source| ServerError::Bind { addr: config.listen, source })?;
+    // Every listener is bound before the server says it listens.
+    let unix = match config.unix_socket.path(&config.data_dir) {
+        Some(path) => {
+            let listener = bind_unix(&path)?;
+            *crate::storage::lock(&state.unix_socket) = Some(path);
+            Some(listener)
+        }
+        None => None,
+    };
+
+    if let Some(path) = crate::storage::lock(&state.unix_socket).as_ref() {
+        tracing::info!("same-host clients on unix://{}", path.display());
+    }
+    if windows.max_connections < config.max_connections {
+        tracing::info!(
+            "serving at most {} authenticated QUIC connections (not {}): that many windows of {} bytes fill the \
+             transport's share of the {} budget",
+            windows.max_connections,
+            config.max_connections,
+            windows.connection,
+            config.memory
+        );
+    }
     tracing::info!(
         "shuffle-server listening on {local_addr} (data dir {}, memory budget {}, cert {})",
         config.data_dir.display(),
@@ -133,57 +190,111 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         cert_path.display()
     );
 
-    let (metrics_addr, metrics_listener) = match config.metrics_addr {
+    let shutdown = CancellationToken::new();
+    let (metrics_addr, admin) = match config.metrics_addr.0 {
         Some(addr) => {
             let listener = telemetry::bind(addr).await?;
             let bound = listener.local_addr().map_err(|source| ServerError::Bind { addr, source })?;
             tracing::info!("metrics on http://{bound}/metrics and http://{bound}/status");
-            (Some(bound), Some(listener))
+            let admin = tokio::spawn(telemetry::serve(listener, state.clone(), metrics, shutdown.clone()));
+            (Some(bound), Some(admin))
         }
         None => (None, None),
     };
 
-    let shutdown = Shutdown::default();
-    let task = tokio::spawn(run(endpoint, state.clone(), shutdown.clone(), metrics_listener));
+    let ctx = ServerContext {
+        state: state.clone(),
+        shutdown: shutdown.clone(),
+        requests: TaskTracker::new(),
+        windows,
+        authenticated: Arc::default(),
+    };
+    let unix = unix.map(|listener| tokio::spawn(run_unix(listener, ctx.clone())));
+    let task = tokio::spawn(run(endpoint, ctx, admin, unix));
     Ok(ServerHandle { local_addr, cert_path, metrics_addr, state, shutdown, task: Some(task) })
+}
+
+/// Binds the Unix socket at `path`, replacing a stale socket file left by a
+/// server that is gone (but not one that still answers).
+fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener, ServerError> {
+    let err = |e: std::io::Error| ServerError::Io(format!("Unix socket {}: {e}", path.display()));
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(ServerError::Io(format!(
+                "Unix socket {}: another server is listening on it; use --unix-socket to choose another path or off",
+                path.display()
+            )));
+        }
+        std::fs::remove_file(path).map_err(err)?;
+    }
+    tokio::net::UnixListener::bind(path).map_err(err)
+}
+
+/// Accepts same-host streams on the Unix socket until shutdown; each is
+/// served as a tracked request. Streams beyond the limit wait.
+async fn run_unix(listener: tokio::net::UnixListener, ctx: ServerContext) {
+    let limit = ctx.windows.max_connections * ctx.state.config.max_streams_per_connection as usize;
+    let permits = Arc::new(tokio::sync::Semaphore::new(limit));
+    loop {
+        let permit = tokio::select! {
+            permit = permits.clone().acquire_owned() => permit,
+            _ = ctx.shutdown.cancelled() => return,
+        };
+        let Ok(permit) = permit else { return };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting on the Unix socket");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = ctx.shutdown.cancelled() => return,
+        };
+        let task_ctx = ctx.clone();
+        ctx.requests.spawn(async move {
+            crate::connection::serve_unix_stream(task_ctx, stream).await;
+            drop(permit);
+        });
+    }
 }
 
 /// The server's life: serve until the signal, then drain and stop.
 async fn run(
     endpoint: quinn::Endpoint,
-    state: Arc<ServiceState>,
-    shutdown: Shutdown,
-    metrics_listener: Option<tokio::net::TcpListener>,
+    ctx: ServerContext,
+    admin: Option<JoinHandle<()>>,
+    unix: Option<JoinHandle<()>>,
 ) {
-    let in_flight = InFlight::default();
-    let metrics = metrics_listener.map(|l| tokio::spawn(telemetry::serve(l, state.clone())));
-    let spiller = tokio::spawn(run_spiller(state.clone(), shutdown.clone()));
-    let reaper = tokio::spawn(run_reaper(state.clone(), shutdown.clone()));
+    let state = ctx.state.clone();
+    let spiller = tokio::spawn(run_spiller(state.clone(), ctx.shutdown.clone()));
+    let reaper = tokio::spawn(run_reaper(state.clone(), ctx.shutdown.clone()));
     let connections = Arc::new(AtomicUsize::new(0));
     loop {
         let incoming = tokio::select! {
             incoming = endpoint.accept() => incoming,
-            _ = shutdown.wait() => break,
+            _ = ctx.shutdown.cancelled() => break,
         };
         let Some(incoming) = incoming else { break };
         if connections.load(Ordering::Acquire) >= state.config.max_connections {
-            tracing::warn!(remote = %incoming.remote_address(), "refusing connection: at max_connections");
+            tracing::warn!(remote = %incoming.remote_address(), "refusing connection: at the connection limit");
             incoming.refuse();
             continue;
         }
         connections.fetch_add(1, Ordering::AcqRel);
-        let (state, shutdown, in_flight, connections) =
-            (state.clone(), shutdown.clone(), in_flight.clone(), connections.clone());
+        let (ctx, connections) = (ctx.clone(), connections.clone());
         tokio::spawn(async move {
             match incoming.await {
-                Ok(connection) => serve_connection(state, connection, shutdown, in_flight).await,
+                Ok(connection) => serve_quic_connection(ctx, connection).await,
                 Err(e) => tracing::debug!(error = %e, "handshake failed"),
             }
             connections.fetch_sub(1, Ordering::AcqRel);
         });
     }
 
-    tracing::info!(in_flight = in_flight.count(), "shutting down: no new connections; draining requests");
+    ctx.requests.close();
+    tracing::info!(in_flight = ctx.requests.len(), "shutting down: no new connections; draining requests");
     let refuser = tokio::spawn({
         let endpoint = endpoint.clone();
         async move {
@@ -192,52 +303,68 @@ async fn run(
             }
         }
     });
-    if tokio::time::timeout(state.config.shutdown_grace, in_flight.drained()).await.is_err() {
-        tracing::warn!(in_flight = in_flight.count(), "shutdown grace period over; closing anyway");
+    state.memory.wake_all();
+    if tokio::time::timeout(state.config.shutdown_grace, ctx.requests.wait()).await.is_err() {
+        tracing::warn!(in_flight = ctx.requests.len(), "shutdown grace period over; closing anyway");
     }
-    let shuffles = state.all_shuffles();
-    let flushed = tokio::task::spawn_blocking(move || {
-        for shuffle in shuffles {
-            if let Err(e) = shuffle.flush_all() {
-                tracing::error!(shuffle = %shuffle.label(), error = %e, "flush at shutdown failed");
-            }
-        }
-    });
-    let _ = flushed.await;
+    let persisting = state.clone();
+    match tokio::task::spawn_blocking(move || persisting.persist_all()).await {
+        Ok((saved, failed)) => tracing::info!(saved, failed, "shuffles written down for the next start"),
+        Err(e) => tracing::error!(error = %e, "persisting at shutdown failed"),
+    }
+    if let Some(unix) = unix {
+        unix.abort();
+    }
+    if let Some(path) = crate::storage::lock(&state.unix_socket).take() {
+        let _ = std::fs::remove_file(path);
+    }
     endpoint.close(CLOSE_SHUTDOWN.into(), b"server shutting down");
     let _ = tokio::time::timeout(CLOSE_WAIT, endpoint.wait_idle()).await;
     refuser.abort();
     spiller.abort();
     reaper.abort();
-    if let Some(metrics) = metrics {
-        metrics.abort();
+    if let Some(admin) = admin {
+        let _ = tokio::time::timeout(CLOSE_WAIT, admin).await;
     }
     tracing::info!("shutdown complete");
 }
 
-/// Flushes the partitions holding the most memory while the budget is above its high watermark.
-async fn run_spiller(state: Arc<ServiceState>, shutdown: Shutdown) {
+/// Writes buffers to disk while memory is above its high watermark: first
+/// the shuffles holding more than their share, largest buffer first. Also
+/// notices when a full disk has room again.
+async fn run_spiller(state: Arc<ServiceState>, shutdown: CancellationToken) {
+    let pool = state.memory.clone();
     loop {
         tokio::select! {
-            _ = state.memory.spill_wanted(SPILL_RECHECK) => {}
-            _ = shutdown.wait() => return,
+            _ = pool.spill_wanted(SPILL_RECHECK) => {}
+            _ = shutdown.cancelled() => return,
         }
-        while state.memory.should_spill() {
-            let largest = state
+        if pool.disk_full().is_some()
+            && disk::check_reserve(
+                &state.config.data_dir,
+                state.config.flush_size.as_u64(),
+                state.config.disk_reserve.as_u64(),
+            )
+            .is_ok()
+        {
+            tracing::info!("the data dir has room again");
+            pool.set_disk_full(None);
+        }
+        while pool.should_spill() {
+            let chosen = state
                 .all_shuffles()
                 .into_iter()
-                .filter_map(|s| s.largest_buffer().map(|(target, bytes)| (s, target, bytes)))
-                .max_by_key(|(_, _, bytes)| *bytes);
-            let Some((shuffle, target, _)) = largest else {
-                break;
-            };
-            let flush = tokio::task::spawn_blocking(move || shuffle.flush(target, FlushReason::MemoryPressure));
-            match flush.await {
+                .filter_map(|s| {
+                    s.spill_candidate().map(|(target, bytes)| (s.core.memory.over_share(), bytes, target, s))
+                })
+                .max_by_key(|(over, bytes, _, _)| (*over, *bytes));
+            let Some((_, _, target, shuffle)) = chosen else { break };
+            match tokio::task::spawn_blocking(move || shuffle.spill(target, true)).await {
                 Ok(Ok(written)) if written > 0 => {}
-                // Nothing could be written (a flush in progress, a quota used up): wait for the next tick.
+                // Nothing could be written (a spill in progress, a quota used up): wait for the next tick.
                 Ok(Ok(_)) => break,
                 Ok(Err(_)) | Err(_) => {
-                    // Already logged and recorded on the shuffle; back off before retrying.
+                    // Recorded by the shuffle (a full disk reaches waiting producers); back off.
                     tokio::time::sleep(SPILL_RECHECK).await;
                     break;
                 }
@@ -247,11 +374,11 @@ async fn run_spiller(state: Arc<ServiceState>, shutdown: Shutdown) {
 }
 
 /// Removes apps whose clients have been gone longer than the app timeout.
-async fn run_reaper(state: Arc<ServiceState>, shutdown: Shutdown) {
+async fn run_reaper(state: Arc<ServiceState>, shutdown: CancellationToken) {
     loop {
         tokio::select! {
             _ = tokio::time::sleep(state.reap_interval()) => {}
-            _ = shutdown.wait() => return,
+            _ = shutdown.cancelled() => return,
         }
         state.reap_idle_apps(Instant::now()).await;
     }

@@ -1,32 +1,42 @@
-//! The service's shared state: apps, their shuffles, and the connections
-//! bound to each app.
+//! The service's shared state: apps with their secrets and shuffles, the
+//! connections bound to each app, and the named limits on what clients may
+//! create.
 //!
-//! A connection names its app in `Hello` and may touch only that app's
-//! shuffles. An app lives while it has connections; once its last connection
-//! is gone for longer than the app timeout, the reaper removes it with its
-//! shuffles and files. `UnregisterApp` removes it at once; connections still
-//! bound to it then get `UnknownApp`.
+//! A connection is bound to one app by its `Hello` (see [`crate::auth`])
+//! and may touch only that app's shuffles. An app lives while it has
+//! connections; once its last connection is gone for longer than the app
+//! timeout, the reaper removes it with its shuffles and files.
+//! `UnregisterApp` removes it at once; connections still bound to it then
+//! get `UnknownApp`.
 
 use std::{
     collections::HashMap,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
-use shuffle_protocol::{AppId, ErrorKind, ServiceError, ShuffleId, ShuffleSpec};
+use shuffle_protocol::{AppId, AppSecret, ErrorKind, ServiceError, ShuffleId, ShuffleSpec};
 
 use crate::{
-    ServerConfig,
-    memory::MemoryBudget,
-    shuffle::{Shuffle, StorageEnv, lock},
+    ServerConfig, auth,
+    memory::{Consumer, MemoryPool, Reservation},
+    shuffle::{Shuffle, table_bytes},
     stats::ServerStats,
+    storage::{
+        StorageEnv, lock,
+        manifest::{self, APP_MANIFEST, AppManifest, MANIFEST_FORMAT, SHUFFLE_MANIFEST, ShuffleManifest},
+    },
 };
 
-/// One app's shuffles and liveness.
+/// One app's secret, shuffles and liveness.
 struct AppEntry {
     /// Distinguishes this incarnation of the app from an earlier one with the same id.
     generation: u64,
+    /// What its connections must present.
+    secret: AppSecret,
+    /// Partly received frames of the app's streams, its own share of memory.
+    receive_buffers: Arc<Consumer>,
     /// The app's registered shuffles.
     shuffles: HashMap<ShuffleId, Arc<Shuffle>>,
     /// Open connections bound to this app.
@@ -40,9 +50,22 @@ pub struct ServiceState {
     /// The configuration the server started with.
     pub config: ServerConfig,
     /// The server-wide memory budget.
-    pub memory: Arc<MemoryBudget>,
+    pub memory: Arc<MemoryPool>,
+    /// Partly received frames of every stream, in the budget.
+    pub receive_buffers: Arc<Consumer>,
+    /// Blocks read from disk on their way to readers: a standing share of
+    /// the budget ([`read_share`]), handed out as permits of bytes, so disk
+    /// reads never wait on (or crowd out) the memory that blocks use.
+    pub read_permits: Arc<tokio::sync::Semaphore>,
+    /// The bytes of [`ServiceState::read_permits`], reserved once.
+    pub read_share: usize,
+    _read_reservation: Reservation,
     /// Server-wide counters.
     pub stats: Arc<ServerStats>,
+    /// Identifies this server process to clients (see `Welcome`).
+    pub server_id: String,
+    /// The Unix socket same-host clients may use, if any.
+    pub unix_socket: Mutex<Option<PathBuf>>,
     /// Apps by id.
     apps: Mutex<HashMap<AppId, AppEntry>>,
     /// Source of app generations.
@@ -85,20 +108,33 @@ pub struct AppSession {
     state: Arc<ServiceState>,
     /// The app this connection serves.
     pub app: AppId,
+    /// The app's secret (returned in `Welcome`).
+    pub secret: AppSecret,
+    /// Partly received frames of the app's streams (a consumer of its own,
+    /// so one app's floods wait on its own share).
+    pub receive_buffers: Arc<Consumer>,
     generation: u64,
 }
 
 impl ServiceState {
     /// Fresh state for `config`.
-    pub fn new(config: ServerConfig) -> Self {
-        Self {
-            memory: Arc::new(MemoryBudget::new(config.memory.0 as usize)),
+    pub fn new(config: ServerConfig) -> Result<Self, ServiceError> {
+        let memory = MemoryPool::new(config.memory.as_u64() as usize);
+        let read_share = read_share(memory.limit());
+        Ok(Self {
+            receive_buffers: memory.consumer("receive buffers"),
+            read_permits: Arc::new(tokio::sync::Semaphore::new(read_share)),
+            read_share,
+            _read_reservation: memory.standing("read buffers", read_share),
+            memory,
             stats: Arc::new(ServerStats::default()),
+            server_id: auth::generate_secret()?.0[..32].to_string(),
+            unix_socket: Mutex::new(None),
             config,
             apps: Mutex::new(HashMap::new()),
             next_generation: Mutex::new(0),
             active_readers: std::sync::atomic::AtomicUsize::new(0),
-        }
+        })
     }
 
     /// Directory under which all apps' shuffle files live.
@@ -106,21 +142,72 @@ impl ServiceState {
         self.config.data_dir.join("apps")
     }
 
-    fn shuffle_dir(&self, app: &AppId, shuffle: ShuffleId) -> PathBuf {
-        self.apps_dir().join(app.as_str()).join(format!("shuffle-{}", shuffle.0))
+    fn app_dir(&self, app: &AppId) -> PathBuf {
+        self.apps_dir().join(app.as_str())
     }
 
-    /// Binds a new connection to `app`, creating the app if needed.
-    pub fn open_session(self: &Arc<Self>, app: AppId) -> AppSession {
+    fn shuffle_dir(&self, app: &AppId, shuffle: ShuffleId) -> PathBuf {
+        self.app_dir(app).join(format!("shuffle-{}", shuffle.0))
+    }
+
+    fn storage_env(&self) -> StorageEnv {
+        StorageEnv {
+            pool: self.memory.clone(),
+            stats: self.stats.clone(),
+            flush_size: self.config.flush_size.as_u64() as usize,
+            disk_reserve: self.config.disk_reserve.as_u64(),
+        }
+    }
+
+    fn next_generation(&self) -> u64 {
+        let mut next = lock(&self.next_generation);
+        *next += 1;
+        *next
+    }
+
+    /// Binds a new connection to `app`: creates the app (no secret presented)
+    /// or joins it (its secret presented).
+    pub fn open_session(self: &Arc<Self>, app: AppId, secret: Option<&AppSecret>) -> Result<AppSession, ServiceError> {
         let mut apps = lock(&self.apps);
-        let entry = apps.entry(app.clone()).or_insert_with(|| {
-            let mut next = lock(&self.next_generation);
-            *next += 1;
-            tracing::info!(%app, "app registered");
-            AppEntry { generation: *next, shuffles: HashMap::new(), connections: 0, idle_since: Instant::now() }
-        });
-        entry.connections += 1;
-        AppSession { state: self.clone(), app, generation: entry.generation }
+        let (generation, secret, receive_buffers) = match (apps.get_mut(&app), secret) {
+            (Some(entry), Some(presented)) if auth::secrets_match(&entry.secret.0, &presented.0) => {
+                entry.connections += 1;
+                (entry.generation, entry.secret.clone(), entry.receive_buffers.clone())
+            }
+            (Some(_), None) => {
+                return Err(ServiceError::new(
+                    ErrorKind::AppExists,
+                    format!("app {app} cannot be created: the name is taken; present the app's secret to join it"),
+                ));
+            }
+            (_, Some(_)) => return Err(auth::unknown_app(&app)),
+            (None, None) => {
+                if apps.len() >= self.config.max_apps {
+                    return Err(ServiceError::new(
+                        ErrorKind::LimitExceeded,
+                        format!("app {app} cannot be created: the server holds its limit of {} apps", apps.len()),
+                    ));
+                }
+                let secret = auth::generate_secret()?;
+                let generation = self.next_generation();
+                let receive_buffers = self.memory.consumer(format!("receive buffers of app {app}"));
+                apps.insert(
+                    app.clone(),
+                    AppEntry {
+                        generation,
+                        secret: secret.clone(),
+                        receive_buffers: receive_buffers.clone(),
+                        shuffles: HashMap::new(),
+                        connections: 1,
+                        idle_since: Instant::now(),
+                    },
+                );
+                tracing::info!(%app, "app registered");
+                (generation, secret, receive_buffers)
+            }
+        };
+        drop(apps);
+        Ok(AppSession { state: self.clone(), app, secret, receive_buffers, generation })
     }
 
     fn with_app<T>(
@@ -131,10 +218,7 @@ impl ServiceState {
         let mut apps = lock(&self.apps);
         match apps.get_mut(&session.app) {
             Some(entry) if entry.generation == session.generation => f(entry),
-            _ => Err(ServiceError::new(
-                ErrorKind::UnknownApp,
-                format!("app {} is not registered (it was unregistered or expired); reconnect", session.app),
-            )),
+            _ => Err(auth::unknown_app(&session.app)),
         }
     }
 
@@ -145,9 +229,20 @@ impl ServiceState {
         shuffle: ShuffleId,
         spec: ShuffleSpec,
     ) -> Result<(), ServiceError> {
-        spec.validate().map_err(|why| {
-            ServiceError::new(ErrorKind::InvalidSpec, format!("shuffle {shuffle} of app {}: {why}", session.app))
-        })?;
+        let label = format!("shuffle {shuffle} of app {}", session.app);
+        spec.validate().map_err(|why| ServiceError::new(ErrorKind::InvalidSpec, format!("{label}: {why}")))?;
+        let tables = table_bytes(&spec);
+        let max_tables = self.memory.limit() / MAX_TABLE_SHARE_OF_BUDGET;
+        if tables > max_tables {
+            return Err(ServiceError::new(
+                ErrorKind::LimitExceeded,
+                format!(
+                    "{label}: {} maps and {} partitions need {tables} bytes of tables, more than 1/{MAX_TABLE_SHARE_OF_BUDGET} \
+                     of the memory budget ({max_tables} bytes)",
+                    spec.maps, spec.partitions
+                ),
+            ));
+        }
         self.with_app(session, |entry| {
             if let Some(existing) = entry.shuffles.get(&shuffle) {
                 if existing.spec() == spec {
@@ -155,11 +250,23 @@ impl ServiceState {
                 }
                 return Err(ServiceError::new(
                     ErrorKind::ShuffleExists,
+                    format!("{label} is already registered with {:?}, not {spec:?}", existing.spec()),
+                ));
+            }
+            if entry.shuffles.len() >= self.config.max_shuffles_per_app {
+                return Err(ServiceError::new(
+                    ErrorKind::LimitExceeded,
                     format!(
-                        "shuffle {shuffle} of app {} is already registered with {:?}, not {spec:?}",
-                        session.app,
-                        existing.spec()
+                        "{label} cannot be registered: the app holds its limit of {} shuffles; unregister some first",
+                        entry.shuffles.len()
                     ),
+                ));
+            }
+            let used = self.memory.used();
+            if used + tables > self.memory.limit() {
+                return Err(ServiceError::new(
+                    ErrorKind::LimitExceeded,
+                    format!("{label}: no room in the memory budget for {tables} bytes of tables ({used} bytes in use)"),
                 ));
             }
             let created = Shuffle::create(
@@ -167,12 +274,7 @@ impl ServiceState {
                 shuffle,
                 spec,
                 self.shuffle_dir(&session.app, shuffle),
-                StorageEnv {
-                    memory: self.memory.clone(),
-                    stats: self.stats.clone(),
-                    flush_size: self.config.flush_size.0 as usize,
-                    disk_reserve: self.config.disk_reserve.0,
-                },
+                self.storage_env(),
             )?;
             entry.shuffles.insert(shuffle, Arc::new(created));
             tracing::info!(app = %session.app, %shuffle, ?spec, "shuffle registered");
@@ -209,8 +311,7 @@ impl ServiceState {
 
     /// Removes the session's app and all its shuffles.
     pub async fn unregister_app(&self, session: &AppSession) -> Result<(), ServiceError> {
-        self.with_app(session, |_| Ok(()))?;
-        let entry = lock(&self.apps).remove(&session.app);
+        let entry = self.with_app(session, |_| Ok(())).map(|()| lock(&self.apps).remove(&session.app))?;
         if let Some(entry) = entry {
             tracing::info!(app = %session.app, "app unregistered");
             self.remove_app_files(&session.app, entry).await;
@@ -220,7 +321,7 @@ impl ServiceState {
 
     async fn remove_app_files(&self, app: &AppId, entry: AppEntry) {
         remove_shuffles(entry.shuffles.into_values().collect()).await;
-        let dir = self.apps_dir().join(app.as_str());
+        let dir = self.app_dir(app);
         let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
     }
 
@@ -304,7 +405,132 @@ impl ServiceState {
     pub fn reap_interval(&self) -> Duration {
         (self.config.app_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(10))
     }
+
+    /// Writes every app's manifest, and every shuffle's blocks, files and
+    /// manifest, so that the next start serves them (graceful shutdown).
+    /// A shuffle that cannot be persisted is logged and will not be served
+    /// after the restart. Blocking I/O.
+    pub fn persist_all(&self) -> (usize, usize) {
+        let apps: Vec<(AppId, AppSecret, Vec<Arc<Shuffle>>)> = lock(&self.apps)
+            .iter()
+            .map(|(id, e)| (id.clone(), e.secret.clone(), e.shuffles.values().cloned().collect()))
+            .collect();
+        let (mut saved, mut failed) = (0, 0);
+        for (app, secret, shuffles) in apps {
+            let dir = self.app_dir(&app);
+            let record = AppManifest { format: MANIFEST_FORMAT, app: app.to_string(), secret: secret.0 };
+            if let Err(e) = std::fs::create_dir_all(&dir)
+                .map_err(|e| crate::disk::io_error(&dir, "creating", e))
+                .and_then(|()| manifest::write(&dir, APP_MANIFEST, &record))
+            {
+                tracing::error!(%app, error = %e, "could not persist the app; it will not be served after a restart");
+                failed += shuffles.len();
+                continue;
+            }
+            for shuffle in shuffles {
+                match shuffle.spill_all().and_then(|()| shuffle.persist()) {
+                    Ok(()) => saved += 1,
+                    Err(e) => {
+                        failed += 1;
+                        tracing::error!(shuffle = %shuffle.label(), error = %e, "could not persist the shuffle; \
+                            it will not be served after a restart");
+                    }
+                }
+            }
+        }
+        (saved, failed)
+    }
+
+    /// Loads what a graceful shutdown left under the data dir, removing
+    /// whatever has no manifest (left by a crash) or cannot be loaded.
+    /// Returns the apps and shuffles recovered. Blocking I/O.
+    pub fn recover(&self) -> (usize, usize) {
+        let apps_dir = self.apps_dir();
+        let Ok(entries) = std::fs::read_dir(&apps_dir) else { return (0, 0) };
+        let (mut apps_recovered, mut shuffles_recovered) = (0, 0);
+        for entry in entries.filter_map(Result::ok) {
+            let dir = entry.path();
+            match self.recover_app(&dir) {
+                Ok(Some(n)) => {
+                    apps_recovered += 1;
+                    shuffles_recovered += n;
+                }
+                Ok(None) => {
+                    tracing::warn!(dir = %dir.display(), "removing an app left without a manifest (not shut down cleanly)");
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
+                Err(e) => {
+                    tracing::error!(dir = %dir.display(), error = %e, "removing an app that cannot be recovered");
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
+            }
+        }
+        (apps_recovered, shuffles_recovered)
+    }
+
+    fn recover_app(&self, dir: &Path) -> Result<Option<usize>, ServiceError> {
+        let Some(record) = manifest::take::<AppManifest>(dir, APP_MANIFEST)? else { return Ok(None) };
+        let app = AppId::new(record.app.clone()).map_err(ServiceError::from)?;
+        if dir.file_name() != Some(std::ffi::OsStr::new(app.as_str())) {
+            return Err(ServiceError::new(ErrorKind::Io, format!("{} holds the manifest of app {app}", dir.display())));
+        }
+        let mut shuffles = HashMap::new();
+        for entry in
+            std::fs::read_dir(dir).map_err(|e| crate::disk::io_error(dir, "listing", e))?.filter_map(Result::ok)
+        {
+            let path = entry.path();
+            if !path.is_dir() {
+                continue;
+            }
+            let recovered = manifest::take::<ShuffleManifest>(&path, SHUFFLE_MANIFEST).and_then(|m| match m {
+                Some(m) => Shuffle::recover(app.clone(), m, path.clone(), self.storage_env()).map(Some),
+                None => Ok(None),
+            });
+            match recovered {
+                Ok(Some(shuffle)) if path == self.shuffle_dir(&app, shuffle.core.id) => {
+                    tracing::info!(shuffle = %shuffle.label(), committed = shuffle.maps_committed(), "shuffle recovered");
+                    shuffles.insert(shuffle.core.id, Arc::new(shuffle));
+                }
+                Ok(other) => {
+                    let why = if other.is_some() { "a manifest for another directory" } else { "no manifest" };
+                    tracing::warn!(dir = %path.display(), "removing a shuffle with {why}");
+                    let _ = std::fs::remove_dir_all(&path);
+                }
+                Err(e) => {
+                    tracing::error!(dir = %path.display(), error = %e, "removing a shuffle that cannot be recovered");
+                    let _ = std::fs::remove_dir_all(&path);
+                }
+            }
+        }
+        let count = shuffles.len();
+        let generation = self.next_generation();
+        lock(&self.apps).insert(
+            app.clone(),
+            AppEntry {
+                generation,
+                secret: AppSecret(record.secret),
+                receive_buffers: self.memory.consumer(format!("receive buffers of app {app}")),
+                shuffles,
+                connections: 0,
+                idle_since: Instant::now(),
+            },
+        );
+        tracing::info!(%app, shuffles = count, "app recovered");
+        Ok(Some(count))
+    }
 }
+
+/// The share of the budget kept for blocks read from disk on their way to
+/// readers: 1/16 of it, between 1 MiB (one read batch) and 64 MiB (64
+/// readers reading from disk at full batch size at once).
+pub fn read_share(budget: usize) -> usize {
+    (budget / 16).clamp(1 << 20, 64 << 20)
+}
+
+/// A shuffle's tables may take at most this fraction (1/N) of the memory
+/// budget: a spec that needs more is refused rather than crowding out
+/// every shuffle's data.
+pub const MAX_TABLE_SHARE_OF_BUDGET: usize = 16;
 
 async fn remove_shuffles(shuffles: Vec<Arc<Shuffle>>) {
     if shuffles.is_empty() {

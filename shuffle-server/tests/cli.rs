@@ -59,7 +59,7 @@ fn with_no_arguments_it_serves_on_the_default_address_with_defaults_and_exits_0_
     let line = wait_for_line(&log, "listening on");
     assert!(line.contains("listening on 127.0.0.1:7337"), "{line}");
     assert!(line.contains("data dir ./shuffle-data"), "{line}");
-    assert!(line.contains("memory budget 1GiB"), "{line}");
+    assert!(line.contains("memory budget 1.0 GiB"), "{line}");
     let metrics = wait_for_line(&log, "metrics on");
     assert!(metrics.contains("metrics on http://127.0.0.1:9337/metrics"), "{metrics}");
     assert!(cwd.path().join("shuffle-data/tls/cert.pem").exists());
@@ -77,12 +77,12 @@ fn the_config_file_sets_keys_and_flags_override_it() {
     .unwrap();
     let (child, log) = spawn(&["--config", file.to_str().unwrap()], dir.path());
     let line = wait_for_line(&log, "listening on");
-    assert!(line.contains("memory budget 512MiB") && line.contains("data dir from-file"), "{line}");
+    assert!(line.contains("memory budget 512.0 MiB") && line.contains("data dir from-file"), "{line}");
     assert_eq!(terminate_and_wait(child), 0);
 
     let (child, log) = spawn(&["--config", file.to_str().unwrap(), "--memory", "2GiB"], dir.path());
     let line = wait_for_line(&log, "listening on");
-    assert!(line.contains("memory budget 2GiB") && line.contains("data dir from-file"), "{line}");
+    assert!(line.contains("memory budget 2.0 GiB") && line.contains("data dir from-file"), "{line}");
     assert_eq!(terminate_and_wait(child), 0);
 }
 
@@ -98,7 +98,7 @@ fn bad_configuration_is_a_clear_error_and_exit_code_1() {
 
     let out = Command::new(BIN).args(["--memory", "lots"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2), "clap usage error");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not a size such as 512MiB"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("couldn't parse \"lots\" into a ByteSize"));
 
     let out = Command::new(BIN)
         .args(["--listen", "127.0.0.1:0", "--memory", "1KiB"])

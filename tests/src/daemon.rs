@@ -61,10 +61,16 @@ impl Daemon {
 
     /// Starts the daemon with `data_dir` and extra `args`.
     pub fn start_in(data_dir: &Path, args: &[&str]) -> Self {
+        Self::start_with_env(data_dir, args, &[])
+    }
+
+    /// Starts the daemon with `data_dir`, extra `args` and environment variables.
+    pub fn start_with_env(data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(server_binary())
             .args(["--listen", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
             .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -116,9 +122,15 @@ impl Daemon {
         ClientOptions::new(app).trusted_cert(self.cert_path())
     }
 
-    /// Connects a client for `app`.
+    /// Connects a client creating `app`.
     pub async fn connect(&self, app: &str) -> Result<ShuffleClient, ClientError> {
         ShuffleClient::connect(self.addr, self.options(app)).await
+    }
+
+    /// Connects another client to the app of `client`, with its secret.
+    pub async fn join(&self, client: &ShuffleClient) -> Result<ShuffleClient, ClientError> {
+        let credentials = client.credentials();
+        ShuffleClient::connect(self.addr, self.options(&credentials.app).secret(credentials.secret.clone())).await
     }
 
     /// Sends SIGTERM.
@@ -144,7 +156,8 @@ impl Daemon {
     pub fn http_get(&self, path: &str) -> String {
         use std::io::{Read, Write};
         let mut stream = std::net::TcpStream::connect(self.metrics_addr).expect("connect to the metrics listener");
-        write!(stream, "GET {path} HTTP/1.1\r\nhost: localhost\r\n\r\n").expect("send the request");
+        write!(stream, "GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+            .expect("send the request");
         let mut response = String::new();
         stream.read_to_string(&mut response).expect("read the response");
         let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
@@ -152,10 +165,26 @@ impl Daemon {
         body.to_string()
     }
 
+    /// The daemon's resident memory now (`VmRSS`), in bytes.
+    pub fn rss_bytes(&self) -> u64 {
+        proc_status_kib(self.child.id(), "VmRSS:") * 1024
+    }
+
     /// Bytes of all files under the daemon's `apps` directory.
     pub fn shuffle_file_bytes(&self) -> u64 {
         dir_bytes(&self.data_dir.join("apps"))
     }
+}
+
+/// A `kB` field of `/proc/<pid>/status`.
+pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Bytes of all regular files under `dir`, recursively (0 if it does not exist).

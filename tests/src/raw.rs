@@ -4,11 +4,10 @@
 
 use std::{net::SocketAddr, path::Path, time::Duration};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use shuffle_protocol::{
-    AppId, Frame, FrameKind, PROTOCOL_VERSION, Request, Response, decode_frame, frame::encode_frame,
+    AppId, AppSecret, Frame, FrameDecoder, FrameKind, PROTOCOL_VERSION, Request, Response, encode_frame,
 };
-use tokio::io::AsyncReadExt;
 
 /// A QUIC connection that has said `Hello`.
 pub struct RawConnection {
@@ -26,6 +25,14 @@ pub struct Reply {
 }
 
 impl Reply {
+    /// The app secret a `Welcome` carried, if this was one.
+    pub fn secret(&self) -> Option<AppSecret> {
+        self.responses.iter().find_map(|r| match r {
+            Response::Welcome { app_secret, .. } => Some(app_secret.clone()),
+            _ => None,
+        })
+    }
+
     /// The first error response, if any.
     pub fn error(&self) -> Option<&shuffle_protocol::ServiceError> {
         self.responses.iter().find_map(|r| match r {
@@ -37,18 +44,30 @@ impl Reply {
 
 /// A request frame's bytes.
 pub fn request_bytes(request: &Request) -> Bytes {
-    encode_frame(FrameKind::Request, &request.encode())
+    encode_frame(FrameKind::Request, &request.encode()).expect("requests fit a frame")
 }
 
 /// A QUIC client configuration trusting the PEM certificate at `cert`, with
 /// the service's transport settings.
 pub fn client_config(cert: &Path) -> quinn::ClientConfig {
-    shuffle_bench::baseline::quic_client_config(cert).expect("client config for the test certificate")
+    shuffle_client::quic_client_config(&shuffle_client::ClientOptions::new("raw").trusted_cert(cert))
+        .expect("client config for the test certificate")
 }
 
 impl RawConnection {
-    /// Connects and sends `Hello` for `app`; returns the server's answer to it too.
+    /// Connects and sends `Hello` creating `app`; returns the server's answer to it too.
     pub async fn connect(addr: SocketAddr, cert: &Path, app: &str, token: Option<&str>) -> (Self, Reply) {
+        Self::connect_as(addr, cert, app, None, token).await
+    }
+
+    /// Connects and sends `Hello` for `app` with `secret` (joining it; `None` creates it).
+    pub async fn connect_as(
+        addr: SocketAddr,
+        cert: &Path,
+        app: &str,
+        secret: Option<AppSecret>,
+        token: Option<&str>,
+    ) -> (Self, Reply) {
         let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).expect("endpoint");
         endpoint.set_default_client_config(client_config(cert));
         let connection = endpoint.connect(addr, "localhost").expect("connect").await.expect("handshake");
@@ -56,6 +75,7 @@ impl RawConnection {
         let hello = Request::Hello {
             protocol_version: PROTOCOL_VERSION,
             app: AppId::new(app).expect("app id"),
+            secret,
             auth_token: token.map(str::to_string),
         };
         let reply = raw.exchange(&[request_bytes(&hello)]).await;
@@ -71,20 +91,22 @@ impl RawConnection {
             }
         }
         let _ = send.finish();
-        let mut buf = BytesMut::new();
+        let mut decoder = FrameDecoder::default();
         let mut reply = Reply { responses: Vec::new(), blocks: 0 };
         let read = async {
+            let mut buf = vec![0u8; 64 << 10];
             loop {
-                while let Ok(Some(Frame { kind, payload })) = decode_frame(&mut buf) {
+                let n = match recv.read(&mut buf).await {
+                    Ok(Some(n)) => n,
+                    Ok(None) | Err(_) => break,
+                };
+                let Ok(frames) = decoder.feed(&buf[..n]) else { break };
+                for Frame { kind, payload } in frames {
                     match kind {
                         FrameKind::Response => reply.responses.push(Response::decode(&payload).expect("response")),
                         FrameKind::Block => reply.blocks += 1,
                         FrameKind::Request => panic!("server sent a request frame"),
                     }
-                }
-                match recv.read_buf(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {}
                 }
             }
         };

@@ -43,7 +43,7 @@ fn block(map: u32, attempt: u32, partition: u32, sequence: u32) -> Bytes {
 
 fn block_frame(block: &Bytes) -> Bytes {
     let mut out = BytesMut::new();
-    out.extend_from_slice(&encode_frame_header(FrameKind::Block, block.len()));
+    out.extend_from_slice(&encode_frame_header(FrameKind::Block, block.len()).unwrap());
     out.extend_from_slice(block);
     out.freeze()
 }
@@ -71,7 +71,7 @@ async fn malformed_and_oversized_frames_get_errors_and_the_connection_keeps_work
     let witness = bystander(&daemon).await;
     let conn = raw(&daemon, "fuzzer").await;
 
-    let garbage = encode_frame(FrameKind::Request, &[0xff, 0xff, 0xff, 0x13, 0x37]);
+    let garbage = encode_frame(FrameKind::Request, &[0xff, 0xff, 0xff, 0x13, 0x37]).unwrap();
     let (kind, message) = error_of(&conn.exchange(&[garbage]).await);
     assert_eq!(kind, ErrorKind::Malformed);
     assert!(message.contains("malformed request"), "{message}");
@@ -88,13 +88,17 @@ async fn malformed_and_oversized_frames_get_errors_and_the_connection_keeps_work
     assert_eq!(kind, ErrorKind::FrameTooLarge);
     assert!(message.contains("exceeds the maximum frame size"), "{message}");
 
-    let truncated = encode_frame(FrameKind::Request, &[1, 2, 3]).slice(..6);
+    let truncated = encode_frame(FrameKind::Request, &[1, 2, 3]).unwrap().slice(..6);
     let (kind, message) = error_of(&conn.exchange(&[truncated]).await);
     assert_eq!(kind, ErrorKind::Malformed);
     assert!(message.contains("ended inside a frame"), "{message}");
 
-    let hello_again =
-        Request::Hello { protocol_version: 1, app: shuffle_client::AppId::new("x").unwrap(), auth_token: None };
+    let hello_again = Request::Hello {
+        protocol_version: shuffle_protocol::PROTOCOL_VERSION,
+        app: shuffle_client::AppId::new("x").unwrap(),
+        secret: None,
+        auth_token: None,
+    };
     let (kind, _) = error_of(&conn.exchange(&[request_bytes(&hello_again)]).await);
     assert_eq!(kind, ErrorKind::UnexpectedMessage);
 
@@ -132,11 +136,11 @@ async fn unknown_app_shuffle_partition_and_map_are_named_in_errors() {
 
     // Unregistering the app from one connection leaves the other connection
     // of the same app bound to an app that no longer exists.
-    let second = daemon.connect("asker").await.unwrap();
+    let second = daemon.join(&client).await.unwrap();
     client.unregister_app().await.unwrap();
     let e = second.register_shuffle(ShuffleId(2), ShuffleSpec::hash(1, 1)).await.unwrap_err();
     assert_eq!(e.service_kind(), Some(ErrorKind::UnknownApp));
-    assert!(e.to_string().contains("app asker is not registered"), "{e}");
+    assert!(e.to_string().contains("app asker is not known to this connection"), "{e}");
 
     let e = client.register_shuffle(ShuffleId(9), ShuffleSpec::hash(0, 4)).await.unwrap_err();
     assert!(matches!(e.service_kind(), Some(ErrorKind::UnknownApp | ErrorKind::InvalidSpec)), "{e}");
@@ -263,7 +267,9 @@ async fn duplicate_map_end_and_writes_after_the_shuffle_is_sealed_are_refused() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_or_missing_token_is_refused_with_a_clear_error() {
-    let daemon = Daemon::start(&["--auth-token", "s3cret"]);
+    // The token comes from the environment (or a file), never from argv.
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start_with_env(dir.path(), &[], &[("SHUFFLE_AUTH_TOKEN", "s3cret")]);
     let good = ShuffleClient::connect(daemon.addr, daemon.options("good").auth_token("s3cret")).await.unwrap();
     good.register_shuffle(ShuffleId(0), ShuffleSpec::hash(1, 1)).await.unwrap();
 

@@ -297,3 +297,87 @@ async fn a_producer_outpacing_a_reader_that_does_not_read_is_blocked_and_nothing
     let spilled = shuffle_tests::daemon::dir_bytes(&dir.path().join("apps"));
     assert!(spilled <= quota, "spilled {spilled} bytes over the quota of {quota}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unbounded_stream_of_twenty_times_the_budget_runs_in_flat_memory_and_disk() {
+    let budget: u64 = 16 << 20;
+    let daemon = Daemon::start(&["--memory", "16MiB", "--flush-size", "1MiB"]);
+    let client = daemon.connect("forever").await.unwrap();
+    let spec = ShuffleSpec { spill_quota: Some(8 << 20), ..ShuffleSpec::hybrid(1, 2, SpillStrategy::Selective) };
+    client.register_shuffle(ShuffleId(0), spec).await.unwrap();
+    let target = 20 * budget;
+    let written = Arc::new(AtomicU64::new(0));
+    let read = Arc::new(AtomicU64::new(0));
+    // Two readers that keep up, one of them slowly (it reads from disk when it falls behind).
+    let readers: Vec<_> = (0..2u32)
+        .map(|p| {
+            let (client, read) = (client.clone(), read.clone());
+            tokio::spawn(async move {
+                let mut reader = client.reader(ShuffleId(0), p).await.unwrap();
+                while let Some(block) = reader.next_block().await.unwrap() {
+                    read.fetch_add(block.len() as u64, Ordering::AcqRel);
+                    if p == 1 {
+                        tokio::time::sleep(Duration::from_micros(300)).await;
+                    }
+                }
+            })
+        })
+        .collect();
+    // The producer never sends MapEnd: the stream is unbounded.
+    let producer = tokio::spawn({
+        let (client, written) = (client.clone(), written.clone());
+        async move {
+            let mut writer = client.writer(ShuffleId(0), 0, 0).await.unwrap();
+            let mut i = 0u64;
+            while (i * 100) < target {
+                let (k, v) = w1(7, i);
+                writer.write((i % 2) as u32, &k, &v).await.unwrap();
+                i += 1;
+                if i % 10_000 == 0 {
+                    writer.flush().await.unwrap();
+                    written.store(i, Ordering::Release);
+                }
+            }
+            writer.flush().await.unwrap();
+            written.store(i, Ordering::Release);
+            writer // kept open: never ended
+        }
+    });
+    let mut samples = Vec::new();
+    while !producer.is_finished() {
+        let status: serde_json::Value = serde_json::from_str(&daemon.http_get("/status")).unwrap();
+        samples.push((
+            daemon.rss_bytes(),
+            daemon.shuffle_file_bytes(),
+            status["memory"]["used_bytes"].as_u64().unwrap(),
+        ));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _writer = producer.await.unwrap();
+    let records = written.load(Ordering::Acquire);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while read.load(Ordering::Acquire) < records && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(read.load(Ordering::Acquire), records, "every record written was read");
+    assert!(samples.len() >= 4, "{samples:?}");
+    let half = samples.len() / 2;
+    let peak = |s: &[(u64, u64, u64)], f: fn(&(u64, u64, u64)) -> u64| s.iter().map(f).max().unwrap();
+    let (early, late) = (&samples[..half], &samples[half..]);
+    println!(
+        "{} MB streamed: RSS peak {} / {} MiB, disk peak {} / {} MiB, accounted peak {} / {} MiB (first / second half)",
+        records * 100 / 1_000_000,
+        peak(early, |s| s.0) >> 20,
+        peak(late, |s| s.0) >> 20,
+        peak(early, |s| s.1) >> 20,
+        peak(late, |s| s.1) >> 20,
+        peak(early, |s| s.2) >> 20,
+        peak(late, |s| s.2) >> 20
+    );
+    assert!(peak(&samples, |s| s.2) <= budget, "accounted memory within the budget");
+    assert!(peak(late, |s| s.0) <= peak(early, |s| s.0) + (16 << 20), "RSS grows with time: {samples:?}");
+    assert!(peak(&samples, |s| s.1) <= (8 << 20) + (8 << 20), "disk within the quota and two segments: {samples:?}");
+    for r in readers {
+        r.abort();
+    }
+}

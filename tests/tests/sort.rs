@@ -29,7 +29,8 @@ async fn w3_sort_of_a_million_records_through_the_daemon_is_key_ordered_and_exac
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn w1_in_sort_mode_with_2000_partitions_is_exact_and_keeps_one_file_per_map() {
-    let daemon = Daemon::start(&[]);
+    // A 32 MiB budget puts each map's 25 MB on disk.
+    let daemon = Daemon::start(&["--memory", "32MiB"]);
     let client = daemon.connect("wide").await.unwrap();
     let params = ExchangeParams { records: 1_000_000, maps: 4, partitions: 2000, seed: 8, mode: ExchangeMode::Sort };
     let outcome = run_exchange(&client, ShuffleId(7), params).await.unwrap();
@@ -40,10 +41,8 @@ async fn w1_in_sort_mode_with_2000_partitions_is_exact_and_keeps_one_file_per_ma
         std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     names.sort();
     let data: Vec<_> = names.iter().filter(|n| n.ends_with(".data")).collect();
-    let index: Vec<_> = names.iter().filter(|n| n.ends_with(".index")).collect();
     assert_eq!(data.len(), 4, "one data file per map, not per partition: {names:?}");
-    assert_eq!(index.len(), 4, "one region index per data file: {names:?}");
-    assert_eq!(names.len(), 8, "nothing else: {names:?}");
+    assert_eq!(names.len(), 4, "nothing else: {names:?}");
     assert!(data.iter().all(|n| n.starts_with("map-")), "{names:?}");
 }
 
@@ -140,10 +139,10 @@ async fn sort_through_the_service(
 ) -> ByPartition {
     static NEXT_SHUFFLE: AtomicU32 = AtomicU32::new(0);
     let h = harness();
-    let mut options = ClientOptions::new("proptest").trusted_cert(&h.cert);
+    let shuffle = ShuffleId(NEXT_SHUFFLE.fetch_add(1, Ordering::Relaxed));
+    let mut options = ClientOptions::new(format!("proptest-{}", shuffle.0)).trusted_cert(&h.cert);
     (options.sort_buffer, options.block_size) = (sort_buffer, block_size);
     let client = ShuffleClient::connect(h.addr, options).await.unwrap();
-    let shuffle = ShuffleId(NEXT_SHUFFLE.fetch_add(1, Ordering::Relaxed));
     client.register_shuffle(shuffle, ShuffleSpec::sort(maps, partitions, key_ordering)).await.unwrap();
     for m in 0..maps {
         let mut writer = client.writer(shuffle, m, 0).await.unwrap();

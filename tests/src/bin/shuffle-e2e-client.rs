@@ -3,7 +3,8 @@
 //! (enough data for files on disk), prints `ready`, and then waits until it
 //! is killed.
 //!
-//! `shuffle-e2e-client ADDR CERT APP`
+//! `shuffle-e2e-client ADDR CERT APP [quic|unix]` (default: unix, the
+//! daemon's socket on this host)
 
 use std::time::Duration;
 
@@ -13,10 +14,13 @@ use shuffle_tests::workload::{W1_KEY_LEN, W1_VALUE_LEN, w1_record};
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let [addr, cert, app] = args.as_slice() else {
-        anyhow::bail!("usage: shuffle-e2e-client ADDR CERT APP");
+    let (addr, cert, app, transport) = match args.as_slice() {
+        [addr, cert, app] => (addr, cert, app, "unix"),
+        [addr, cert, app, transport] => (addr, cert, app, transport.as_str()),
+        _ => anyhow::bail!("usage: shuffle-e2e-client ADDR CERT APP [quic|unix]"),
     };
-    let client = ShuffleClient::connect(addr.parse()?, ClientOptions::new(app.as_str()).trusted_cert(cert)).await?;
+    let options = ClientOptions::new(app.as_str()).trusted_cert(cert).same_host(transport == "unix");
+    let client = ShuffleClient::connect(addr.parse()?, options).await?;
     client.register_shuffle(ShuffleId(0), ShuffleSpec::hash(2, 2)).await?;
     let mut writer = client.writer(ShuffleId(0), 0, 0).await?;
     // W1 records: their hex values do not compress away, so the map's

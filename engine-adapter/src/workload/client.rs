@@ -6,9 +6,7 @@ use std::time::{Duration, Instant};
 
 use shuffle_client::{ClientError, CommitOutcome, ExchangeMode, ShuffleClient, ShuffleId, ShuffleSpec};
 
-use engine_adapter::workload::{
-    W1_KEY_LEN, W1_RECORD_LEN, W1_VALUE_LEN, W1Totals, map_range, w1_partition, w1_record, w3_partition,
-};
+use super::{W1_KEY_LEN, W1_RECORD_LEN, W1_VALUE_LEN, W1Totals, map_range, w1_partition, w1_record, w3_partition};
 
 /// Parameters of one W1 run.
 #[derive(Clone, Copy, Debug)]
@@ -185,7 +183,7 @@ pub async fn read_sorted_partition(
 ) -> Result<SortedPartition, String> {
     let mut reader = client.reader(shuffle, partition).await.map_err(|e| e.to_string())?;
     let mut out = SortedPartition::default();
-    let mut previous: Option<bytes::Bytes> = None;
+    let mut previous: Option<shuffle_client::Bytes> = None;
     while let Some(record) = reader.next_record().await.map_err(|e| e.to_string())? {
         if w3_partition(&record.key, partitions) != partition {
             return Err(format!(

@@ -1,9 +1,12 @@
 //! Record generators of the standard workloads (`shared/WORKLOADS.md`),
 //! shared by the engine's examples, the end-to-end tests and the benchmark
-//! harness so that all of them run exactly the same data.
+//! harness so that all of them run exactly the same data, and ([`client`])
+//! the W1 and W3 runners over the raw client.
 //!
 //! Record `i` is a pure function of `(seed, i)`, so any reducer can check
 //! what it received against checksums computed straight from the generator.
+
+pub mod client;
 
 /// The SplitMix64 finaliser, with wrapping arithmetic.
 pub fn splitmix64(x: u64) -> u64 {

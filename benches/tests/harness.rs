@@ -1,13 +1,11 @@
 //! The benchmark harness as users run it: the `shuffle-bench` binary
-//! against its embedded server and against the daemon in a child process;
+//! against its embedded server and against a server in another process;
 //! every run verified, JSON as documented, clear errors.
 
 use std::process::Command;
 
-use shuffle_tests::daemon::Daemon;
-
 fn bench(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_shuffle-bench-e2e")).args(args).output().expect("run shuffle-bench")
+    Command::new(env!("CARGO_BIN_EXE_shuffle-bench")).args(args).output().expect("run shuffle-bench")
 }
 
 fn json_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
@@ -78,10 +76,18 @@ fn every_workload_runs_small_through_client_and_engine() {
 }
 
 #[test]
-fn the_harness_runs_against_a_daemon_in_another_process() {
-    let daemon = Daemon::start(&[]);
-    let addr = daemon.addr.to_string();
-    let cert = daemon.cert_path();
+fn the_harness_runs_against_a_server_in_another_process() {
+    // The server runs in this test's process; the harness is a child process.
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let config = shuffle_server::ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().to_path_buf(),
+        ..shuffle_server::ServerConfig::default()
+    };
+    let server = runtime.block_on(shuffle_server::start(config)).unwrap();
+    let addr = server.local_addr().to_string();
+    let cert = server.cert_path().to_path_buf();
     for via in ["client", "engine"] {
         let out = bench(&[
             "exchange",
