@@ -1,8 +1,9 @@
 //! Baselines measured in the same run as the workloads, so that a workload's
 //! figure can be read as a fraction of what this machine can do right now:
 //! memory bandwidth (memcpy), sequential disk write with fsync and read
-//! back on the data dir's filesystem, and the raw throughput of one quinn
-//! stream over loopback with the service's TLS and transport settings.
+//! back on the data dir's filesystem, QUIC over loopback with the service's
+//! own TLS and transport settings (one stream, and the aggregate of several
+//! connections), and a Unix socket (the same-host path).
 
 use std::{
     io::{Read, Write},
@@ -26,8 +27,17 @@ pub struct Baseline {
     pub memcpy_mb_per_s: f64,
     pub disk_write_fsync_mb_per_s: f64,
     pub disk_read_mb_per_s: f64,
+    /// One quinn stream on one connection.
     pub quinn_stream_mb_per_s: f64,
+    /// The aggregate of [`QUIC_CONNECTIONS`] connections, one stream each.
+    pub quic_aggregate_mb_per_s: f64,
+    /// One Unix-socket stream.
+    pub unix_socket_mb_per_s: f64,
 }
+
+/// Connections of the aggregate QUIC baseline: as many as a client opens
+/// for pushes and reads together with four writers and four readers busy.
+pub const QUIC_CONNECTIONS: usize = 4;
 
 /// Bytes copied per memcpy round; large enough to leave the caches.
 const MEMCPY_BYTES: usize = 256 << 20;
@@ -97,10 +107,12 @@ pub fn quic_client_config(cert: &Path) -> anyhow::Result<quinn::ClientConfig> {
     Ok(shuffle_client::quic_client_config(&shuffle_client::ClientOptions::new("baseline").trusted_cert(cert))?)
 }
 
-/// One quinn stream over loopback: 1 GB in 64 KiB chunks to a server that
-/// discards them, with the service's TLS and transport settings; the median
-/// of 3 runs. W1 crosses this path twice (push, then read).
-pub async fn quinn_stream() -> anyhow::Result<f64> {
+/// QUIC over loopback: 1 GB in 64 KiB chunks, over `connections`
+/// connections with one stream each, to a server that discards them, with
+/// the service's TLS and transport settings (windows sized from the default
+/// budget, as a daemon sizes them); the median of 3 runs of the aggregate.
+/// W1 crosses this path twice (push, then read).
+pub async fn quic(connections: usize) -> anyhow::Result<f64> {
     let dir = tempfile::tempdir()?;
     let config = ServerConfig { data_dir: dir.path().to_path_buf(), ..ServerConfig::default() };
     let tls = TlsMaterial::load_or_generate(&config)?;
@@ -130,30 +142,84 @@ pub async fn quinn_stream() -> anyhow::Result<f64> {
     });
     let mut client = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
     client.set_default_client_config(quic_client_config(&cert_path)?);
-    let connection = client.connect(addr, "localhost")?.await?;
-    let chunk = Bytes::from(vec![0x5au8; 64 * 1024]);
+    let mut links = Vec::new();
+    for _ in 0..connections.max(1) {
+        links.push(client.connect(addr, "localhost")?.await?);
+    }
+    let per_connection = QUINN_BYTES / links.len() as u64;
     let mut rates = Vec::new();
     for _ in 0..3 {
         let start = Instant::now();
-        let (mut send, mut recv) = connection.open_bi().await?;
+        let senders: Vec<_> = links
+            .iter()
+            .map(|connection| {
+                let connection = connection.clone();
+                tokio::spawn(async move {
+                    let chunk = Bytes::from(vec![0x5au8; 64 * 1024]);
+                    let (mut send, mut recv) = connection.open_bi().await?;
+                    let mut sent = 0u64;
+                    while sent < per_connection {
+                        let mut batch: Vec<Bytes> = (0..16).map(|_| chunk.clone()).collect();
+                        send.write_all_chunks(&mut batch).await?;
+                        sent += 16 * chunk.len() as u64;
+                    }
+                    send.finish()?;
+                    let mut ack = [0u8; 8];
+                    recv.read_exact(&mut ack).await?;
+                    let got = u64::from_le_bytes(ack);
+                    anyhow::ensure!(got == sent, "the server received {got} of {sent} bytes");
+                    anyhow::Ok(sent)
+                })
+            })
+            .collect();
+        let mut total = 0;
+        for s in senders {
+            total += s.await??;
+        }
+        rates.push(total as f64 / 1e6 / start.elapsed().as_secs_f64());
+    }
+    for connection in links {
+        connection.close(0u32.into(), b"done");
+    }
+    accept.abort();
+    Ok(median(&rates))
+}
+
+/// A Unix socket: 1 GB in 64 KiB writes to a reader that discards it in
+/// 256 KiB reads; the median of 3 runs.
+pub async fn unix_socket() -> anyhow::Result<f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("baseline.sock");
+    let listener = tokio::net::UnixListener::bind(&path)?;
+    let chunk = vec![0x5au8; 64 * 1024];
+    let mut rates = Vec::new();
+    for _ in 0..3 {
+        let (accepted, connected) = tokio::join!(listener.accept(), tokio::net::UnixStream::connect(&path));
+        let (mut server, _) = accepted?;
+        let mut client = connected?;
+        let reader = tokio::spawn(async move {
+            let mut buf = vec![0u8; 256 << 10];
+            let mut received = 0u64;
+            loop {
+                let n = server.read(&mut buf).await?;
+                if n == 0 {
+                    return anyhow::Ok(received);
+                }
+                received += n as u64;
+            }
+        });
+        let start = Instant::now();
         let mut sent = 0u64;
         while sent < QUINN_BYTES {
-            let mut batch: Vec<Bytes> = (0..16).map(|_| chunk.clone()).collect();
-            send.write_all_chunks(&mut batch).await?;
-            sent += 16 * chunk.len() as u64;
+            client.write_all(&chunk).await?;
+            sent += chunk.len() as u64;
         }
-        send.finish()?;
-        let mut ack = [0u8; 8];
-        recv.read_exact(&mut ack).await?;
-        anyhow::ensure!(
-            u64::from_le_bytes(ack) == sent,
-            "the server received {} of {sent} bytes",
-            u64::from_le_bytes(ack)
-        );
+        client.shutdown().await?;
+        let received = reader.await??;
+        anyhow::ensure!(received == sent, "the reader received {received} of {sent} bytes");
         rates.push(sent as f64 / 1e6 / start.elapsed().as_secs_f64());
     }
-    connection.close(0u32.into(), b"done");
-    accept.abort();
     Ok(median(&rates))
 }
 
@@ -161,6 +227,15 @@ pub async fn quinn_stream() -> anyhow::Result<f64> {
 pub async fn measure(dir: &Path) -> anyhow::Result<Baseline> {
     let memcpy_mb_per_s = tokio::task::block_in_place(memcpy);
     let (disk_write_fsync_mb_per_s, disk_read_mb_per_s) = tokio::task::block_in_place(|| disk(dir))?;
-    let quinn_stream_mb_per_s = quinn_stream().await?;
-    Ok(Baseline { memcpy_mb_per_s, disk_write_fsync_mb_per_s, disk_read_mb_per_s, quinn_stream_mb_per_s })
+    let quinn_stream_mb_per_s = quic(1).await?;
+    let quic_aggregate_mb_per_s = quic(QUIC_CONNECTIONS).await?;
+    let unix_socket_mb_per_s = unix_socket().await?;
+    Ok(Baseline {
+        memcpy_mb_per_s,
+        disk_write_fsync_mb_per_s,
+        disk_read_mb_per_s,
+        quinn_stream_mb_per_s,
+        quic_aggregate_mb_per_s,
+        unix_socket_mb_per_s,
+    })
 }

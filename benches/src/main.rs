@@ -12,6 +12,7 @@
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use shuffle_bench::{
     baseline::{self, Baseline},
@@ -20,6 +21,12 @@ use shuffle_bench::{
 };
 use shuffle_client::ExchangeMode;
 use shuffle_server::ByteSize;
+
+/// mimalloc keeps freed block buffers for reuse instead of returning them to
+/// the kernel, which then zeroes fresh pages for every new block (13% of W1's
+/// CPU with glibc's allocator).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
 #[command(
@@ -46,6 +53,12 @@ enum Command {
     Baseline,
     /// Every workload in every mode it supports, with baselines; writes DIR/report.md and charts.
     Suite(SuiteArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Transport {
+    Auto,
+    Quic,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -103,6 +116,9 @@ struct Common {
     /// Raw client calls or the engine's job (default: client for W1/W3/W5, engine for W2/W4).
     #[arg(long, value_enum)]
     via: Option<Via>,
+    /// `auto`: use the server's Unix socket when it is on this host; `quic`: stay on QUIC.
+    #[arg(long, value_enum, default_value = "auto")]
+    transport: Transport,
     /// Append one JSON object per workload and mode to FILE.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -124,6 +140,23 @@ struct StreamArgs {
     /// Seconds of warm-up.
     #[arg(long, default_value_t = 5)]
     warmup: u64,
+    /// Seconds each probe of the rate search measures (default: --seconds, as WORKLOADS.md asks).
+    #[arg(long)]
+    probe_seconds: Option<u64>,
+    /// Seconds of warm-up of each probe (default: --warmup).
+    #[arg(long)]
+    probe_warmup: Option<u64>,
+}
+
+impl StreamArgs {
+    fn times(&self) -> workloads::StreamTimes {
+        workloads::StreamTimes {
+            probe_warmup: Duration::from_secs(self.probe_warmup.unwrap_or(self.warmup)),
+            probe_seconds: Duration::from_secs(self.probe_seconds.unwrap_or(self.seconds)),
+            warmup: Duration::from_secs(self.warmup),
+            seconds: Duration::from_secs(self.seconds),
+        }
+    }
 }
 
 #[derive(Args, Clone)]
@@ -138,6 +171,12 @@ struct SuiteArgs {
     repeat: u32,
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Run the peers (benches/peers/run.sh: Spark and Flink) first and compare with them in the report.
+    #[arg(long)]
+    peers: bool,
+    /// Compare with the peer figures already in FILE (the latest run in it) instead of running them.
+    #[arg(long, value_name = "FILE", conflicts_with = "peers")]
+    peers_file: Option<PathBuf>,
 }
 
 /// Defaults of one workload.
@@ -187,6 +226,7 @@ fn params(workload: &str, c: &Common) -> anyhow::Result<Params> {
         via: c.via.unwrap_or(d.via),
         repeat: c.repeat.max(1),
         server,
+        same_host: matches!(c.transport, Transport::Auto),
     })
 }
 
@@ -198,7 +238,7 @@ fn run_workload(workload: &str, p: &Params, stream: Option<&StreamArgs>) -> anyh
         "spill" => vec![workloads::exchange("spill", p)?],
         "stream" => {
             let s = stream.expect("stream arguments for the stream workload");
-            vec![workloads::stream(p, s.rate, Duration::from_secs(s.warmup), Duration::from_secs(s.seconds))?]
+            vec![workloads::stream(p, s.rate, s.times())?]
         }
         other => anyhow::bail!("unknown workload {other}"),
     })
@@ -206,11 +246,22 @@ fn run_workload(workload: &str, p: &Params, stream: Option<&StreamArgs>) -> anyh
 
 fn measure_baseline() -> anyhow::Result<Baseline> {
     eprintln!(
-        "measuring baselines (memcpy, 1 GiB disk write+fsync and read in {}, 1 GB over one quinn stream)…",
+        "measuring baselines (memcpy, 1 GiB disk write+fsync and read in {}, 1 GB over QUIC and a Unix socket)…",
         std::env::temp_dir().display()
     );
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(baseline::measure(&std::env::temp_dir()))
+}
+
+/// Fails (after everything was printed and written) if a run did not verify.
+fn all_verified(reports: &[RunReport]) -> anyhow::Result<()> {
+    let failed: Vec<String> = reports
+        .iter()
+        .filter(|r| !r.verified)
+        .map(|r| format!("{} ({}, via {:?})", r.workload, r.mode, r.via))
+        .collect();
+    anyhow::ensure!(failed.is_empty(), "runs that did not verify: {}", failed.join(", "));
+    Ok(())
 }
 
 fn single(workload: &str, c: &Common, stream: Option<&StreamArgs>) -> anyhow::Result<()> {
@@ -233,11 +284,33 @@ fn single(workload: &str, c: &Common, stream: Option<&StreamArgs>) -> anyhow::Re
     if let Some(b) = &baseline {
         print!("\n{}", report::baseline_table(b));
     }
+    all_verified(&reports)
+}
+
+/// Runs `benches/peers/run.sh` into `out` (Spark and Flink on this machine).
+fn run_peers(out: &std::path::Path, quick: bool) -> anyhow::Result<()> {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("peers/run.sh");
+    eprintln!("running the peers ({}), this takes a while…", script.display());
+    let mut command = std::process::Command::new(&script);
+    command.arg("--out").arg(out);
+    if quick {
+        command.arg("--quick");
+    }
+    let status = command.status().with_context(|| script.display().to_string())?;
+    anyhow::ensure!(status.success(), "{} failed ({status})", script.display());
     Ok(())
 }
 
 fn suite(args: &SuiteArgs) -> anyhow::Result<()> {
     let scale = if args.quick { 10 } else { 1 };
+    let peers = if args.peers {
+        std::fs::create_dir_all(&args.report)?;
+        let out = args.report.join("peers.jsonl");
+        run_peers(&out, args.quick)?;
+        report::load_peers(&out)?
+    } else {
+        args.peers_file.as_deref().map(report::load_peers).transpose()?.unwrap_or_default()
+    };
     let baseline = measure_baseline()?;
     let plan: &[(&str, Mode, Via)] = &[
         ("exchange", Mode::Hash, Via::Client),
@@ -270,10 +343,19 @@ fn suite(args: &SuiteArgs) -> anyhow::Result<()> {
             memory: Some(ByteSize(d.memory.0 / scale)),
             repeat: args.repeat,
             via: Some(via),
+            transport: Transport::Auto,
             json: None,
             baseline: false,
         };
-        let stream = StreamArgs { common: common.clone(), rate: None, seconds: 30 / scale, warmup: 5 / scale.min(5) };
+        // The full suite probes at WORKLOADS.md's length (5 s + 30 s); --quick shortens everything.
+        let stream = StreamArgs {
+            common: common.clone(),
+            rate: None,
+            seconds: 30 / scale,
+            warmup: 5 / scale.min(5),
+            probe_seconds: None,
+            probe_warmup: None,
+        };
         let p = params(workload, &common)?;
         eprintln!("{workload} ({}, via {via:?})…", workloads::mode_name(p.mode));
         let mut got = run_workload(workload, &p, Some(&stream))?;
@@ -285,9 +367,12 @@ fn suite(args: &SuiteArgs) -> anyhow::Result<()> {
     print!("{}", report::table(&reports, Some(&baseline)));
     print!("\n{}", report::baseline_table(&baseline));
     let command = std::env::args().collect::<Vec<_>>().join(" ");
-    report::write_report(&args.report, &reports, Some(&baseline), &Machine::detect(), &command)?;
+    report::write_report(&args.report, &reports, Some(&baseline), &peers, &Machine::detect(), &command)?;
+    if !peers.is_empty() {
+        print!("\n{}", report::comparison_table(&reports, &peers));
+    }
     println!("\nreport written to {}", args.report.join("report.md").display());
-    Ok(())
+    all_verified(&reports)
 }
 
 fn main() -> ExitCode {

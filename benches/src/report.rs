@@ -48,13 +48,17 @@ impl Machine {
     }
 }
 
-/// The limit a workload's throughput is compared with, and its name.
-fn relevant_limit(report: &RunReport, baseline: &Baseline) -> (f64, &'static str) {
+/// The limit a workload's throughput is compared with, and its name: the
+/// transport it ran over (the Unix socket, or QUIC's aggregate over
+/// several connections), and for W5 the disk as well.
+pub fn relevant_limit(report: &RunReport, baseline: &Baseline) -> (f64, &'static str) {
+    let (transport, name) = match report.transport {
+        "unix" => (baseline.unix_socket_mb_per_s, "Unix socket"),
+        _ => (baseline.quic_aggregate_mb_per_s, "QUIC, 4 connections"),
+    };
     match report.workload {
-        "spill" => {
-            (baseline.disk_write_fsync_mb_per_s.min(baseline.quinn_stream_mb_per_s), "min(disk write, quinn stream)")
-        }
-        _ => (baseline.quinn_stream_mb_per_s, "one quinn stream"),
+        "spill" if baseline.disk_write_fsync_mb_per_s < transport => (baseline.disk_write_fsync_mb_per_s, "disk write"),
+        _ => (transport, name),
     }
 }
 
@@ -100,9 +104,13 @@ pub fn table(reports: &[RunReport], baseline: Option<&Baseline>) -> String {
             let get = |k: &str| r.extra.get(k).and_then(serde_json::Value::as_f64).unwrap_or(f64::NAN);
             let _ = writeln!(
                 out,
-                "|   W4 | max rate with p99 < 100 ms: {:.0} records/s; at {:.0} records/s: p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms | | | | | | | | | | |{}",
+                "|   W4 | max rate with p99 < 100 ms: {:.0} records/s (probes {:.0} s after {:.0} s warm-up); at {:.0} records/s ({:.0} s after {:.0} s): p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms | | | | | | | | | | |{}",
                 get("max_rate"),
+                get("probe_seconds"),
+                get("probe_warmup_seconds"),
                 get("rate"),
+                get("measured_seconds"),
+                get("warmup_seconds"),
                 get("p50_ms"),
                 get("p99_ms"),
                 get("p999_ms"),
@@ -116,8 +124,16 @@ pub fn table(reports: &[RunReport], baseline: Option<&Baseline>) -> String {
 /// The baselines as a table.
 pub fn baseline_table(b: &Baseline) -> String {
     format!(
-        "| baseline | MB/s |\n| --- | ---: |\n| memcpy | {:.0} |\n| disk write + fsync | {:.0} |\n| disk read | {:.0} |\n| one quinn stream, loopback | {:.0} |\n",
-        b.memcpy_mb_per_s, b.disk_write_fsync_mb_per_s, b.disk_read_mb_per_s, b.quinn_stream_mb_per_s
+        "| baseline | MB/s |\n| --- | ---: |\n| memcpy | {:.0} |\n| disk write + fsync | {:.0} |\n| disk read | {:.0} |\n\
+         | QUIC, one stream, loopback (service settings) | {:.0} |\n| QUIC, {} connections, aggregate | {:.0} |\n\
+         | Unix socket, one stream | {:.0} |\n",
+        b.memcpy_mb_per_s,
+        b.disk_write_fsync_mb_per_s,
+        b.disk_read_mb_per_s,
+        b.quinn_stream_mb_per_s,
+        crate::baseline::QUIC_CONNECTIONS,
+        b.quic_aggregate_mb_per_s,
+        b.unix_socket_mb_per_s
     )
 }
 
@@ -204,6 +220,7 @@ fn latency_chart(path: &Path, report: &RunReport) -> anyhow::Result<()> {
                 p99_ms: v.get("p99_ms")?.as_f64()?,
                 p999_ms: v.get("p999_ms")?.as_f64()?,
                 records: v.get("records")?.as_u64()?,
+                verified: v.get("verified")?.as_bool()?,
             })
         })
         .collect();
@@ -257,6 +274,7 @@ pub fn write_report(
     dir: &Path,
     reports: &[RunReport],
     baseline: Option<&Baseline>,
+    peers: &[PeerRun],
     machine: &Machine,
     command: &str,
 ) -> anyhow::Result<()> {
@@ -275,15 +293,26 @@ pub fn write_report(
     );
     let _ = writeln!(
         md,
-        "Each figure is the median of the runs listed; every run was verified as WORKLOADS.md asks. MB/s is input bytes (W1/W3/W5: 100 per record; W2/W4: 16) per second.\n"
+        "Each figure is the median of the runs listed; every run is checked as WORKLOADS.md asks (the `verified` column says whether all of them passed). MB/s is input bytes (W1/W3/W5: 100 per record; W2/W4: 16) per second. \"of limit\" compares with the transport the run crossed: the Unix socket (embedded server) or QUIC over 4 connections.\n"
     );
     md.push_str(&table(reports, baseline));
     if let Some(b) = baseline {
         let _ = writeln!(
             md,
-            "\nBaselines measured in the same run (\"of limit\": W1–W3 against one quinn stream, W5 against the lower of disk write and quinn):\n"
+            "\nBaselines measured in the same run (\"of limit\": against the transport each run crossed, W5 also against the disk write):\n"
         );
         md.push_str(&baseline_table(b));
+    }
+    if !peers.is_empty() {
+        let _ = writeln!(md, "\n## Against Spark and Flink\n");
+        let _ = writeln!(
+            md,
+            "The peers ran the same workloads on this machine in the same session (`benches/peers`, warm JVMs, \
+             median of their runs); \"÷ best peer\" is our median over the best peer's.\n"
+        );
+        md.push_str(&comparison_table(reports, peers));
+        md.push('\n');
+        md.push_str(&peers_table(peers));
     }
     let charts = register_font().and_then(|()| {
         throughput_chart(&dir.join("throughput.png"), reports)?;
@@ -305,4 +334,107 @@ pub fn write_report(
     }
     std::fs::write(dir.join("report.md"), md).with_context(|| dir.join("report.md").display().to_string())?;
     Ok(())
+}
+
+/// One peer figure (a line of `benches/peers/run.sh`'s JSON output).
+#[derive(Clone, Debug, serde::Deserialize)]
+pub struct PeerRun {
+    pub system: String,
+    pub workload: String,
+    pub mode: String,
+    #[serde(default)]
+    pub median_seconds: f64,
+    pub verified: bool,
+    #[serde(default)]
+    pub label: String,
+    pub max_rate: Option<f64>,
+    pub rate: Option<f64>,
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    pub p999_ms: Option<f64>,
+}
+
+/// The peer figures of the latest run recorded in `path` (its lines share a label).
+pub fn load_peers(path: &Path) -> anyhow::Result<Vec<PeerRun>> {
+    let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
+    let all: Vec<PeerRun> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).with_context(|| format!("{}: {l}", path.display())))
+        .collect::<anyhow::Result<_>>()?;
+    let latest = all.last().map(|p| p.label.clone()).unwrap_or_default();
+    Ok(all.into_iter().filter(|p| p.label == latest && p.verified).collect())
+}
+
+/// Each of our W1–W3 figures beside the best peer's for the same workload,
+/// and W4 beside Flink's streaming runs.
+pub fn comparison_table(reports: &[RunReport], peers: &[PeerRun]) -> String {
+    let mut out = String::from(
+        "| workload | ours | median s | best peer | its median s | ours ÷ best peer |\n| --- | --- | ---: | --- | ---: | ---: |\n",
+    );
+    for r in reports.iter().filter(|r| matches!(r.workload, "exchange" | "groupby" | "sort")) {
+        let best = peers
+            .iter()
+            .filter(|p| p.workload == r.workload && p.median_seconds > 0.0)
+            .min_by(|a, b| a.median_seconds.total_cmp(&b.median_seconds));
+        let Some(best) = best else { continue };
+        let _ = writeln!(
+            out,
+            "| {} | {:?}, {} ({}) | {:.2} | {} {} | {:.2} | {:.2} |",
+            r.workload,
+            r.via,
+            r.mode,
+            r.transport,
+            r.median_seconds,
+            best.system,
+            best.mode,
+            best.median_seconds,
+            r.median_seconds / best.median_seconds
+        );
+    }
+    if let Some(ours) = reports.iter().find(|r| r.workload == "stream") {
+        let get = |k: &str| ours.extra.get(k).and_then(serde_json::Value::as_f64).unwrap_or(f64::NAN);
+        for p in peers.iter().filter(|p| p.workload == "stream") {
+            let _ = writeln!(
+                out,
+                "| stream: max rate with p99 < 100 ms | engine, streaming | {:.0}/s | {} {} | {:.0}/s | {:.2} |",
+                get("max_rate"),
+                p.system,
+                p.mode,
+                p.max_rate.unwrap_or(f64::NAN),
+                get("max_rate") / p.max_rate.unwrap_or(f64::NAN)
+            );
+            let _ = writeln!(
+                out,
+                "| stream: p99 at half the max rate | engine, streaming | {:.2} ms | {} {} | {:.2} ms | {:.2} |",
+                get("p99_ms"),
+                p.system,
+                p.mode,
+                p.p99_ms.unwrap_or(f64::NAN),
+                get("p99_ms") / p.p99_ms.unwrap_or(f64::NAN)
+            );
+        }
+    }
+    out
+}
+
+/// Every peer figure.
+pub fn peers_table(peers: &[PeerRun]) -> String {
+    let mut out = String::from(
+        "| peer | mode | workload | median s | W4 max rate | W4 p50 / p99 / p99.9 ms at half |\n| --- | --- | --- | ---: | ---: | --- |\n",
+    );
+    for p in peers {
+        let w4 = match (p.max_rate, p.p50_ms, p.p99_ms, p.p999_ms) {
+            (Some(max), Some(p50), Some(p99), Some(p999)) => {
+                (format!("{max:.0}/s"), format!("{p50:.2} / {p99:.2} / {p999:.2}"))
+            }
+            _ => (String::new(), String::new()),
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {:.2} | {} | {} |",
+            p.system, p.mode, p.workload, p.median_seconds, w4.0, w4.1
+        );
+    }
+    out
 }

@@ -235,6 +235,12 @@ impl Engine {
         &self.inner.options
     }
 
+    /// The transport the engine's exchanges cross: `unix` (the server's
+    /// socket on this host) or `quic`.
+    pub fn transport(&self) -> &'static str {
+        if self.inner.client.unix_socket().is_some() { "unix" } else { "quic" }
+    }
+
     /// Block bytes this engine's writers have pushed to the service.
     pub fn pushed_bytes(&self) -> u64 {
         self.inner.client.pushed_bytes()

@@ -58,17 +58,24 @@ impl ExchangeReader {
         Ok(self.reader().await?.next_block().await?)
     }
 
-    fn decode<K: Key, V: Value>(&self, key: &[u8], value: &[u8]) -> Result<Event<(K, V)>, EngineError> {
+    /// Decodes one record; `now` is its creation time unless the record carries one.
+    fn decode<K: Key, V: Value>(&self, key: &[u8], value: &[u8], now: u64) -> Result<Event<(K, V)>, EngineError> {
         let (k, v, created) = decode_record(key, value, self.timed()).map_err(|detail| EngineError::Decode {
             shuffle: self.shuffle.id.0,
             partition: self.ctx.part,
             detail,
         })?;
-        Ok(Event { value: (k, v), created_us: created.unwrap_or_else(now_us) })
+        Ok(Event { value: (k, v), created_us: created.unwrap_or(now) })
     }
 
     fn decode_block<K: Key, V: Value>(&self, block: &RecordBlock) -> Result<Batch<(K, V)>, EngineError> {
-        block.records().map(|(k, v)| self.decode(k, v)).collect()
+        // One clock read per block: records without a creation time arrived together.
+        let now = now_us();
+        let mut batch = Vec::with_capacity(block.len());
+        for (k, v) in block.records() {
+            batch.push(self.decode(k, v, now)?);
+        }
+        Ok(batch)
     }
 
     /// Every record of the partition, in the order the service sends them
@@ -76,8 +83,9 @@ impl ExchangeReader {
     async fn read_all<K: Key, V: Value>(&mut self) -> Result<Vec<Event<(K, V)>>, EngineError> {
         let mut events = Vec::new();
         if self.shuffle.spec.key_ordering {
+            let now = now_us();
             while let Some(record) = self.reader().await?.next_record().await? {
-                events.push(self.decode(&record.key, &record.value)?);
+                events.push(self.decode(&record.key, &record.value, now)?);
             }
         } else {
             while let Some(block) = self.next_block().await? {
@@ -270,7 +278,8 @@ struct JoinInput<K, V, W> {
 }
 
 fn keyed_events<K: Key, V: Value>(from: &ExchangeReader, block: &RecordBlock) -> Result<Keyed<(K, V)>, EngineError> {
-    block.records().map(|(k, v)| Ok((k.to_vec(), from.decode::<K, V>(k, v)?))).collect()
+    let now = now_us();
+    block.records().map(|(k, v)| Ok((k.to_vec(), from.decode::<K, V>(k, v, now)?))).collect()
 }
 
 fn joined<K: Key, V: Value, W: Value>(left: &Event<(K, V)>, right: &Event<(K, W)>) -> Event<(K, (V, W))> {

@@ -66,8 +66,10 @@ struct ForEachPart<F> {
 
 impl<T: Send, F: Fn(u32, T, Duration) + Send + Sync> PartSink<T> for ForEachPart<F> {
     fn write(&mut self, batch: Batch<T>) -> Result<(), EngineError> {
+        // One clock read per batch: its records reach the function together.
+        let now = now_us();
         for event in batch {
-            let age = Duration::from_micros(now_us().saturating_sub(event.created_us));
+            let age = Duration::from_micros(now.saturating_sub(event.created_us));
             (self.f)(self.part, event.value, age);
         }
         Ok(())

@@ -37,10 +37,12 @@ pub struct ShuffleClient {
 struct Inner {
     /// Kept so the QUIC connections' UDP socket lives as long as the client.
     endpoint: Option<quinn::Endpoint>,
-    /// Control requests and push streams.
-    control: Link,
-    /// Partition reads (the same link on the Unix socket).
-    reads: Link,
+    /// Links for control requests (the first) and push streams (round robin).
+    pushes: Vec<Link>,
+    /// Links for partition reads, round robin (the Unix socket: the same link).
+    reads: Vec<Link>,
+    /// Source of the round robin.
+    next_link: std::sync::atomic::AtomicUsize,
     /// Options the client was made with.
     options: ClientOptions,
     /// The app this client is bound to, and its secret.
@@ -81,7 +83,8 @@ impl ShuffleClient {
                     control.close(0u32.into(), b"moving to the Unix socket");
                     let link = Link::Unix(Arc::new(link));
                     tracing::debug!(socket = %path.display(), "using the server's Unix socket");
-                    return Ok(Self::assemble(None, link.clone(), link, options, app, secret, Some(path.into())));
+                    let links = vec![link];
+                    return Ok(Self::assemble(None, links.clone(), links, options, app, secret, Some(path.into())));
                 }
                 Ok(_) => {
                     tracing::debug!(socket = %path.display(), "another server answers on that socket; staying on QUIC")
@@ -91,8 +94,13 @@ impl ShuffleClient {
                 }
             }
         }
-        let (reads, _) = open_connection(&endpoint, addr, &options, &app, Some(secret.clone())).await?;
-        Ok(Self::assemble(Some(endpoint), Link::Quic(control), Link::Quic(reads), options, app, secret, None))
+        let mut links = vec![Link::Quic(control)];
+        while links.len() < options.quic_connections.max(2) {
+            let (more, _) = open_connection(&endpoint, addr, &options, &app, Some(secret.clone())).await?;
+            links.push(Link::Quic(more));
+        }
+        let reads = links.split_off(links.len() / 2);
+        Ok(Self::assemble(Some(endpoint), links, reads, options, app, secret, None))
     }
 
     /// Connects through the server's Unix socket at `path` only.
@@ -105,14 +113,14 @@ impl ShuffleClient {
                 path: path.into(),
                 reason: format!("no Welcome within {:?}", options.connect_timeout),
             })??;
-        let link = Link::Unix(Arc::new(link));
-        Ok(Self::assemble(None, link.clone(), link, options, app, welcome.secret, Some(path.into())))
+        let links = vec![Link::Unix(Arc::new(link))];
+        Ok(Self::assemble(None, links.clone(), links, options, app, welcome.secret, Some(path.into())))
     }
 
     fn assemble(
         endpoint: Option<quinn::Endpoint>,
-        control: Link,
-        reads: Link,
+        pushes: Vec<Link>,
+        reads: Vec<Link>,
         options: ClientOptions,
         app: AppId,
         secret: AppSecret,
@@ -122,8 +130,9 @@ impl ShuffleClient {
         Self {
             inner: Arc::new(Inner {
                 endpoint,
-                control,
+                pushes,
                 reads,
+                next_link: std::sync::atomic::AtomicUsize::new(0),
                 options,
                 credentials,
                 app,
@@ -160,9 +169,20 @@ impl ShuffleClient {
         &self.inner.options
     }
 
+    /// The next link of `links`, round robin.
+    fn next_link<'a>(&self, links: &'a [Link]) -> &'a Link {
+        let n = self.inner.next_link.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        &links[n % links.len()]
+    }
+
+    /// Whether this client talks to the server through its Unix socket.
+    fn same_host(&self) -> bool {
+        self.inner.pushes[0].is_unix()
+    }
+
     /// Sends a request that is answered by `Ok`.
     async fn call_ok(&self, request: &Request) -> Result<(), ClientError> {
-        let (_send, mut reader) = open_request(&self.inner.control, request, true).await?;
+        let (_send, mut reader) = open_request(&self.inner.pushes[0], request, true).await?;
         match reader.response().await? {
             Response::Ok => Ok(()),
             other => Err(ClientError::Protocol(format!("expected Ok, got {other:?}"))),
@@ -187,11 +207,11 @@ impl ShuffleClient {
     /// Opens a writer for attempt `attempt` of map `map`.
     pub async fn writer(&self, shuffle: ShuffleId, map: MapId, attempt: AttemptId) -> Result<MapWriter, ClientError> {
         let request = Request::OpenPush { shuffle, map, attempt };
-        let (send, mut reader) = open_request(&self.inner.control, &request, false).await?;
+        let (send, mut reader) = open_request(self.next_link(&self.inner.pushes), &request, false).await?;
         match reader.response().await? {
             Response::PushAccepted { mut spec } => {
                 // In memory on this host, lz4 costs CPU and saves nothing.
-                if self.inner.control.is_unix() && !self.inner.options.compress_same_host {
+                if self.same_host() && !self.inner.options.compress_same_host {
                     spec.codec = Codec::None;
                 }
                 let counter = self.inner.pushed_bytes.clone();
@@ -206,13 +226,13 @@ impl ShuffleClient {
     /// hands over blocks that lie in files as the open files themselves and
     /// the reader reads them (checking every block as it would a frame).
     pub async fn reader(&self, shuffle: ShuffleId, partition: PartitionId) -> Result<PartitionReader, ClientError> {
-        let direct = self.inner.reads.is_unix() && self.inner.options.direct_reads;
+        let direct = self.same_host() && self.inner.options.direct_reads;
         let request = if direct {
             Request::OpenPartitionDirect { shuffle, partition }
         } else {
             Request::OpenPartition { shuffle, partition }
         };
-        let (_send, mut reader) = open_request(&self.inner.reads, &request, true).await?;
+        let (_send, mut reader) = open_request(self.next_link(&self.inner.reads), &request, true).await?;
         if direct {
             // Nothing was read from the stream yet: every descriptor the server passes is kept.
             reader.receive_files();
@@ -222,8 +242,9 @@ impl ShuffleClient {
 
     /// Closes the links gracefully and waits for the server to see it.
     pub async fn close(self) {
-        self.inner.control.close();
-        self.inner.reads.close();
+        for link in self.inner.pushes.iter().chain(&self.inner.reads) {
+            link.close();
+        }
         if let Some(endpoint) = &self.inner.endpoint {
             endpoint.wait_idle().await;
         }

@@ -76,6 +76,10 @@ pub struct ClientOptions {
     pub direct_reads: bool,
     /// Largest UDP payload QUIC may probe up to (jumbo frames: 8952).
     pub max_udp_payload: u16,
+    /// QUIC connections to open (at least 2): half carry pushes, half
+    /// reads. A quinn connection is driven by one task on each side, so more
+    /// connections spread encryption and packet work over more cores.
+    pub quic_connections: usize,
     /// Target size of a block's records before compression.
     pub block_size: usize,
     /// Most bytes one hash-mode writer buffers across its partitions.
@@ -101,6 +105,7 @@ impl ClientOptions {
             compress_same_host: false,
             direct_reads: true,
             max_udp_payload: limits::DEFAULT_MAX_UDP_PAYLOAD,
+            quic_connections: 2,
             block_size: DEFAULT_BLOCK_SIZE,
             write_buffer: DEFAULT_WRITE_BUFFER,
             sort_buffer: DEFAULT_SORT_BUFFER,

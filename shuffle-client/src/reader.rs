@@ -196,9 +196,20 @@ impl PartitionReader {
             )));
         }
         let bytes = tokio::task::spawn_blocking(move || {
-            use std::os::unix::fs::FileExt;
-            let mut buf = vec![0u8; len as usize];
-            handle.read_exact_at(&mut buf, offset).map(|()| Bytes::from(buf))
+            // Not zeroed first: the kernel writes every byte the buffer holds.
+            let mut buf = Vec::with_capacity(len as usize);
+            while buf.len() < len as usize {
+                let at = offset + buf.len() as u64;
+                let n = rustix::io::pread(&*handle, rustix::buffer::spare_capacity(&mut buf), at)?;
+                if n == 0 {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the file ends before the range",
+                    ));
+                }
+            }
+            buf.truncate(len as usize);
+            Ok(Bytes::from(buf))
         })
         .await
         .map_err(|e| ClientError::ConnectionLost(format!("reading a shuffle file: {e}")))?

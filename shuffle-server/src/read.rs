@@ -23,6 +23,7 @@ use crate::{
     elevator::{DiskRead, read_blocking},
     shuffle::Shuffle,
     state::{AppSession, ServiceState},
+    stats::ServerStats,
     storage::{BlockRef, ReadBatch, ReadCursor},
     transport::{FrameSink, FrameWriter},
 };
@@ -194,6 +195,7 @@ async fn send_batch_direct<W: FrameSink>(
                 writer
                     .response(&Response::FileRange { file: index, offset: start, len: end - start, blocks: count })
                     .await?;
+                ServerStats::add(&state.stats.served_direct_bytes, end - start);
                 i += count as usize;
             }
         }

@@ -50,6 +50,8 @@ pub struct ServerStats {
     pub flushed_bytes: AtomicU64,
     /// Requests that ended in an error sent to the client.
     pub errors: AtomicU64,
+    /// Block bytes handed to same-host readers as file ranges (read by them, not sent).
+    pub served_direct_bytes: AtomicU64,
 }
 
 /// A copy of the counters at one moment, summed over modes.
@@ -65,6 +67,7 @@ pub struct StatsSnapshot {
     pub spilled_bytes: u64,
     pub flushed_bytes: u64,
     pub errors: u64,
+    pub bytes_served_direct: u64,
 }
 
 impl ServerStats {
@@ -100,6 +103,7 @@ impl ServerStats {
             spilled_bytes: r(&self.spilled_bytes),
             flushed_bytes: r(&self.flushed_bytes),
             errors: r(&self.errors),
+            bytes_served_direct: r(&self.served_direct_bytes),
         }
     }
 }

@@ -35,6 +35,11 @@ pub fn describe() {
     describe_counter!("shuffle_received_blocks_total", "Blocks accepted from producers, by mode.");
     describe_counter!("shuffle_served_bytes_total", Unit::Bytes, "Block bytes sent to readers, by mode.");
     describe_counter!("shuffle_served_blocks_total", "Blocks sent to readers, by mode.");
+    describe_counter!(
+        "shuffle_served_direct_bytes_total",
+        Unit::Bytes,
+        "Of the bytes served, those same-host readers read from the server's files themselves."
+    );
     describe_counter!("shuffle_commits_total", "Map attempts committed.");
     describe_counter!("shuffle_refused_attempts_total", "Map attempts refused because another attempt committed.");
     describe_counter!("shuffle_spills_total", "Spills forced by memory pressure.");
@@ -72,6 +77,7 @@ fn publish(state: &ServiceState) {
         counter!("shuffle_served_bytes_total", "mode" => name).absolute(load(&stats.served_bytes[i]));
         counter!("shuffle_served_blocks_total", "mode" => name).absolute(load(&stats.served_blocks[i]));
     }
+    counter!("shuffle_served_direct_bytes_total").absolute(load(&stats.served_direct_bytes));
     counter!("shuffle_commits_total").absolute(load(&stats.commits));
     counter!("shuffle_refused_attempts_total").absolute(load(&stats.refused_attempts));
     counter!("shuffle_spills_total").absolute(load(&stats.spills));
@@ -111,6 +117,7 @@ pub fn status(state: &ServiceState) -> serde_json::Value {
         "totals": {
             "received_bytes": s.bytes_received, "received_blocks": s.blocks_received,
             "served_bytes": s.bytes_served, "served_blocks": s.blocks_served,
+            "served_direct_bytes": s.bytes_served_direct,
             "commits": s.commits, "refused_attempts": s.refused_attempts,
             "spills": s.spills, "spilled_bytes": s.spilled_bytes, "errors": s.errors,
         },

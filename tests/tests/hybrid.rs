@@ -333,7 +333,7 @@ async fn an_unbounded_stream_of_twenty_times_the_budget_runs_in_flat_memory_and_
                 let (k, v) = w1(7, i);
                 writer.write((i % 2) as u32, &k, &v).await.unwrap();
                 i += 1;
-                if i % 10_000 == 0 {
+                if i.is_multiple_of(10_000) {
                     writer.flush().await.unwrap();
                     written.store(i, Ordering::Release);
                 }

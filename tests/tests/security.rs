@@ -116,3 +116,44 @@ async fn a_client_on_the_servers_host_moves_to_its_unix_socket_by_itself() {
     let client = no_socket.connect("anyone").await.unwrap();
     assert!(client.unix_socket().is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_hands_its_apps_credentials_to_a_process_it_spawns() {
+    use std::io::BufRead;
+
+    use shuffle_tests::workload::{W1_KEY_LEN, W1_VALUE_LEN, w1_key_value, w1_record};
+    let daemon = Daemon::start(&[]);
+    let parent = daemon.connect("family").await.unwrap();
+    parent.register_shuffle(ShuffleId(0), ShuffleSpec::hash(2, 2)).await.unwrap();
+    // The child writes map 0 (records 0..50,000, record i to partition i % 2) into the parent's app.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_shuffle-e2e-client"))
+        .args([daemon.addr.to_string(), daemon.cert_path().display().to_string(), "ignored".to_string()])
+        .envs(parent.credentials().to_env())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+    // The parent writes map 1 (records 50,000..100,000) and reads both partitions.
+    let mut writer = parent.writer(ShuffleId(0), 1, 0).await.unwrap();
+    let (mut key, mut value) = ([0u8; W1_KEY_LEN], [0u8; W1_VALUE_LEN]);
+    for i in 50_000u64..100_000 {
+        w1_record(42, i, &mut key, &mut value);
+        writer.write((i % 2) as u32, &key, &value).await.unwrap();
+    }
+    writer.finish().await.unwrap();
+    let mut total = shuffle_tests::workload::W1Totals::default();
+    for p in 0..2 {
+        let mut reader = parent.reader(ShuffleId(0), p).await.unwrap();
+        while let Some(block) = reader.next_block().await.unwrap() {
+            for (k, _) in block.records() {
+                total.records += 1;
+                total.key_sum = total.key_sum.wrapping_add(w1_key_value(k));
+            }
+        }
+    }
+    assert_eq!(total, shuffle_tests::workload::W1Totals::expected(42, 100_000));
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

@@ -10,6 +10,11 @@ use metrics_exporter_prometheus::PrometheusBuilder;
 use shuffle_server::{ServerConfig, ServerError, telemetry};
 use tracing_subscriber::EnvFilter;
 
+/// Block buffers come and go at the rate data moves; mimalloc reuses freed
+/// ones instead of handing pages back to the kernel to be zeroed again.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let config = match ServerConfig::load(std::env::args_os()) {
         Ok(config) => config,

@@ -123,8 +123,7 @@ impl DataFile {
 
     /// Reads `len` bytes at `offset` into a new buffer. Blocking I/O.
     pub fn read(&self, offset: u64, len: usize) -> Result<Bytes, ServiceError> {
-        let mut buf = vec![0u8; len];
-        self.file.read_exact_at(&mut buf, offset).map_err(|e| disk::io_error(&self.path, "reading", e))?;
+        let buf = read_new_at(&self.file, offset, len).map_err(|e| disk::io_error(&self.path, "reading", e))?;
         Ok(Bytes::from(buf))
     }
 
@@ -139,6 +138,21 @@ impl DataFile {
             let _ = std::fs::remove_file(&self.path);
         }
     }
+}
+
+/// Reads exactly `len` bytes at `offset` into a new buffer, without first
+/// zeroing it (the kernel writes every byte the buffer ends up holding).
+pub(crate) fn read_new_at(file: &File, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+    let mut buf = Vec::with_capacity(len);
+    while buf.len() < len {
+        let at = offset + buf.len() as u64;
+        let n = rustix::io::pread(file, rustix::buffer::spare_capacity(&mut buf), at)?;
+        if n == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the file ends before the range does"));
+        }
+    }
+    buf.truncate(len);
+    Ok(buf)
 }
 
 /// Writes `bytes` to `path` durably: to a temporary file, synced, renamed

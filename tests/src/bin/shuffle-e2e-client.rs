@@ -4,11 +4,13 @@
 //! is killed.
 //!
 //! `shuffle-e2e-client ADDR CERT APP [quic|unix]` (default: unix, the
-//! daemon's socket on this host)
+//! daemon's socket on this host). When the environment carries an app's
+//! credentials (`SHUFFLE_APP`, `SHUFFLE_APP_SECRET`: a parent process
+//! handing its app over), the client joins that app instead of creating APP.
 
 use std::time::Duration;
 
-use shuffle_client::{ClientOptions, CommitOutcome, ShuffleClient, ShuffleId, ShuffleSpec};
+use shuffle_client::{AppCredentials, ClientOptions, CommitOutcome, ShuffleClient, ShuffleId, ShuffleSpec};
 use shuffle_tests::workload::{W1_KEY_LEN, W1_VALUE_LEN, w1_record};
 
 #[tokio::main(flavor = "current_thread")]
@@ -19,7 +21,11 @@ async fn main() -> anyhow::Result<()> {
         [addr, cert, app, transport] => (addr, cert, app, transport.as_str()),
         _ => anyhow::bail!("usage: shuffle-e2e-client ADDR CERT APP [quic|unix]"),
     };
-    let options = ClientOptions::new(app.as_str()).trusted_cert(cert).same_host(transport == "unix");
+    let options = match AppCredentials::from_env() {
+        Some(credentials) => ClientOptions::joining(&credentials),
+        None => ClientOptions::new(app.as_str()),
+    };
+    let options = options.trusted_cert(cert).same_host(transport == "unix");
     let client = ShuffleClient::connect(addr.parse()?, options).await?;
     client.register_shuffle(ShuffleId(0), ShuffleSpec::hash(2, 2)).await?;
     let mut writer = client.writer(ShuffleId(0), 0, 0).await?;
