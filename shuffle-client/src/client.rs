@@ -16,11 +16,13 @@ use std::{
 
 use rustls::pki_types::{CertificateDer, pem::PemObject};
 use shuffle_protocol::{
-    AppId, AppSecret, AttemptId, Codec, MapId, PROTOCOL_VERSION, PartitionId, Request, Response, ShuffleId, ShuffleSpec,
+    AppId, AppSecret, AttemptId, Codec, MapId, PROTOCOL_VERSION, PartitionId, Request, Response, ServerRole, ShuffleId,
+    ShuffleSpec,
 };
 
 use crate::{
     AppCredentials, ClientError, ClientOptions, MapWriter, PartitionReader,
+    cluster::ClusterState,
     transport::{Link, open_request, transport_config},
     unix::UnixLink,
 };
@@ -52,13 +54,16 @@ struct Inner {
     unix_socket: Option<PathBuf>,
     /// Block bytes pushed by this client's writers (headers included), as the server counts them.
     pushed_bytes: Arc<std::sync::atomic::AtomicU64>,
+    /// Connected to a cluster's coordinator: placements and the workers' clients.
+    cluster: Option<Arc<ClusterState>>,
 }
 
 /// What a server's `Welcome` said.
-struct Welcomed {
-    secret: AppSecret,
-    server_id: String,
-    unix_socket: Option<String>,
+pub(crate) struct Welcomed {
+    pub secret: AppSecret,
+    pub server_id: String,
+    pub unix_socket: Option<String>,
+    pub role: ServerRole,
 }
 
 impl ShuffleClient {
@@ -74,6 +79,14 @@ impl ShuffleClient {
         endpoint.set_default_client_config(config);
         let (control, welcome) = open_connection(&endpoint, addr, &options, &app, options.secret.clone()).await?;
         let secret = welcome.secret.clone();
+        if welcome.role == ServerRole::Coordinator {
+            // Control goes to the coordinator; pushes and reads to the workers of each placement.
+            let cluster = Arc::new(ClusterState::new(addr, endpoint.clone(), control.clone()));
+            let links = vec![Link::Quic(control)];
+            let mut client = Self::assemble(Some(endpoint), links.clone(), links, options, app, secret, None);
+            Arc::get_mut(&mut client.inner).expect("not shared yet").cluster = Some(cluster);
+            return Ok(client);
+        }
         if options.same_host
             && let Some(path) = welcome.unix_socket.as_deref().map(Path::new)
             && path.exists()
@@ -138,8 +151,34 @@ impl ShuffleClient {
                 app,
                 unix_socket,
                 pushed_bytes: Arc::default(),
+                cluster: None,
             }),
         }
+    }
+
+    /// The cluster this client reaches through its coordinator, if it does.
+    pub(crate) fn cluster(&self) -> Option<&Arc<ClusterState>> {
+        self.inner.cluster.as_ref()
+    }
+
+    /// A cluster's placement of `shuffle`, as the coordinator has it now
+    /// (`None` for a client of a standalone server).
+    pub async fn placement(&self, shuffle: ShuffleId) -> Result<Option<shuffle_protocol::Placement>, ClientError> {
+        if self.inner.cluster.is_none() {
+            return Ok(None);
+        }
+        Ok(Some((*crate::cluster::placement(self, shuffle, true).await?).clone()))
+    }
+
+    /// Whether this client reached a cluster's coordinator (pushes and
+    /// reads then go to the workers of each shuffle's placement).
+    pub fn is_cluster(&self) -> bool {
+        self.inner.cluster.is_some()
+    }
+
+    /// The counter of pushed block bytes, shared with writers.
+    pub(crate) fn pushed_counter(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.inner.pushed_bytes.clone()
     }
 
     /// The app this client is bound to.
@@ -176,12 +215,53 @@ impl ShuffleClient {
     }
 
     /// Whether this client talks to the server through its Unix socket.
-    fn same_host(&self) -> bool {
+    pub(crate) fn same_host(&self) -> bool {
         self.inner.pushes[0].is_unix()
+    }
+
+    /// Opens a push stream for `request` (`OpenPush` or a cluster's
+    /// `OpenFailoverPush`) and waits for `PushAccepted`; the spec as this
+    /// client's writers use it.
+    pub(crate) async fn open_push(
+        &self,
+        request: &Request,
+    ) -> Result<(crate::transport::StreamSend, crate::transport::FrameReader, ShuffleSpec), ClientError> {
+        let (send, mut reader) = open_request(self.next_link(&self.inner.pushes), request, false).await?;
+        match reader.response().await? {
+            Response::PushAccepted { mut spec } => {
+                // In memory on this host, lz4 costs CPU and saves nothing.
+                if self.same_host() && !self.inner.options.compress_same_host {
+                    spec.codec = Codec::None;
+                }
+                Ok((send, reader, spec))
+            }
+            other => Err(ClientError::Protocol(format!("expected PushAccepted, got {other:?}"))),
+        }
+    }
+
+    /// Opens a read stream for `request` (a partition read of any kind).
+    pub(crate) async fn open_read(&self, request: &Request) -> Result<crate::transport::FrameReader, ClientError> {
+        let (_send, mut reader) = open_request(self.next_link(&self.inner.reads), request, true).await?;
+        if matches!(request, Request::OpenPartitionDirect { .. } | Request::OpenPartitionFrom { direct: true, .. }) {
+            // Nothing was read from the stream yet: every descriptor the server passes is kept.
+            reader.receive_files();
+        }
+        Ok(reader)
+    }
+
+    /// Whether reads should take the server's files directly.
+    pub(crate) fn reads_directly(&self) -> bool {
+        self.same_host() && self.inner.options.direct_reads
     }
 
     /// Sends a request that is answered by `Ok`.
     async fn call_ok(&self, request: &Request) -> Result<(), ClientError> {
+        if self.inner.cluster.is_some() {
+            return match crate::cluster::coordinator_call(self, request).await? {
+                Response::Ok => Ok(()),
+                other => Err(ClientError::Protocol(format!("expected Ok, got {other:?}"))),
+            };
+        }
         let (_send, mut reader) = open_request(&self.inner.pushes[0], request, true).await?;
         match reader.response().await? {
             Response::Ok => Ok(()),
@@ -191,6 +271,9 @@ impl ShuffleClient {
 
     /// Registers a shuffle; registering the same id with an equal spec again is a no-op.
     pub async fn register_shuffle(&self, shuffle: ShuffleId, spec: ShuffleSpec) -> Result<(), ClientError> {
+        if self.inner.cluster.is_some() {
+            return crate::cluster::register(self, shuffle, spec).await;
+        }
         self.call_ok(&Request::RegisterShuffle { shuffle, spec }).await
     }
 
@@ -206,19 +289,12 @@ impl ShuffleClient {
 
     /// Opens a writer for attempt `attempt` of map `map`.
     pub async fn writer(&self, shuffle: ShuffleId, map: MapId, attempt: AttemptId) -> Result<MapWriter, ClientError> {
-        let request = Request::OpenPush { shuffle, map, attempt };
-        let (send, mut reader) = open_request(self.next_link(&self.inner.pushes), &request, false).await?;
-        match reader.response().await? {
-            Response::PushAccepted { mut spec } => {
-                // In memory on this host, lz4 costs CPU and saves nothing.
-                if self.same_host() && !self.inner.options.compress_same_host {
-                    spec.codec = Codec::None;
-                }
-                let counter = self.inner.pushed_bytes.clone();
-                Ok(MapWriter::new(send, reader, (shuffle, map, attempt), spec, &self.inner.options, counter))
-            }
-            other => Err(ClientError::Protocol(format!("expected PushAccepted, got {other:?}"))),
+        if self.inner.cluster.is_some() {
+            return crate::cluster::writer(self, shuffle, map, attempt).await;
         }
+        let (send, reader, spec) = self.open_push(&Request::OpenPush { shuffle, map, attempt }).await?;
+        let counter = self.inner.pushed_bytes.clone();
+        Ok(MapWriter::new(send, reader, (shuffle, map, attempt), spec, &self.inner.options, counter))
     }
 
     /// Opens a reader of `partition`; it yields records once every map has
@@ -226,22 +302,23 @@ impl ShuffleClient {
     /// hands over blocks that lie in files as the open files themselves and
     /// the reader reads them (checking every block as it would a frame).
     pub async fn reader(&self, shuffle: ShuffleId, partition: PartitionId) -> Result<PartitionReader, ClientError> {
-        let direct = self.same_host() && self.inner.options.direct_reads;
-        let request = if direct {
+        if self.inner.cluster.is_some() {
+            return crate::cluster::reader(self, shuffle, partition).await;
+        }
+        let request = if self.reads_directly() {
             Request::OpenPartitionDirect { shuffle, partition }
         } else {
             Request::OpenPartition { shuffle, partition }
         };
-        let (_send, mut reader) = open_request(self.next_link(&self.inner.reads), &request, true).await?;
-        if direct {
-            // Nothing was read from the stream yet: every descriptor the server passes is kept.
-            reader.receive_files();
-        }
+        let reader = self.open_read(&request).await?;
         Ok(PartitionReader::new(reader, shuffle, partition))
     }
 
     /// Closes the links gracefully and waits for the server to see it.
     pub async fn close(self) {
+        if let Some(cluster) = &self.inner.cluster {
+            cluster.close_workers().await;
+        }
         for link in self.inner.pushes.iter().chain(&self.inner.reads) {
             link.close();
         }
@@ -252,7 +329,7 @@ impl ShuffleClient {
 }
 
 /// Connects, handshakes and says `Hello` for `app`.
-async fn open_connection(
+pub(crate) async fn open_connection(
     endpoint: &quinn::Endpoint,
     addr: SocketAddr,
     options: &ClientOptions,
@@ -278,8 +355,8 @@ async fn open_connection(
         reader.response().await
     };
     match tokio::time::timeout(timeout, welcome).await {
-        Ok(Ok(Response::Welcome { app_secret, server_id, unix_socket, .. })) => {
-            Ok((connection, Welcomed { secret: app_secret, server_id, unix_socket }))
+        Ok(Ok(Response::Welcome { app_secret, server_id, unix_socket, role, .. })) => {
+            Ok((connection, Welcomed { secret: app_secret, server_id, unix_socket, role }))
         }
         Ok(Ok(other)) => Err(ClientError::Protocol(format!("expected Welcome, got {other:?}"))),
         Ok(Err(e)) => Err(e),

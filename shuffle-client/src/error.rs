@@ -43,6 +43,12 @@ pub enum ClientError {
     #[error("integrity check failed for shuffle {shuffle}, partition {partition}{}: {detail}",
         .map.map(|m| format!(", map {m}")).unwrap_or_default())]
     Integrity { shuffle: ShuffleId, partition: PartitionId, map: Option<MapId>, detail: String },
+    /// A cluster lost every copy of these maps' blocks in this partition:
+    /// run the maps again (new attempts), then read the partition again.
+    #[error(
+        "shuffle {shuffle}, partition {partition}: every copy of the blocks of maps {maps:?} was lost; re-run them"
+    )]
+    PartitionLost { shuffle: ShuffleId, partition: PartitionId, maps: Vec<MapId> },
 }
 
 impl ClientError {
@@ -51,6 +57,16 @@ impl ClientError {
         match self {
             Self::Server(e) => Some(e.kind),
             _ => None,
+        }
+    }
+
+    /// Whether the server (or the way to it) is gone or going, rather than
+    /// the request being wrong: a cluster client tries another copy.
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            Self::Connect { .. } | Self::ConnectUnix { .. } | Self::ConnectionLost(_) => true,
+            Self::Server(e) => matches!(e.kind, ErrorKind::ShuttingDown | ErrorKind::Io | ErrorKind::Busy),
+            _ => false,
         }
     }
 }

@@ -27,6 +27,7 @@
 //! ```
 
 mod client;
+mod cluster;
 mod error;
 mod options;
 mod reader;
@@ -41,8 +42,8 @@ pub use error::ClientError;
 pub use options::{APP_ENV, APP_SECRET_ENV, AppCredentials, ClientOptions};
 pub use reader::{PartitionReader, Record, RecordBlock};
 pub use shuffle_protocol::{
-    AppId, AppSecret, AttemptId, Codec, ErrorKind, ExchangeMode, MapId, PartitionId, ServiceError, ShuffleId,
-    ShuffleSpec, SpillStrategy,
+    AppId, AppSecret, AttemptId, Codec, ErrorKind, ExchangeMode, MapId, PartitionId, Placement, ServiceError,
+    ShuffleId, ShuffleSpec, SpillStrategy,
 };
 pub use sort_buffer::{SORT_ENTRY_BYTES, SortBuffer};
 pub use writer::{CommitOutcome, MapWriter};

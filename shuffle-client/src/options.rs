@@ -21,6 +21,11 @@ pub const DEFAULT_WRITE_BUFFER: usize = 32 * 1024 * 1024;
 /// enough for several writers per compute process.
 pub const DEFAULT_SORT_BUFFER: usize = 32 * 1024 * 1024;
 
+/// Bytes of blocks a writer of a replicated shuffle keeps until both copies
+/// hold them, 16 MiB: a few round trips of data at loopback speed, so acks
+/// rarely stall the writer, and small next to a writer's buffers.
+pub const DEFAULT_REPLICATION_WINDOW: usize = 16 << 20;
+
 /// The environment variable that carries an app's name to a child process.
 pub const APP_ENV: &str = "SHUFFLE_APP";
 /// The environment variable that carries an app's secret to a child process.
@@ -86,6 +91,16 @@ pub struct ClientOptions {
     pub write_buffer: usize,
     /// Size of one sort-mode writer's sort buffer; each full buffer becomes a run.
     pub sort_buffer: usize,
+    /// Replicated shuffles (cluster): most bytes of blocks a writer keeps
+    /// until both copies hold them, to send to the replica if the primary
+    /// is lost; past it the writer waits for acknowledgements.
+    pub replication_window: usize,
+    /// Cluster: how long to keep retrying while the coordinator is away
+    /// (restarting) before a request fails.
+    pub coordinator_wait: Duration,
+    /// Cluster: how long a reader whose copies are all unreachable waits
+    /// for the coordinator to declare the worker lost.
+    pub worker_loss_wait: Duration,
     /// How long connecting (handshake and Hello) may take.
     pub connect_timeout: Duration,
     /// A connection silent for this long is considered lost.
@@ -109,6 +124,9 @@ impl ClientOptions {
             block_size: DEFAULT_BLOCK_SIZE,
             write_buffer: DEFAULT_WRITE_BUFFER,
             sort_buffer: DEFAULT_SORT_BUFFER,
+            replication_window: DEFAULT_REPLICATION_WINDOW,
+            coordinator_wait: Duration::from_secs(60),
+            worker_loss_wait: Duration::from_secs(90),
             connect_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(30),
         }

@@ -100,6 +100,8 @@ pub struct PartitionReader {
     files: HashMap<u32, Arc<std::fs::File>>,
     /// Direct reads: checked blocks read from a file range, not yet handed out.
     from_files: VecDeque<RecordBlock>,
+    /// A cluster's reader: how to move to another copy of the partition.
+    failover: Option<Box<crate::cluster::Failover>>,
 }
 
 impl PartitionReader {
@@ -115,7 +117,23 @@ impl PartitionReader {
             finished: false,
             spec: None,
             merge: None,
+            failover: None,
         }
+    }
+
+    /// A reader that moves to another copy of the partition when the one
+    /// it reads fails, asking for only the blocks it does not have yet.
+    pub(crate) fn with_failover(mut self, failover: Box<crate::cluster::Failover>) -> Self {
+        self.failover = Some(failover);
+        self
+    }
+
+    /// What this reader has of each attempt, for a read resumed at another copy.
+    fn resume_points(&self) -> Vec<shuffle_protocol::ResumePoint> {
+        self.received
+            .iter()
+            .map(|((map, attempt), t)| shuffle_protocol::ResumePoint { map: *map, attempt: *attempt, blocks: t.blocks })
+            .collect()
     }
 
     /// The shuffle's spec, once the server has opened the partition (after the first read call).
@@ -131,6 +149,26 @@ impl PartitionReader {
     /// key-ordered shuffle use [`PartitionReader::next_record`] to get key
     /// order); `None` once the partition is complete and checked.
     pub async fn next_block(&mut self) -> Result<Option<RecordBlock>, ClientError> {
+        loop {
+            match self.next_block_once().await {
+                Err(e)
+                    if !self.finished && self.failover.is_some() && crate::cluster::Failover::should_fail_over(&e) =>
+                {
+                    tracing::info!(shuffle = %self.shuffle, partition = self.partition, error = %e,
+                        "the copy being read failed; resuming at another copy");
+                    let resume = self.resume_points();
+                    let failover = self.failover.as_mut().expect("checked above");
+                    self.reader = failover.open(resume).await?;
+                    // The new stream opens with its own PartitionOpened and file numbers.
+                    self.spec = None;
+                    self.files.clear();
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn next_block_once(&mut self) -> Result<Option<RecordBlock>, ClientError> {
         if let Some(block) = self.from_files.pop_front() {
             return Ok(Some(block));
         }
@@ -153,6 +191,10 @@ impl PartitionReader {
                         Ok(None)
                     }
                     Response::Error(e) => Err(ClientError::Server(e)),
+                    Response::PartitionLost { partition, maps } => {
+                        self.finished = true;
+                        Err(ClientError::PartitionLost { shuffle: self.shuffle, partition, maps })
+                    }
                     Response::ProducerFailed { map, attempt, rereadable } => {
                         self.finished = true;
                         Err(ClientError::ProducerFailed { map, attempt, rereadable })
@@ -162,11 +204,11 @@ impl PartitionReader {
                             ClientError::Protocol(format!("FileOpened {file} came without a file descriptor"))
                         })?;
                         self.files.insert(file, Arc::new(std::fs::File::from(fd)));
-                        Box::pin(self.next_block()).await
+                        Box::pin(self.next_block_once()).await
                     }
                     Response::FileRange { file, offset, len, blocks } => {
                         self.read_range(file, offset, len, blocks).await?;
-                        Box::pin(self.next_block()).await
+                        Box::pin(self.next_block_once()).await
                     }
                     other => Err(ClientError::Protocol(format!("unexpected {other:?} on a partition stream"))),
                 }

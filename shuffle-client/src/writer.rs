@@ -20,6 +20,7 @@ use shuffle_protocol::{
 
 use crate::{
     ClientError, ClientOptions, SortBuffer,
+    cluster::ClusterSink,
     transport::{FrameReader, SendError, StreamSend, request_frame},
 };
 
@@ -55,13 +56,24 @@ enum Layout {
     Sort(SortLayout),
 }
 
+/// Where a writer's blocks go.
+enum Sink {
+    /// One stream to one server, whose verdict at `MapEnd` decides.
+    Single {
+        /// The stream carrying this attempt's blocks.
+        send: StreamSend,
+        /// The server's side of the stream, for its verdict or error.
+        reader: FrameReader,
+    },
+    /// A cluster: streams to the workers of the placement; the coordinator decides.
+    Cluster(Box<ClusterSink>),
+}
+
 /// Writes one map attempt's records. Call [`MapWriter::finish`] to commit;
 /// dropping the writer abandons the attempt, and its blocks are never read.
 pub struct MapWriter {
-    /// The stream carrying this attempt's blocks.
-    send: StreamSend,
-    /// The server's side of the stream, for its verdict or error.
-    reader: FrameReader,
+    /// Where the blocks go.
+    sink: Sink,
     shuffle: ShuffleId,
     map: MapId,
     attempt: AttemptId,
@@ -92,6 +104,27 @@ impl MapWriter {
     pub(crate) fn new(
         send: StreamSend,
         reader: FrameReader,
+        ids: (ShuffleId, MapId, AttemptId),
+        spec: ShuffleSpec,
+        options: &ClientOptions,
+        pushed_bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    ) -> Self {
+        Self::with_sink(Sink::Single { send, reader }, ids, spec, options, pushed_bytes)
+    }
+
+    /// A writer of a cluster's shuffle: its blocks go to the workers of the placement.
+    pub(crate) fn for_cluster(
+        sink: ClusterSink,
+        ids: (ShuffleId, MapId, AttemptId),
+        spec: ShuffleSpec,
+        options: &ClientOptions,
+        pushed_bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    ) -> Self {
+        Self::with_sink(Sink::Cluster(Box::new(sink)), ids, spec, options, pushed_bytes)
+    }
+
+    fn with_sink(
+        sink: Sink,
         (shuffle, map, attempt): (ShuffleId, MapId, AttemptId),
         spec: ShuffleSpec,
         options: &ClientOptions,
@@ -110,8 +143,7 @@ impl MapWriter {
             }
         };
         Self {
-            send,
-            reader,
+            sink,
             shuffle,
             map,
             attempt,
@@ -251,6 +283,12 @@ impl MapWriter {
         records: Vec<u8>,
         count: u32,
     ) -> Result<(), ClientError> {
+        if let Sink::Cluster(sink) = &self.sink
+            && !sink.wants(partition)
+        {
+            // A re-run after a loss: this partition keeps the committed attempt's blocks.
+            return Ok(());
+        }
         let totals = self.totals.entry(partition).or_insert_with(|| PartitionTotals::new(partition));
         let id = BlockId { map: self.map, attempt: self.attempt, partition, run, sequence: totals.blocks };
         let tried = self.codec.choose();
@@ -263,18 +301,29 @@ impl MapWriter {
         head.extend_from_slice(&frame_header);
         head.extend_from_slice(&block.header_bytes);
         let len = block.len() as u64;
-        self.send_chunks(&mut [Bytes::from(head), block.payload]).await?;
+        match &mut self.sink {
+            Sink::Single { .. } => self.send_chunks(&mut [Bytes::from(head), block.payload]).await?,
+            Sink::Cluster(sink) => {
+                if let Err(e) = sink.send(partition, [Bytes::from(head), block.payload]).await {
+                    self.done = true;
+                    return Err(e);
+                }
+            }
+        }
         self.pushed_bytes.fetch_add(len, std::sync::atomic::Ordering::AcqRel);
         Ok(())
     }
 
-    /// Sends chunks; if the server stopped the stream, returns the error it sent.
+    /// Sends chunks on the single stream; if the server stopped it, returns the error it sent.
     async fn send_chunks(&mut self, chunks: &mut [Bytes]) -> Result<(), ClientError> {
-        match self.send.write_chunks(chunks).await {
+        let Sink::Single { send, reader } = &mut self.sink else {
+            return Err(ClientError::Protocol("a cluster writer has no single stream".into()));
+        };
+        match send.write_chunks(chunks).await {
             Ok(()) => Ok(()),
             Err(SendError::Stopped) => {
                 self.done = true;
-                Err(match self.reader.response().await {
+                Err(match reader.response().await {
                     Err(e) => e,
                     Ok(other) => ClientError::Protocol(format!("server stopped the push stream after {other:?}")),
                 })
@@ -305,12 +354,19 @@ impl MapWriter {
     /// partition written, and returns the server's commit decision.
     pub async fn finish(mut self) -> Result<CommitOutcome, ClientError> {
         self.flush().await?;
+        if let Sink::Cluster(sink) = &mut self.sink {
+            let outcome = sink.finish(&self.totals).await;
+            // On failure, dropping the writer abandons the streams not yet prepared.
+            self.done = outcome.is_ok();
+            return outcome;
+        }
         let partitions = self.totals.values().copied().collect();
         let end = Request::MapEnd(MapEnd { map: self.map, attempt: self.attempt, partitions });
         self.send_chunks(&mut [request_frame(&end)?]).await?;
         self.done = true;
-        self.send.finish();
-        match self.reader.response().await? {
+        let Sink::Single { send, reader } = &mut self.sink else { unreachable!("cluster sinks returned above") };
+        send.finish();
+        match reader.response().await? {
             Response::Committed { .. } => Ok(CommitOutcome::Committed),
             Response::AttemptRefused { committed_attempt, .. } => Ok(CommitOutcome::Refused { committed_attempt }),
             other => Err(ClientError::Protocol(format!("expected a commit decision, got {other:?}"))),
@@ -325,7 +381,10 @@ impl MapWriter {
     fn reset(&mut self) {
         if !self.done {
             self.done = true;
-            self.send.reset();
+            match &mut self.sink {
+                Sink::Single { send, .. } => send.reset(),
+                Sink::Cluster(sink) => sink.abort(),
+            }
         }
     }
 }

@@ -12,6 +12,7 @@
 //! fuzzed) without a network.
 
 pub mod block;
+pub mod cluster;
 pub mod error;
 pub mod frame;
 pub mod ids;
@@ -23,6 +24,10 @@ pub mod totals;
 pub use block::{
     BLOCK_HEADER_LEN, Block, BlockHeader, BlockId, Codec, CodecChooser, EncodedBlock, MAX_BLOCK_RAW_LEN, encode_block,
     encode_block_parts,
+};
+pub use cluster::{
+    Group, HeldGroup, HeldShuffle, MapDecision, MapPlan, Placement, ResumePoint, ServerRole, WorkerEndpoint,
+    WorkerReport,
 };
 pub use error::ProtocolError;
 pub use frame::{FRAME_HEADER_LEN, Frame, FrameDecoder, FrameKind, MAX_FRAME_LEN, encode_frame, encode_frame_header};

@@ -15,13 +15,24 @@
 //!   `AttemptRefused` or `Error`.
 //! - `OpenPartition`: answered by `PartitionOpened`, then block frames and a
 //!   closing `PartitionEnd` (or an `Error` at any point).
+//!
+//! In a cluster (DESIGN.md, "Cluster") clients register shuffles, begin and
+//! commit maps at the coordinator, and push and read at workers; a map's
+//! `MapEnd` at a worker answers `Prepared`, and the coordinator's decision,
+//! recorded on every worker of the shuffle, commits it. Workers register
+//! with the coordinator (`RegisterWorker`, then `Heartbeat`s), which sends
+//! them commands on streams it opens on the same connection; primaries
+//! forward blocks to replicas over `PeerHello` connections.
 
 use serde::{Deserialize, Serialize};
 
-use crate::{AppId, AttemptId, Codec, MapId, PartitionId, PartitionTotals, ProtocolError, ShuffleId};
+use crate::{
+    AppId, AttemptId, Codec, MapId, PartitionId, PartitionTotals, ProtocolError, ShuffleId,
+    cluster::{HeldShuffle, MapDecision, MapPlan, Placement, ResumePoint, ServerRole, WorkerReport},
+};
 
 /// Version of this message set; a server refuses a `Hello` with another.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Most map tasks of one shuffle, 200,000: above the largest Spark jobs'
 /// map counts seen in practice, and small enough that a `PartitionEnd`
@@ -112,6 +123,9 @@ pub struct ShuffleSpec {
     /// no limit but the disk reserve). When memory and quota are both used
     /// up, the server stops reading from producers until readers catch up.
     pub spill_quota: Option<u64>,
+    /// Copies of every block: 1, or 2 (a cluster only: on two workers, so
+    /// that losing either loses nothing).
+    pub replication: u8,
 }
 
 impl ShuffleSpec {
@@ -125,7 +139,13 @@ impl ShuffleSpec {
             key_ordering: false,
             spill: SpillStrategy::Selective,
             spill_quota: None,
+            replication: 1,
         }
+    }
+
+    /// The same spec with `copies` copies of every block.
+    pub fn replicated(self, copies: u8) -> Self {
+        Self { replication: copies, ..self }
     }
 
     /// A hybrid shuffle of `maps` × `partitions` with lz4 blocks and the given spill strategy.
@@ -144,6 +164,9 @@ impl ShuffleSpec {
     pub fn validate(&self) -> Result<(), String> {
         if self.key_ordering && self.mode != ExchangeMode::Sort {
             return Err(format!("key ordering needs sort mode, not {:?}", self.mode));
+        }
+        if !(1..=2).contains(&self.replication) {
+            return Err(format!("replication = {} is not 1 or 2", self.replication));
         }
         for (what, n, max) in [("maps", self.maps, MAX_MAPS), ("partitions", self.partitions, MAX_PARTITIONS)] {
             if n == 0 || n > max {
@@ -190,6 +213,47 @@ pub enum Request {
     /// descriptor passed beside the frame) and the ranges to read from them
     /// (`FileRange`); blocks in memory come as block frames.
     OpenPartitionDirect { shuffle: ShuffleId, partition: PartitionId },
+    /// A worker joins the cluster: the first request of its connection to
+    /// the coordinator, with the cluster secret and what it holds.
+    RegisterWorker { protocol_version: u16, cluster_secret: String, report: WorkerReport, shuffles: Vec<HeldShuffle> },
+    /// A registered worker is alive, and this is its state.
+    Heartbeat(WorkerReport),
+    /// Coordinator to worker: hold your copies of this shuffle's groups per
+    /// this placement (new, or a newer version). `decided` lists, for a
+    /// group new to the worker, maps already decided that have no blocks in it.
+    HostShuffle {
+        app: AppId,
+        secret: AppSecret,
+        shuffle: ShuffleId,
+        spec: ShuffleSpec,
+        placement: Placement,
+        decided: Vec<(u32, MapId, AttemptId)>,
+    },
+    /// Coordinator to worker: these maps are decided; commit them.
+    RecordDecisions { app: AppId, shuffle: ShuffleId, decisions: Vec<MapDecision> },
+    /// Coordinator to worker: remove this shuffle with its files.
+    DropShuffle { app: AppId, shuffle: ShuffleId },
+    /// Coordinator to worker: remove this app and all its shuffles.
+    DropApp { app: AppId },
+    /// Client to coordinator: where the shuffle's partitions live.
+    GetPlacement { shuffle: ShuffleId },
+    /// Client to coordinator: an attempt of a map is about to push.
+    BeginMap { shuffle: ShuffleId, map: MapId, attempt: AttemptId },
+    /// Client to coordinator: an attempt pushed everything and every worker
+    /// it pushed to answered `Prepared`; decide the map.
+    CommitMap { shuffle: ShuffleId, placement_version: u64, end: MapEnd },
+    /// Client to coordinator: this worker did not answer; check it now.
+    ReportUnreachable { worker: String },
+    /// Client to worker: the primary of some partitions was lost; push
+    /// their blocks here, the replica, which keeps what it already has.
+    OpenFailoverPush { shuffle: ShuffleId, map: MapId, attempt: AttemptId },
+    /// Worker to worker: the first request of a connection between workers.
+    PeerHello { protocol_version: u16, cluster_secret: String, worker: String },
+    /// Primary to replica: the blocks of one map attempt, forwarded.
+    ReplicaPush { app: AppId, shuffle: ShuffleId, map: MapId, attempt: AttemptId },
+    /// Reads one partition, skipping the blocks a reader already has (it
+    /// read them from the other copy); `direct` as `OpenPartitionDirect`.
+    OpenPartitionFrom { shuffle: ShuffleId, partition: PartitionId, direct: bool, resume: Vec<ResumePoint> },
 }
 
 /// The committed attempt of one map, and what it wrote to the partition being read.
@@ -253,6 +317,15 @@ pub enum ErrorKind {
     AppExists,
     /// A named limit of the server (apps, shuffles per app, table memory) would be exceeded.
     LimitExceeded,
+    /// A request this server's role does not serve (a shuffle registered at
+    /// a worker instead of the coordinator, a cluster request to a standalone server).
+    WrongRole,
+    /// The cluster cannot serve the request now (the coordinator is
+    /// rebuilding its state, no live worker); retry.
+    Unavailable,
+    /// Blocks the request depends on were lost with a worker (a map
+    /// attempt's blocks, before its commit): re-run the attempt.
+    DataLost,
 }
 
 /// An error sent back to the client that caused it.
@@ -304,6 +377,9 @@ pub enum Response {
         server_id: String,
         /// The server's Unix socket, for clients on the same host.
         unix_socket: Option<String>,
+        /// What the server is: a client that reached a coordinator pushes
+        /// and reads at the workers of each shuffle's placement.
+        role: ServerRole,
     },
     /// The push may begin; the shuffle has this spec.
     PushAccepted { spec: ShuffleSpec },
@@ -325,6 +401,25 @@ pub enum Response {
     /// Direct reads: the next `blocks` blocks lie back to back in file `file`,
     /// `len` bytes at `offset`; the reader reads and checks them itself.
     FileRange { file: u32, offset: u64, len: u64, blocks: u32 },
+    /// Where a shuffle's partitions live.
+    Placed(Placement),
+    /// How a map attempt pushes (`BeginMap`).
+    Plan(MapPlan),
+    /// A worker holds every block of a map attempt for its partitions, and
+    /// so does the replica; the coordinator's decision will commit it.
+    Prepared { map: MapId, attempt: AttemptId },
+    /// On a replicated push stream: the first `blocks` blocks sent are held
+    /// by both copies; the writer may forget them.
+    Acked { blocks: u64 },
+    /// A partition's blocks of these maps were lost with every copy; the
+    /// maps must be re-run. Ends the read.
+    PartitionLost { partition: PartitionId, maps: Vec<MapId> },
+    /// The worker is registered; heartbeat at this interval.
+    WorkerRegistered { heartbeat_interval_ms: u64 },
+    /// The map was already decided otherwise on this worker.
+    Conflict { map: MapId, attempt: AttemptId },
+    /// The worker at the other end of a `PeerHello`.
+    PeerWelcome { worker: String },
     /// The request failed.
     Error(ServiceError),
 }
@@ -376,6 +471,7 @@ mod tests {
                 key_ordering: sort && lz4,
                 spill: if lz4 { SpillStrategy::Full } else { SpillStrategy::Selective },
                 spill_quota: if sort { None } else { Some(u64::from(maps)) },
+                replication: if lz4 { 2 } else { 1 },
             }
         })
     }
@@ -405,6 +501,40 @@ mod tests {
                 .prop_map(|(s, partition)| Request::OpenPartition { shuffle: ShuffleId(s), partition }),
             (any::<u32>(), any::<u32>())
                 .prop_map(|(s, partition)| Request::OpenPartitionDirect { shuffle: ShuffleId(s), partition }),
+            (any::<u32>(), any::<u32>(), any::<u32>()).prop_map(|(s, map, attempt)| Request::BeginMap {
+                shuffle: ShuffleId(s),
+                map,
+                attempt
+            }),
+            (any::<u32>(), any::<u64>(), any::<u32>(), proptest::collection::vec(totals(), 0..5)).prop_map(
+                |(s, v, map, partitions)| Request::CommitMap {
+                    shuffle: ShuffleId(s),
+                    placement_version: v,
+                    end: MapEnd { map, attempt: 0, partitions }
+                }
+            ),
+            (any::<u32>(), any::<u32>(), any::<bool>(), proptest::collection::vec((any::<u32>(), any::<u32>()), 0..5))
+                .prop_map(|(s, partition, direct, points)| Request::OpenPartitionFrom {
+                    shuffle: ShuffleId(s),
+                    partition,
+                    direct,
+                    resume: points.into_iter().map(|(map, blocks)| ResumePoint { map, attempt: 1, blocks }).collect(),
+                }),
+            (any::<u32>(), proptest::collection::vec((any::<u32>(), any::<u32>(), any::<bool>()), 0..5)).prop_map(
+                |(s, ds)| Request::RecordDecisions {
+                    app: AppId::new("a").unwrap(),
+                    shuffle: ShuffleId(s),
+                    decisions: ds
+                        .into_iter()
+                        .map(|(map, attempt, two)| MapDecision {
+                            map,
+                            attempt,
+                            groups_with_data: if two { vec![0, map] } else { vec![] },
+                            repair: two
+                        })
+                        .collect(),
+                }
+            ),
         ]
     }
 
@@ -422,6 +552,7 @@ mod tests {
                     app_secret: AppSecret(secret),
                     server_id: "id".into(),
                     unix_socket: socket,
+                    role: ServerRole::Worker,
                 }
             }),
             spec().prop_map(|spec| Response::PushAccepted { spec }),
@@ -437,6 +568,11 @@ mod tests {
             any::<u32>().prop_map(|file| Response::FileOpened { file }),
             (any::<u32>(), any::<u64>(), any::<u64>(), any::<u32>())
                 .prop_map(|(file, offset, len, blocks)| Response::FileRange { file, offset, len, blocks }),
+            any::<u64>().prop_map(|blocks| Response::Acked { blocks }),
+            (any::<u32>(), proptest::collection::vec(any::<u32>(), 0..10))
+                .prop_map(|(partition, maps)| Response::PartitionLost { partition, maps }),
+            (any::<u64>(), proptest::collection::vec(any::<u32>(), 0..4))
+                .prop_map(|(v, groups)| Response::Plan(MapPlan::Repair { placement_version: v, groups })),
         ]
     }
 

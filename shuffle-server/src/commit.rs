@@ -158,6 +158,27 @@ impl MapCommits {
         }
     }
 
+    /// Records a decision made elsewhere (a cluster's coordinator): `end`'s
+    /// attempt is its map's committed attempt. The map must not be committed yet.
+    pub fn decide(&mut self, end: MapEnd) -> Result<(), ServiceError> {
+        let map = end.map;
+        if (map as usize) >= self.committed.len() {
+            return self.check_push(map, end.attempt).map(|_| unreachable!("map out of range"));
+        }
+        if self.committed[map as usize].is_some() {
+            return Err(ServiceError::new(
+                ErrorKind::UnexpectedMessage,
+                format!("map {map} of {} is already committed", self.label),
+            ));
+        }
+        if !self.ended[map as usize].contains(&end.attempt) {
+            self.ended[map as usize].push(end.attempt);
+        }
+        self.committed[map as usize] = Some(CommittedMap { attempt: end.attempt, totals: end.partitions });
+        self.committed_count += 1;
+        Ok(())
+    }
+
     /// Every committed map: its attempt and declared totals.
     pub fn committed_maps(&self) -> impl Iterator<Item = (MapId, AttemptId, &[PartitionTotals])> + '_ {
         self.committed

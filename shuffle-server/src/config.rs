@@ -23,6 +23,32 @@ pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9337";
 /// The environment variable the admission token may come from.
 pub const AUTH_TOKEN_ENV: &str = "SHUFFLE_AUTH_TOKEN";
 
+/// The environment variable the cluster secret may come from.
+pub const CLUSTER_SECRET_ENV: &str = "SHUFFLE_CLUSTER_SECRET";
+
+/// What the process is in a cluster (DESIGN.md, "Cluster").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Coordinator and worker in one process: the single-node service.
+    Standalone,
+    /// Places shuffles on workers and decides commits; holds no data.
+    Coordinator,
+    /// Holds partitions the coordinator places on it (needs --coordinator).
+    Worker,
+}
+
+impl Role {
+    /// The role as the protocol names it.
+    pub fn protocol(self) -> shuffle_protocol::ServerRole {
+        match self {
+            Self::Standalone => shuffle_protocol::ServerRole::Standalone,
+            Self::Coordinator => shuffle_protocol::ServerRole::Coordinator,
+            Self::Worker => shuffle_protocol::ServerRole::Worker,
+        }
+    }
+}
+
 /// Everything the server needs to start.
 #[derive(Clone, Debug, Parser, Serialize, Deserialize)]
 #[command(name = "shuffle-server", version, about = "Remote shuffle service daemon")]
@@ -32,6 +58,48 @@ pub struct ServerConfig {
     #[arg(long, value_name = "FILE")]
     #[serde(skip)]
     pub config: Option<PathBuf>,
+    /// standalone (the default), coordinator, or worker.
+    #[arg(value_enum, default_value = "standalone")]
+    pub role: Role,
+    /// Workers: the coordinator's QUIC address, or several (tried in turn) separated by commas.
+    #[arg(long, value_name = "ADDR[,ADDR]", value_delimiter = ',')]
+    #[serde(default)]
+    pub coordinator: Vec<SocketAddr>,
+    /// Workers: the address clients and other workers reach this worker at (default: --listen).
+    #[arg(long, value_name = "ADDR")]
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub advertise: Option<SocketAddr>,
+    /// Workers: a stable id (default: the one kept in the data dir, created on first start).
+    #[arg(long, value_name = "ID")]
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub worker_id: Option<String>,
+    /// File holding the secret coordinator and workers share (or set SHUFFLE_CLUSTER_SECRET).
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub cluster_secret_file: Option<PathBuf>,
+    /// The cluster secret itself, read from `cluster_secret_file` or the environment; never a flag.
+    #[arg(skip)]
+    #[serde(skip)]
+    pub cluster_secret: Option<String>,
+    /// The name the certificate carries, which cluster processes check when they connect to each other.
+    #[arg(long, value_name = "NAME", default_value = "localhost")]
+    pub tls_name: String,
+    /// Workers heartbeat to the coordinator this often.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// The coordinator declares a worker lost after this long without a heartbeat.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub worker_timeout: Duration,
+    /// A decommissioned worker exits after this long even if it still holds shuffles.
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub decommission_timeout: Duration,
+    /// Write a self-signed certificate and key for --tls-name into this directory and exit.
+    #[arg(long, value_name = "DIR")]
+    #[serde(skip)]
+    pub write_cert: Option<PathBuf>,
     /// UDP address of the QUIC endpoint (port 0 picks a free one).
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7337")]
     pub listen: SocketAddr,
@@ -205,7 +273,23 @@ impl ServerConfig {
             ),
             None => std::env::var(AUTH_TOKEN_ENV).ok(),
         };
+        config.cluster_secret = match &config.cluster_secret_file {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| {
+                        ServerError::Config(format!("cannot read the cluster secret file {}: {e}", path.display()))
+                    })?
+                    .trim()
+                    .to_string(),
+            ),
+            None => std::env::var(CLUSTER_SECRET_ENV).ok(),
+        };
         Ok(config)
+    }
+
+    /// The address clients and other workers reach this server at.
+    pub fn advertised(&self, bound: SocketAddr) -> SocketAddr {
+        self.advertise.unwrap_or(bound)
     }
 
     /// Checks combinations that no single key can get wrong on its own.
@@ -224,6 +308,50 @@ impl ServerConfig {
         }
         if matches!(&self.auth_token, Some(t) if t.is_empty()) {
             return Err(ServerError::Config("the auth token must not be empty".into()));
+        }
+        if self.role != Role::Standalone {
+            match &self.cluster_secret {
+                None => {
+                    return Err(ServerError::Config(format!(
+                        "a {:?} needs the cluster secret its coordinator and workers share: --cluster-secret-file \
+                         FILE or {CLUSTER_SECRET_ENV}",
+                        self.role
+                    )));
+                }
+                Some(s) if s.len() < 16 => {
+                    return Err(ServerError::Config("the cluster secret must be at least 16 characters".into()));
+                }
+                Some(_) => {}
+            }
+            if self.cert.is_none() {
+                return Err(ServerError::Config(
+                    "cluster processes check each other's certificate: give every one the same --cert and --key \
+                     (`shuffle-server --write-cert DIR` makes a pair)"
+                        .into(),
+                ));
+            }
+            if self.heartbeat_interval.is_zero() || self.worker_timeout < self.heartbeat_interval * 2 {
+                return Err(ServerError::Config(format!(
+                    "worker_timeout ({:?}) must be at least two heartbeat intervals ({:?})",
+                    self.worker_timeout, self.heartbeat_interval
+                )));
+            }
+        }
+        if self.role == Role::Worker {
+            if self.coordinator.is_empty() {
+                return Err(ServerError::Config("a worker needs --coordinator ADDR[,ADDR]".into()));
+            }
+            if let Some(id) = &self.worker_id {
+                shuffle_protocol::cluster::validate_worker_id(id).map_err(ServerError::Config)?;
+            }
+            if self.advertised(self.listen).ip().is_unspecified() {
+                return Err(ServerError::Config(format!(
+                    "a worker listening on {} must say where it is reached: --advertise ADDR",
+                    self.listen
+                )));
+            }
+        } else if !self.coordinator.is_empty() {
+            return Err(ServerError::Config(format!("--coordinator is for workers, not a {:?}", self.role)));
         }
         for (what, n) in [
             ("max_connections", self.max_connections),

@@ -55,6 +55,14 @@ impl Drop for Authenticated {
     }
 }
 
+/// What a connection's first request bound it to.
+pub enum Binding {
+    /// A client of an app.
+    App(AppSession),
+    /// Another worker of the cluster (by id), forwarding blocks to this one.
+    Peer(String),
+}
+
 /// Serves one QUIC connection until it closes.
 pub async fn serve_quic_connection(ctx: ServerContext, connection: quinn::Connection) {
     let remote = connection.remote_address();
@@ -88,7 +96,13 @@ pub async fn serve_quic_connection(ctx: ServerContext, connection: quinn::Connec
         Err(_) => Err(ServiceError::new(ErrorKind::UnexpectedMessage, "no Hello within 10 s of connecting")),
     };
     let (session, _authenticated) = match session {
-        Ok((session, counted)) => (Arc::new(session), counted),
+        Ok((Binding::App(session), counted)) => (Arc::new(session), counted),
+        Ok((Binding::Peer(peer), counted)) => {
+            transport::authenticated(&connection, ctx.windows, state.config.max_streams_per_connection);
+            serve_peer_connection(&ctx, connection, &peer).await;
+            drop(counted);
+            return;
+        }
         Err(e) => {
             tracing::info!(%remote, error = %e, "connection refused");
             connection.close(CLOSE_HELLO_FAILED.into(), e.message.as_bytes());
@@ -128,7 +142,11 @@ pub async fn serve_unix_stream(ctx: ServerContext, stream: tokio::net::UnixStrea
     let mut reader = FrameReader::for_hello(read, &ctx.state.receive_buffers);
     let mut writer = FrameWriter::new(StreamSink(write));
     let session = match hello(&ctx.state, &mut reader, &mut writer, || Ok(())).await {
-        Ok((session, ())) => session,
+        Ok((Binding::App(session), ())) => session,
+        Ok((Binding::Peer(peer), ())) => {
+            tracing::info!(%peer, "a peer tried the Unix socket; workers forward over QUIC");
+            return;
+        }
         Err(e) => {
             tracing::info!(error = %e, "Unix socket stream refused");
             return;
@@ -146,7 +164,7 @@ pub async fn hello<R, W, T>(
     reader: &mut FrameReader<R>,
     writer: &mut FrameWriter<W>,
     admit: impl FnOnce() -> Result<T, ServiceError>,
-) -> Result<(AppSession, T), ServiceError>
+) -> Result<(Binding, T), ServiceError>
 where
     R: AsyncRead + Unpin + Send,
     W: FrameSink,
@@ -157,7 +175,12 @@ where
             .and_then(|()| auth::check_token(state.config.auth_token.as_deref(), auth_token.as_deref()))
             .and_then(|()| app.validate().map_err(ServiceError::from))
             .and_then(|()| state.open_session(app, secret.as_ref()))
-            .and_then(|session| Ok((session, admit()?))),
+            .and_then(|session| Ok((Binding::App(session), admit()?))),
+        Ok(Ok(Some(Request::PeerHello { protocol_version, cluster_secret, worker }))) if state.is_worker() => {
+            check_version(protocol_version)
+                .and_then(|()| crate::cluster::worker::check_peer(state, &cluster_secret))
+                .and_then(|()| Ok((Binding::Peer(worker), admit()?)))
+        }
         Ok(Ok(Some(other))) => Err(ServiceError::new(
             ErrorKind::UnexpectedMessage,
             format!("the first request of a connection must be Hello, not {}", request_name(&other)),
@@ -166,15 +189,20 @@ where
         Ok(Err(e)) | Err(e) => Err(e),
     };
     match result {
-        Ok((session, admitted)) => {
+        Ok((Binding::App(session), admitted)) => {
             let welcome = Response::Welcome {
                 server_version: env!("CARGO_PKG_VERSION").to_string(),
                 app_secret: session.secret.clone(),
                 server_id: state.server_id.clone(),
                 unix_socket: crate::storage::lock(&state.unix_socket).as_ref().map(|p| p.display().to_string()),
+                role: state.config.role.protocol(),
             };
             writer.response(&welcome).await?;
-            Ok((session, admitted))
+            Ok((Binding::App(session), admitted))
+        }
+        Ok((Binding::Peer(peer), admitted)) => {
+            writer.response(&Response::PeerWelcome { worker: state.worker_id.clone() }).await?;
+            Ok((Binding::Peer(peer), admitted))
         }
         Err(e) => {
             ServerStats::add(&state.stats.errors, 1);
@@ -183,6 +211,107 @@ where
             writer.finish_and_flush().await;
             Err(e)
         }
+    }
+}
+
+fn no_files() -> ServiceError {
+    ServiceError::new(
+        ErrorKind::UnexpectedMessage,
+        "direct reads pass open files, which only the server's Unix socket can carry",
+    )
+}
+
+/// One request of a client at a cluster's worker.
+async fn serve_worker_request<R, W>(
+    ctx: &ServerContext,
+    session: &AppSession,
+    request: Request,
+    reader: &mut FrameReader<R>,
+    writer: &mut FrameWriter<W>,
+    can_pass_files: bool,
+) -> Result<(), ServiceError>
+where
+    R: AsyncRead + Unpin + Send,
+    W: FrameSink,
+{
+    use crate::cluster::{push::PushKind, read::handle_read as read_copy};
+    let state = &ctx.state;
+    let peers = state.peers.get();
+    match request {
+        Request::OpenPush { shuffle, map, attempt } | Request::OpenFailoverPush { shuffle, map, attempt } => {
+            let kind = if matches!(request, Request::OpenPush { .. }) { PushKind::Primary } else { PushKind::Failover };
+            let hosted = state.hosted(session, shuffle)?;
+            crate::cluster::push::handle_push(state, peers, hosted, (map, attempt), kind, reader, writer).await
+        }
+        Request::OpenPartition { shuffle, partition } => {
+            let hosted = state.hosted(session, shuffle)?;
+            read_copy(state, hosted, partition, writer, &ctx.shutdown, false, &[]).await
+        }
+        Request::OpenPartitionDirect { shuffle, partition } if can_pass_files => {
+            let hosted = state.hosted(session, shuffle)?;
+            read_copy(state, hosted, partition, writer, &ctx.shutdown, true, &[]).await
+        }
+        Request::OpenPartitionFrom { shuffle, partition, direct, resume } if can_pass_files || !direct => {
+            let hosted = state.hosted(session, shuffle)?;
+            read_copy(state, hosted, partition, writer, &ctx.shutdown, direct, &resume).await
+        }
+        Request::OpenPartitionDirect { .. } | Request::OpenPartitionFrom { .. } => Err(no_files()),
+        other => Err(ServiceError::new(
+            ErrorKind::WrongRole,
+            format!(
+                "{} goes to the cluster's coordinator: a worker serves pushes and reads of the shuffles placed on it",
+                request_name(&other)
+            ),
+        )),
+    }
+}
+
+/// Serves a connection from another worker: forwarded pushes.
+async fn serve_peer_connection(ctx: &ServerContext, connection: quinn::Connection, peer: &str) {
+    loop {
+        let (send, recv) = tokio::select! {
+            streams = connection.accept_bi() => match streams {
+                Ok(streams) => streams,
+                Err(_) => return,
+            },
+            _ = ctx.shutdown.cancelled() => return,
+        };
+        let ctx = ctx.clone();
+        let peer = peer.to_string();
+        ctx.requests.clone().spawn(async move {
+            let state = &ctx.state;
+            let mut reader = FrameReader::new(recv, &state.receive_buffers, MAX_FRAME_LEN);
+            let mut writer = FrameWriter::new(send);
+            let result = async {
+                match reader.next_request().await? {
+                    Some(Request::ReplicaPush { app, shuffle, map, attempt }) => {
+                        let hosted = state.hosted_by_app(&app, shuffle)?;
+                        crate::cluster::push::handle_push(
+                            state,
+                            state.peers.get(),
+                            hosted,
+                            (map, attempt),
+                            crate::cluster::push::PushKind::Replica,
+                            &mut reader,
+                            &mut writer,
+                        )
+                        .await
+                    }
+                    Some(other) => Err(ServiceError::new(
+                        ErrorKind::UnexpectedMessage,
+                        format!("a peer may forward pushes, not send {}", request_name(&other)),
+                    )),
+                    None => Ok(()),
+                }
+            }
+            .await;
+            if let Err(e) = result {
+                tracing::debug!(%peer, error = %e, "forwarded push failed");
+                ServerStats::add(&state.stats.errors, 1);
+                let _ = writer.response(&Response::Error(e)).await;
+            }
+            writer.finish();
+        });
     }
 }
 
@@ -224,7 +353,18 @@ pub async fn serve_stream<R, W>(
         if ctx.shutdown.is_cancelled() {
             return Err(ServiceError::new(ErrorKind::ShuttingDown, "the server is shutting down"));
         }
+        if state.is_worker() {
+            return serve_worker_request(ctx, session, request, &mut reader, &mut writer, can_pass_files).await;
+        }
         match request {
+            Request::RegisterShuffle { shuffle, spec } if spec.replication > 1 => Err(ServiceError::new(
+                ErrorKind::InvalidSpec,
+                format!(
+                    "shuffle {shuffle} asks for {} copies of every block; a standalone server holds one \
+                     (replication needs a cluster)",
+                    spec.replication
+                ),
+            )),
             Request::RegisterShuffle { shuffle, spec } => {
                 state.register_shuffle(session, shuffle, spec)?;
                 writer.response(&Response::Ok).await
@@ -246,10 +386,15 @@ pub async fn serve_stream<R, W>(
             Request::OpenPartitionDirect { shuffle, partition } if can_pass_files => {
                 handle_read(state, session, (shuffle, partition), &mut writer, &ctx.shutdown, true).await
             }
-            Request::OpenPartitionDirect { .. } => Err(ServiceError::new(
-                ErrorKind::UnexpectedMessage,
-                "direct reads pass open files, which only the server's Unix socket can carry",
-            )),
+            Request::OpenPartitionDirect { .. } => Err(no_files()),
+            Request::OpenPartitionFrom { shuffle, partition, direct, resume } => {
+                if direct && !can_pass_files {
+                    return Err(no_files());
+                }
+                let shuffle = state.shuffle(session, shuffle)?;
+                crate::read::serve_partition(state, &shuffle, partition, &mut writer, &ctx.shutdown, direct, &resume)
+                    .await
+            }
             other => Err(ServiceError::new(
                 ErrorKind::UnexpectedMessage,
                 format!("{} cannot open a stream", request_name(&other)),

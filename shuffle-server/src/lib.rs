@@ -13,8 +13,10 @@
 //!   [`shuffle`]: the commit rule ([`commit`]) around a mode's
 //!   [`storage`]; [`memory`]: the budget, reservations and fair shares;
 //!   [`disk`]: the free-space reserve; [`elevator`]: offset-ordered disk reads.
+//! - [`cluster`]: the coordinator and the worker side of cluster mode.
 
 pub mod auth;
+pub mod cluster;
 pub mod commit;
 pub mod config;
 pub mod connection;
@@ -34,7 +36,7 @@ pub mod tls;
 pub mod transport;
 
 pub use bytesize::ByteSize;
-pub use config::{DEFAULT_METRICS_ADDR, OptionalAddr, ServerConfig};
+pub use config::{DEFAULT_METRICS_ADDR, OptionalAddr, Role, ServerConfig};
 pub use error::ServerError;
 pub use server::{ServerHandle, start, start_with_metrics};
 pub use stats::StatsSnapshot;

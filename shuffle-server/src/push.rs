@@ -155,7 +155,7 @@ fn end_attempt(
 }
 
 /// After `MapEnd` the client must close its side; anything more is an error.
-async fn expect_end_of_stream<R: AsyncRead + Unpin + Send>(
+pub(crate) async fn expect_end_of_stream<R: AsyncRead + Unpin + Send>(
     reader: &mut FrameReader<R>,
     label: &str,
 ) -> Result<(), ServiceError> {
@@ -191,6 +191,20 @@ pub fn request_name(request: &Request) -> &'static str {
         Request::MapEnd(_) => "MapEnd",
         Request::OpenPartition { .. } => "OpenPartition",
         Request::OpenPartitionDirect { .. } => "OpenPartitionDirect",
+        Request::RegisterWorker { .. } => "RegisterWorker",
+        Request::Heartbeat(_) => "Heartbeat",
+        Request::HostShuffle { .. } => "HostShuffle",
+        Request::RecordDecisions { .. } => "RecordDecisions",
+        Request::DropShuffle { .. } => "DropShuffle",
+        Request::DropApp { .. } => "DropApp",
+        Request::GetPlacement { .. } => "GetPlacement",
+        Request::BeginMap { .. } => "BeginMap",
+        Request::CommitMap { .. } => "CommitMap",
+        Request::ReportUnreachable { .. } => "ReportUnreachable",
+        Request::OpenFailoverPush { .. } => "OpenFailoverPush",
+        Request::PeerHello { .. } => "PeerHello",
+        Request::ReplicaPush { .. } => "ReplicaPush",
+        Request::OpenPartitionFrom { .. } => "OpenPartitionFrom",
     }
 }
 

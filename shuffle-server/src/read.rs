@@ -16,7 +16,9 @@ use std::{
 };
 
 use bytes::Bytes;
-use shuffle_protocol::{ErrorKind, ExchangeMode, PartitionId, Response, ServiceError, ShuffleId};
+use shuffle_protocol::{
+    AttemptId, ErrorKind, ExchangeMode, MapId, PartitionId, Response, ResumePoint, ServiceError, ShuffleId,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -43,6 +45,21 @@ pub async fn handle_read<W: FrameSink>(
     direct: bool,
 ) -> Result<(), ServiceError> {
     let shuffle = state.shuffle(session, shuffle_id)?;
+    serve_partition(state, &shuffle, partition, writer, shutdown, direct, &[]).await
+}
+
+/// Serves one partition of `shuffle` (a standalone server's shuffle, or a
+/// worker's copy of a group), leaving out the blocks `resume` says the
+/// reader already has.
+pub async fn serve_partition<W: FrameSink>(
+    state: &ServiceState,
+    shuffle: &Shuffle,
+    partition: PartitionId,
+    writer: &mut FrameWriter<W>,
+    shutdown: &CancellationToken,
+    direct: bool,
+    resume: &[ResumePoint],
+) -> Result<(), ServiceError> {
     shuffle.open_reader(partition)?;
     let _reading = state.reader_started();
     writer.response(&Response::PartitionOpened { spec: shuffle.spec() }).await?;
@@ -59,6 +76,7 @@ pub async fn handle_read<W: FrameSink>(
         }
     }
     let mut cursor = ReadCursor::default();
+    let mut skip = Skip::new(resume);
     let mut delivered = HashSet::new();
     let mut opened = HashMap::new();
     loop {
@@ -75,10 +93,11 @@ pub async fn handle_read<W: FrameSink>(
         let complete = shuffle.is_complete();
         let batch = shuffle.read(partition, &mut cursor, READ_BATCH_BYTES)?;
         if !batch.is_empty() {
-            if direct {
-                send_batch_direct(state, &shuffle, &batch, writer, &mut opened).await?;
-            } else {
-                send_batch(state, &shuffle, &batch, writer).await?;
+            let send = skip.filter(&batch);
+            if !send.is_empty() && direct {
+                send_batch_direct(state, shuffle, &send, writer, &mut opened).await?;
+            } else if !send.is_empty() {
+                send_batch(state, shuffle, &send, writer).await?;
             }
             shuffle.sent(partition, &batch);
             delivered.extend(batch.owners.iter().copied());
@@ -95,6 +114,35 @@ pub async fn handle_read<W: FrameSink>(
                 return Err(ServiceError::new(ErrorKind::ShuttingDown, "the server is shutting down"));
             }
         }
+    }
+}
+
+/// The blocks a resumed read leaves out: the first `blocks` of each
+/// attempt, which the reader received from the other copy. A copy holds
+/// an attempt's blocks of a partition in sequence order, so counting them
+/// as they pass finds exactly those.
+struct Skip {
+    left: HashMap<(MapId, AttemptId), u32>,
+}
+
+impl Skip {
+    fn new(resume: &[ResumePoint]) -> Self {
+        Self { left: resume.iter().filter(|p| p.blocks > 0).map(|p| ((p.map, p.attempt), p.blocks)).collect() }
+    }
+
+    /// The part of `batch` to send.
+    fn filter(&mut self, batch: &ReadBatch) -> ReadBatch {
+        let mut out = ReadBatch::default();
+        for ((block, owner), position) in batch.blocks.iter().zip(&batch.owners).zip(&batch.positions) {
+            if let Some(left) = self.left.get_mut(owner)
+                && *left > 0
+            {
+                *left -= 1;
+                continue;
+            }
+            out.push(block.clone(), *owner, *position);
+        }
+        out
     }
 }
 

@@ -22,6 +22,8 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     ServerConfig, ServerError,
+    cluster::{peers::Peers, service::CoordinatorService},
+    config::Role,
     connection::{CLOSE_SHUTDOWN, ServerContext, serve_quic_connection},
     disk,
     state::ServiceState,
@@ -46,6 +48,8 @@ pub struct ServerHandle {
     metrics_addr: Option<SocketAddr>,
     /// Shared state, for inspection.
     state: Arc<ServiceState>,
+    /// A coordinator's state.
+    coordinator: Option<Arc<CoordinatorService>>,
     /// The stop signal.
     shutdown: CancellationToken,
     /// The server's main task; completes when the server has stopped.
@@ -95,7 +99,20 @@ impl ServerHandle {
 
     /// The `/status` view, without going through HTTP.
     pub fn status(&self) -> serde_json::Value {
-        telemetry::status(&self.state)
+        match &self.coordinator {
+            Some(c) => c.status(),
+            None => telemetry::status(&self.state),
+        }
+    }
+
+    /// A worker's id (empty for other roles).
+    pub fn worker_id(&self) -> &str {
+        &self.state.worker_id
+    }
+
+    /// Whether this worker was decommissioned (it stops by itself when done).
+    pub fn decommissioned(&self) -> bool {
+        self.state.decommissioning.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Signals shutdown without waiting for it.
@@ -141,7 +158,19 @@ pub async fn start_with_metrics(
     config.validate()?;
     let io = |path: &Path, e: std::io::Error| ServerError::Io(format!("{}: {e}", path.display()));
     std::fs::create_dir_all(&config.data_dir).map_err(|e| io(&config.data_dir, e))?;
-    let state = Arc::new(ServiceState::new(config.clone()).map_err(|e| ServerError::Io(e.message))?);
+    if config.role == Role::Coordinator {
+        return start_coordinator(config, metrics).await;
+    }
+    let state = if config.role == Role::Worker {
+        let id = crate::cluster::worker::worker_id(config.worker_id.as_deref(), &config.data_dir)?;
+        let state =
+            Arc::new(ServiceState::for_worker(config.clone(), id.clone()).map_err(|e| ServerError::Io(e.message))?);
+        let peers = Peers::new(&config, id, state.receive_buffers.clone())?;
+        let _ = state.peers.set(Arc::new(peers));
+        state
+    } else {
+        Arc::new(ServiceState::new(config.clone()).map_err(|e| ServerError::Io(e.message))?)
+    };
     let apps_dir = state.apps_dir();
     std::fs::create_dir_all(&apps_dir).map_err(|e| io(&apps_dir, e))?;
     let recovering = state.clone();
@@ -157,8 +186,7 @@ pub async fn start_with_metrics(
     let windows = Windows::for_budget(config.memory.as_u64(), config.max_connections);
     let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(tls.quic_server_config()?));
     server_config.transport_config(server_transport(windows, config.idle_timeout, config.max_udp_payload));
-    let endpoint = quinn::Endpoint::server(server_config, config.listen)
-        .map_err(|source| ServerError::Bind { addr: config.listen, source })?;
+    let endpoint = bind_endpoint(&config, server_config)?;
     let local_addr = endpoint.local_addr().map_err(|source| ServerError::Bind { addr: config.listen, source })?;
     // Every listener is bound before the server says it listens.
     let unix = match config.unix_socket.path(&config.data_dir) {
@@ -184,23 +212,24 @@ pub async fn start_with_metrics(
         );
     }
     tracing::info!(
-        "shuffle-server listening on {local_addr} (data dir {}, memory budget {}, cert {})",
+        "shuffle-server {:?} listening on {local_addr} (data dir {}, memory budget {}, cert {})",
+        config.role,
         config.data_dir.display(),
         config.memory,
         cert_path.display()
     );
 
     let shutdown = CancellationToken::new();
-    let (metrics_addr, admin) = match config.metrics_addr.0 {
-        Some(addr) => {
-            let listener = telemetry::bind(addr).await?;
-            let bound = listener.local_addr().map_err(|source| ServerError::Bind { addr, source })?;
-            tracing::info!("metrics on http://{bound}/metrics and http://{bound}/status");
-            let admin = tokio::spawn(telemetry::serve(listener, state.clone(), metrics, shutdown.clone()));
-            (Some(bound), Some(admin))
-        }
-        None => (None, None),
-    };
+    let target = telemetry::AdminTarget::Server(state.clone());
+    let (metrics_addr, admin) = start_admin(&config, target, metrics, &shutdown).await?;
+    // A worker stays registered until its shuffles are written down at shutdown.
+    let agent = state.peers.get().cloned().map(|peers| {
+        let stop = CancellationToken::new();
+        let advertise = config.advertised(local_addr);
+        tracing::info!(worker = %state.worker_id, %advertise, coordinator = ?config.coordinator, "worker starting");
+        tokio::spawn(crate::cluster::worker::run(state.clone(), peers.clone(), advertise, stop.clone()));
+        (stop, peers)
+    });
 
     let ctx = ServerContext {
         state: state.clone(),
@@ -210,8 +239,108 @@ pub async fn start_with_metrics(
         authenticated: Arc::default(),
     };
     let unix = unix.map(|listener| tokio::spawn(run_unix(listener, ctx.clone())));
-    let task = tokio::spawn(run(endpoint, ctx, admin, unix));
-    Ok(ServerHandle { local_addr, cert_path, metrics_addr, state, shutdown, task: Some(task) })
+    let task = tokio::spawn(run(endpoint, ctx, admin, unix, agent));
+    Ok(ServerHandle { local_addr, cert_path, metrics_addr, state, coordinator: None, shutdown, task: Some(task) })
+}
+
+/// Binds and serves the admin listener, if configured.
+async fn start_admin(
+    config: &ServerConfig,
+    target: telemetry::AdminTarget,
+    metrics: Option<PrometheusHandle>,
+    shutdown: &CancellationToken,
+) -> Result<(Option<SocketAddr>, Option<JoinHandle<()>>), ServerError> {
+    match config.metrics_addr.0 {
+        Some(addr) => {
+            let listener = telemetry::bind(addr).await?;
+            let bound = listener.local_addr().map_err(|source| ServerError::Bind { addr, source })?;
+            tracing::info!("metrics on http://{bound}/metrics and http://{bound}/status");
+            let admin = tokio::spawn(telemetry::serve(listener, target, metrics, shutdown.clone()));
+            Ok((Some(bound), Some(admin)))
+        }
+        None => Ok((None, None)),
+    }
+}
+
+/// Starts a coordinator: places shuffles on workers and decides commits.
+async fn start_coordinator(
+    config: ServerConfig,
+    metrics: Option<PrometheusHandle>,
+) -> Result<ServerHandle, ServerError> {
+    let state = Arc::new(ServiceState::new(config.clone()).map_err(|e| ServerError::Io(e.message))?);
+    let coordinator = CoordinatorService::new(config.clone()).map_err(|e| ServerError::Io(e.message))?;
+    let tls = TlsMaterial::load_or_generate(&config)?;
+    let cert_path = tls.cert_path.clone();
+    let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(tls.quic_server_config()?));
+    server_config
+        .transport_config(crate::transport::coordinator_transport(config.idle_timeout, config.max_udp_payload));
+    let endpoint = bind_endpoint(&config, server_config)?;
+    let local_addr = endpoint.local_addr().map_err(|source| ServerError::Bind { addr: config.listen, source })?;
+    tracing::info!("shuffle-server Coordinator listening on {local_addr} (cert {})", cert_path.display());
+    let shutdown = CancellationToken::new();
+    let target = telemetry::AdminTarget::Coordinator(coordinator.clone());
+    let (metrics_addr, admin) = start_admin(&config, target, metrics, &shutdown).await?;
+    let task = {
+        let (coordinator, shutdown) = (coordinator.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            coordinator.run(endpoint, shutdown).await;
+            if let Some(admin) = admin {
+                let _ = tokio::time::timeout(CLOSE_WAIT, admin).await;
+            }
+        })
+    };
+    Ok(ServerHandle {
+        local_addr,
+        cert_path,
+        metrics_addr,
+        state,
+        coordinator: Some(coordinator),
+        shutdown,
+        task: Some(task),
+    })
+}
+
+/// Binds the QUIC endpoint. In a cluster, its stateless-reset key is
+/// derived from the cluster secret, so a coordinator or worker that restarts
+/// on the same address resets the connections its predecessor had at their
+/// next packet: peers and clients reconnect at once instead of waiting out
+/// the idle time-out.
+fn bind_endpoint(config: &ServerConfig, server_config: quinn::ServerConfig) -> Result<quinn::Endpoint, ServerError> {
+    let bind = |source| ServerError::Bind { addr: config.listen, source };
+    let Some(secret) = &config.cluster_secret else {
+        return quinn::Endpoint::server(server_config, config.listen).map_err(bind);
+    };
+    let derive = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+    let tag = ring::hmac::sign(&derive, b"shuffle-server QUIC stateless reset");
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, tag.as_ref());
+    let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(key));
+    // Random connection ids without quinn's per-process check, so the
+    // successor takes its predecessor's ids as its own (and resets them)
+    // instead of dropping their packets as invalid.
+    endpoint_config.cid_generator(|| Box::new(RandomCids));
+    let socket = std::net::UdpSocket::bind(config.listen).map_err(bind)?;
+    quinn::Endpoint::new(endpoint_config, Some(server_config), socket, Arc::new(quinn::TokioRuntime)).map_err(bind)
+}
+
+/// Random 8-byte connection ids that any process of the cluster accepts as
+/// well-formed (the reset token, not the id, proves who sent a reset).
+struct RandomCids;
+
+impl quinn::ConnectionIdGenerator for RandomCids {
+    fn generate_cid(&mut self) -> quinn::ConnectionId {
+        let mut bytes = [0u8; 8];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+            .expect("the system's random source");
+        quinn::ConnectionId::new(&bytes)
+    }
+
+    fn cid_len(&self) -> usize {
+        8
+    }
+
+    fn cid_lifetime(&self) -> Option<Duration> {
+        None
+    }
 }
 
 /// Binds the Unix socket at `path`, replacing a stale socket file left by a
@@ -266,6 +395,7 @@ async fn run(
     ctx: ServerContext,
     admin: Option<JoinHandle<()>>,
     unix: Option<JoinHandle<()>>,
+    agent: Option<(CancellationToken, Arc<Peers>)>,
 ) {
     let state = ctx.state.clone();
     let spiller = tokio::spawn(run_spiller(state.clone(), ctx.shutdown.clone()));
@@ -311,6 +441,10 @@ async fn run(
     match tokio::task::spawn_blocking(move || persisting.persist_all()).await {
         Ok((saved, failed)) => tracing::info!(saved, failed, "shuffles written down for the next start"),
         Err(e) => tracing::error!(error = %e, "persisting at shutdown failed"),
+    }
+    if let Some((stop, peers)) = agent {
+        stop.cancel();
+        peers.close();
     }
     if let Some(unix) = unix {
         unix.abort();

@@ -76,9 +76,30 @@ impl Shuffle {
         Ok(Self::assemble(core, commits, storage))
     }
 
-    /// Rebuilds a shuffle from the manifest a graceful shutdown left.
+    /// Creates a worker's copy of `group` of a shuffle: its directory and empty state.
+    pub fn create_copy(
+        app: AppId,
+        id: ShuffleId,
+        group: u32,
+        spec: ShuffleSpec,
+        dir: std::path::PathBuf,
+        env: StorageEnv,
+    ) -> Result<Self, ServiceError> {
+        std::fs::create_dir_all(&dir).map_err(|e| disk::io_error(&dir, "creating shuffle directory", e))?;
+        let core = ShuffleCore::with_group(app, id, Some(group), spec, dir, env);
+        let storage: Box<dyn ModeStorage> = match spec.mode {
+            ExchangeMode::Hash | ExchangeMode::Hybrid => Box::new(LogStorage::new(&spec)),
+            ExchangeMode::Sort => Box::new(SortStorage::new(spec.maps)),
+        };
+        let commits = MapCommits::new(core.label(), spec.maps);
+        Ok(Self::assemble(core, commits, storage))
+    }
+
+    /// Rebuilds a shuffle (or a worker's copy of `group` of one) from the
+    /// manifest a graceful shutdown left.
     pub fn recover(
         app: AppId,
+        group: Option<u32>,
         manifest: ShuffleManifest,
         dir: std::path::PathBuf,
         env: StorageEnv,
@@ -86,7 +107,7 @@ impl Shuffle {
         let spec = manifest.spec;
         spec.validate().map_err(|why| ServiceError::new(ErrorKind::Io, format!("recovered spec: {why}")))?;
         let id = ShuffleId(manifest.shuffle);
-        let core = ShuffleCore::new(app, id, spec, dir, env);
+        let core = ShuffleCore::with_group(app, id, group, spec, dir, env);
         let storage: Box<dyn ModeStorage> = match spec.mode {
             ExchangeMode::Hash | ExchangeMode::Hybrid => Box::new(LogStorage::recover(&core, &manifest.blocks)?),
             ExchangeMode::Sort => Box::new(SortStorage::recover(&core, &manifest.blocks)?),
@@ -136,6 +157,12 @@ impl Shuffle {
     pub fn begin_push(&self, map: MapId, attempt: AttemptId) -> Result<(), ServiceError> {
         self.core.check_live()?;
         lock(&self.commits).begin_push(map, attempt)
+    }
+
+    /// Checks that `attempt` of `map` may still push blocks.
+    pub fn check_push(&self, map: MapId, attempt: AttemptId) -> Result<(), ServiceError> {
+        self.core.check_live()?;
+        lock(&self.commits).check_push(map, attempt)
     }
 
     /// Ends a push stream; `abandoned` when it ended without a handled `MapEnd`.
@@ -213,6 +240,68 @@ impl Shuffle {
         }
         self.storage.wake_readers();
         Ok(decision)
+    }
+
+    /// A cluster's worker: records the coordinator's decision that
+    /// `attempt` is `map`'s committed attempt, with what it wrote to this
+    /// copy. Idempotent; a different decision already recorded stands.
+    pub fn record_decision(
+        &self,
+        map: MapId,
+        attempt: AttemptId,
+        totals: Vec<shuffle_protocol::PartitionTotals>,
+    ) -> Result<Recorded, ServiceError> {
+        self.core.check_live()?;
+        if map >= self.core.spec.maps {
+            return Err(ServiceError::new(
+                ErrorKind::MapOutOfRange,
+                format!("map {map} is out of range for {}", self.label()),
+            ));
+        }
+        {
+            let mut commits = lock(&self.commits);
+            match commits.committed_attempt(map) {
+                Some(a) if a == attempt => return Ok(Recorded::Already),
+                Some(other) => return Ok(Recorded::Conflict(other)),
+                None => {}
+            }
+            commits.decide(MapEnd { map, attempt, partitions: totals })?;
+            self.storage.committed(&self.core, map, attempt);
+            self.storage.drop_attempts(&self.core, map, &|a| a != attempt);
+            if commits.is_complete() {
+                drop(commits);
+                self.mark_complete();
+            }
+        }
+        ServerStats::add(&self.core.env.stats.commits, 1);
+        self.storage.wake_readers();
+        Ok(Recorded::Committed)
+    }
+
+    /// The committed attempt of `map`, if any.
+    pub fn committed_attempt(&self, map: MapId) -> Option<AttemptId> {
+        lock(&self.commits).committed_attempt(map)
+    }
+
+    /// Every committed map and its attempt.
+    pub fn decided(&self) -> Vec<(MapId, AttemptId)> {
+        lock(&self.commits).committed_maps().map(|(m, a, _)| (m, a)).collect()
+    }
+
+    /// Every committed map with blocks in this shuffle (or copy).
+    pub fn maps_with_data(&self) -> Vec<MapId> {
+        lock(&self.commits)
+            .committed_maps()
+            .filter(|(_, _, t)| t.iter().any(|t| t.blocks > 0))
+            .map(|(m, _, _)| m)
+            .collect()
+    }
+
+    /// Frees the blocks of a map attempt that can no longer commit.
+    pub fn drop_attempt(&self, map: MapId, attempt: AttemptId) {
+        if self.committed_attempt(map) != Some(attempt) {
+            self.storage.drop_attempts(&self.core, map, &|a| a == attempt);
+        }
     }
 
     fn mark_complete(&self) {
@@ -324,6 +413,12 @@ impl Shuffle {
 
     /// Syncs every file and writes the manifest (after [`Shuffle::spill_all`]). Blocking I/O.
     pub fn persist(&self) -> Result<(), ServiceError> {
+        self.persist_with(Vec::new())
+    }
+
+    /// As [`Shuffle::persist`], keeping also the blocks of the `prepared`
+    /// attempts (a worker's attempts that await their decision).
+    pub fn persist_with(&self, prepared: Vec<CommitRecord>) -> Result<(), ServiceError> {
         for file in self.storage.files() {
             file.sync()?;
         }
@@ -336,9 +431,19 @@ impl Shuffle {
             let attempts: Vec<Option<AttemptId>> = (0..self.core.spec.maps).map(|m| c.committed_attempt(m)).collect();
             (records, attempts)
         };
-        let blocks = self.storage.manifest(&self.core, &|m| committed.get(m as usize).copied().flatten());
-        let manifest =
-            ShuffleManifest { format: MANIFEST_FORMAT, shuffle: self.core.id.0, spec: self.core.spec, commits, blocks };
+        let keep = |m: MapId, a: AttemptId| {
+            committed.get(m as usize).copied().flatten() == Some(a)
+                || prepared.iter().any(|p| p.map == m && p.attempt == a)
+        };
+        let blocks = self.storage.manifest(&self.core, &keep);
+        let manifest = ShuffleManifest {
+            format: MANIFEST_FORMAT,
+            shuffle: self.core.id.0,
+            spec: self.core.spec,
+            commits,
+            blocks,
+            prepared,
+        };
         crate::storage::manifest::write(&self.core.dir, crate::storage::manifest::SHUFFLE_MANIFEST, &manifest)
     }
 
@@ -380,6 +485,17 @@ impl Shuffle {
             }
         }
     }
+}
+
+/// What recording a decision did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Recorded {
+    /// The map is now committed with this attempt.
+    Committed,
+    /// It already was.
+    Already,
+    /// Another attempt is committed: that decision stands.
+    Conflict(AttemptId),
 }
 
 /// The app a shuffle belongs to, for convenience in messages.

@@ -16,10 +16,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use shuffle_protocol::{AppId, AppSecret, ErrorKind, ServiceError, ShuffleId, ShuffleSpec};
+use shuffle_protocol::{
+    AppId, AppSecret, AttemptId, ErrorKind, HeldShuffle, MapId, Placement, ServiceError, ShuffleId, ShuffleSpec,
+};
 
 use crate::{
     ServerConfig, auth,
+    cluster::{hosted::HostedShuffle, peers::Peers},
+    config::Role,
     memory::{Consumer, MemoryPool, Reservation},
     shuffle::{Shuffle, table_bytes},
     stats::ServerStats,
@@ -39,6 +43,8 @@ struct AppEntry {
     receive_buffers: Arc<Consumer>,
     /// The app's registered shuffles.
     shuffles: HashMap<ShuffleId, Arc<Shuffle>>,
+    /// On a cluster's worker: the shuffles the coordinator placed here.
+    hosted: HashMap<ShuffleId, Arc<HostedShuffle>>,
     /// Open connections bound to this app.
     connections: usize,
     /// When the last connection went away (meaningful when `connections` is 0).
@@ -72,6 +78,12 @@ pub struct ServiceState {
     next_generation: Mutex<u64>,
     /// Partition reads being served now.
     active_readers: std::sync::atomic::AtomicUsize,
+    /// On a cluster's worker: its id.
+    pub worker_id: String,
+    /// On a cluster's worker: set when it is decommissioned (it takes no new shuffles).
+    pub decommissioning: std::sync::atomic::AtomicBool,
+    /// On a cluster's worker: connections to other workers (for replication).
+    pub peers: std::sync::OnceLock<Arc<Peers>>,
 }
 
 /// Marks one partition read in progress; dropping it ends it.
@@ -87,6 +99,9 @@ impl Drop for ReaderGuard<'_> {
 #[derive(serde::Serialize)]
 pub struct ShuffleStatus {
     pub id: u32,
+    /// On a worker: the group this is a copy of.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<u32>,
     pub mode: &'static str,
     pub maps: u32,
     pub maps_committed: usize,
@@ -134,7 +149,20 @@ impl ServiceState {
             apps: Mutex::new(HashMap::new()),
             next_generation: Mutex::new(0),
             active_readers: std::sync::atomic::AtomicUsize::new(0),
+            worker_id: String::new(),
+            decommissioning: std::sync::atomic::AtomicBool::new(false),
+            peers: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Fresh state for a cluster's worker called `worker_id`.
+    pub fn for_worker(config: ServerConfig, worker_id: String) -> Result<Self, ServiceError> {
+        Ok(Self { worker_id, ..Self::new(config)? })
+    }
+
+    /// Whether this server is a cluster's worker.
+    pub fn is_worker(&self) -> bool {
+        self.config.role == Role::Worker
     }
 
     /// Directory under which all apps' shuffle files live.
@@ -174,6 +202,15 @@ impl ServiceState {
                 entry.connections += 1;
                 (entry.generation, entry.secret.clone(), entry.receive_buffers.clone())
             }
+            (_, None) if self.is_worker() => {
+                return Err(ServiceError::new(
+                    ErrorKind::WrongRole,
+                    format!(
+                        "app {app} cannot be created at a worker: connect to the cluster's coordinator, which creates \
+                         apps and places their shuffles"
+                    ),
+                ));
+            }
             (Some(_), None) => {
                 return Err(ServiceError::new(
                     ErrorKind::AppExists,
@@ -198,6 +235,7 @@ impl ServiceState {
                         secret: secret.clone(),
                         receive_buffers: receive_buffers.clone(),
                         shuffles: HashMap::new(),
+                        hosted: HashMap::new(),
                         connections: 1,
                         idle_since: Instant::now(),
                     },
@@ -321,6 +359,7 @@ impl ServiceState {
 
     async fn remove_app_files(&self, app: &AppId, entry: AppEntry) {
         remove_shuffles(entry.shuffles.into_values().collect()).await;
+        remove_hosted(entry.hosted.into_values().collect()).await;
         let dir = self.app_dir(app);
         let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
     }
@@ -328,6 +367,10 @@ impl ServiceState {
     /// Removes apps that have had no connection for longer than the app timeout.
     /// Returns the ids removed.
     pub async fn reap_idle_apps(&self, now: Instant) -> Vec<AppId> {
+        if self.is_worker() {
+            // A worker's apps live as long as the coordinator says.
+            return Vec::new();
+        }
         let timeout = self.config.app_timeout;
         let expired: Vec<(AppId, AppEntry)> = {
             let mut apps = lock(&self.apps);
@@ -347,9 +390,129 @@ impl ServiceState {
         removed
     }
 
-    /// Every registered shuffle, for the spiller and shutdown.
+    /// Every registered shuffle (on a worker: every copy of a group), for
+    /// the spiller and shutdown.
     pub fn all_shuffles(&self) -> Vec<Arc<Shuffle>> {
-        lock(&self.apps).values().flat_map(|e| e.shuffles.values().cloned()).collect()
+        let apps = lock(&self.apps);
+        let mut all: Vec<Arc<Shuffle>> = apps.values().flat_map(|e| e.shuffles.values().cloned()).collect();
+        for hosted in apps.values().flat_map(|e| e.hosted.values()) {
+            all.extend(hosted.copies().into_iter().map(|c| c.shuffle.clone()));
+        }
+        all
+    }
+
+    // ---- a cluster's worker ----
+
+    /// Holds a shuffle (or a newer placement of it) as the coordinator
+    /// says: creates the app with its secret if this worker does not know
+    /// it (an app known with another secret was removed and created again
+    /// at the coordinator: the old one goes). Blocking I/O.
+    pub fn host_shuffle(
+        &self,
+        (app, secret): (AppId, AppSecret),
+        id: ShuffleId,
+        spec: ShuffleSpec,
+        placement: Placement,
+        decided: &[(u32, MapId, AttemptId)],
+    ) -> Result<(), ServiceError> {
+        spec.validate().map_err(|why| ServiceError::new(ErrorKind::InvalidSpec, why))?;
+        let mut stale = None;
+        let hosted = {
+            let mut apps = lock(&self.apps);
+            if apps.get(&app).is_some_and(|e| !auth::secrets_match(&e.secret.0, &secret.0)) {
+                stale = apps.remove(&app);
+            }
+            let generation = self.next_generation();
+            let entry = apps.entry(app.clone()).or_insert_with(|| AppEntry {
+                generation,
+                secret: secret.clone(),
+                receive_buffers: self.memory.consumer(format!("receive buffers of app {app}")),
+                shuffles: HashMap::new(),
+                hosted: HashMap::new(),
+                connections: 0,
+                idle_since: Instant::now(),
+            });
+            match entry.hosted.get(&id) {
+                Some(h) if h.spec == spec => h.clone(),
+                Some(h) => {
+                    return Err(ServiceError::new(
+                        ErrorKind::ShuffleExists,
+                        format!("{} is held here with {:?}, not {spec:?}", h.label(), h.spec),
+                    ));
+                }
+                None => {
+                    let created = Arc::new(HostedShuffle::new(
+                        (app.clone(), secret.clone()),
+                        id,
+                        spec,
+                        self.worker_id.clone(),
+                        self.shuffle_dir(&app, id),
+                        self.storage_env(),
+                    ));
+                    entry.hosted.insert(id, created.clone());
+                    created
+                }
+            }
+        };
+        if let Some(old) = stale {
+            tracing::info!(%app, "dropping an app that was created again at the coordinator");
+            remove_hosted_blocking(old.hosted.into_values().collect());
+            old.shuffles.into_values().for_each(|s| s.remove());
+        }
+        for dropped in hosted.apply_placement(placement, decided)? {
+            tracing::info!(shuffle = %dropped.label(), "dropping a copy that moved to another worker");
+            dropped.remove();
+        }
+        Ok(())
+    }
+
+    /// The hosted shuffle `id` of `app`, whatever connection asks (the coordinator's commands).
+    pub fn hosted_by_app(&self, app: &AppId, id: ShuffleId) -> Result<Arc<HostedShuffle>, ServiceError> {
+        lock(&self.apps).get(app).and_then(|e| e.hosted.get(&id).cloned()).ok_or_else(|| {
+            ServiceError::new(ErrorKind::UnknownShuffle, format!("shuffle {id} of app {app} is not held here"))
+        })
+    }
+
+    /// The hosted shuffle `id` of the session's app.
+    pub fn hosted(&self, session: &AppSession, id: ShuffleId) -> Result<Arc<HostedShuffle>, ServiceError> {
+        self.with_app(session, |entry| {
+            entry.hosted.get(&id).cloned().ok_or_else(|| {
+                ServiceError::new(
+                    ErrorKind::UnknownShuffle,
+                    format!("shuffle {id} of app {} is not held by this worker", session.app),
+                )
+            })
+        })
+    }
+
+    /// Removes a hosted shuffle (the coordinator's `DropShuffle`); a no-op if unknown.
+    pub async fn drop_hosted(&self, app: &AppId, id: ShuffleId) {
+        let removed = lock(&self.apps).get_mut(app).and_then(|e| e.hosted.remove(&id));
+        if let Some(hosted) = removed {
+            tracing::info!(shuffle = %hosted.label(), "shuffle dropped by the coordinator");
+            remove_hosted(vec![hosted]).await;
+        }
+    }
+
+    /// Removes an app with everything it has (the coordinator's `DropApp`); a no-op if unknown.
+    pub async fn drop_app(&self, app: &AppId) {
+        let removed = lock(&self.apps).remove(app);
+        if let Some(entry) = removed {
+            tracing::info!(%app, "app dropped by the coordinator");
+            self.remove_app_files(app, entry).await;
+        }
+    }
+
+    /// Every hosted shuffle as the worker reports it when it registers.
+    pub fn held_shuffles(&self) -> Vec<HeldShuffle> {
+        let hosted: Vec<Arc<HostedShuffle>> =
+            lock(&self.apps).values().flat_map(|e| e.hosted.values().cloned()).collect();
+        hosted.iter().map(|h| h.held()).collect()
+    }
+
+    /// Number of hosted shuffles.
+    pub fn hosted_count(&self) -> usize {
+        lock(&self.apps).values().map(|e| e.hosted.len()).sum()
     }
 
     /// Number of registered apps.
@@ -372,7 +535,11 @@ impl ServiceState {
     pub fn app_status(&self) -> Vec<AppStatus> {
         let apps: Vec<(AppId, usize, Vec<Arc<Shuffle>>)> = lock(&self.apps)
             .iter()
-            .map(|(id, e)| (id.clone(), e.connections, e.shuffles.values().cloned().collect()))
+            .map(|(id, e)| {
+                let mut shuffles: Vec<Arc<Shuffle>> = e.shuffles.values().cloned().collect();
+                shuffles.extend(e.hosted.values().flat_map(|h| h.copies()).map(|c| c.shuffle.clone()));
+                (id.clone(), e.connections, shuffles)
+            })
             .collect();
         let mut out: Vec<AppStatus> = apps
             .into_iter()
@@ -384,6 +551,7 @@ impl ServiceState {
                         let (memory_bytes, disk_bytes) = s.usage();
                         ShuffleStatus {
                             id: s.core.id.0,
+                            group: s.core.group,
                             mode: crate::stats::mode_name(spec.mode),
                             maps: spec.maps,
                             maps_committed: s.maps_committed(),
@@ -393,7 +561,7 @@ impl ServiceState {
                         }
                     })
                     .collect();
-                shuffles.sort_by_key(|s| s.id);
+                shuffles.sort_by_key(|s| (s.id, s.group));
                 AppStatus { app: app.to_string(), connections, shuffles }
             })
             .collect();
@@ -411,12 +579,20 @@ impl ServiceState {
     /// A shuffle that cannot be persisted is logged and will not be served
     /// after the restart. Blocking I/O.
     pub fn persist_all(&self) -> (usize, usize) {
-        let apps: Vec<(AppId, AppSecret, Vec<Arc<Shuffle>>)> = lock(&self.apps)
+        type Persisted = (AppId, AppSecret, Vec<Arc<Shuffle>>, Vec<Arc<HostedShuffle>>);
+        let apps: Vec<Persisted> = lock(&self.apps)
             .iter()
-            .map(|(id, e)| (id.clone(), e.secret.clone(), e.shuffles.values().cloned().collect()))
+            .map(|(id, e)| {
+                (
+                    id.clone(),
+                    e.secret.clone(),
+                    e.shuffles.values().cloned().collect(),
+                    e.hosted.values().cloned().collect(),
+                )
+            })
             .collect();
         let (mut saved, mut failed) = (0, 0);
-        for (app, secret, shuffles) in apps {
+        for (app, secret, shuffles, hosted) in apps {
             let dir = self.app_dir(&app);
             let record = AppManifest { format: MANIFEST_FORMAT, app: app.to_string(), secret: secret.0 };
             if let Err(e) = std::fs::create_dir_all(&dir)
@@ -424,8 +600,18 @@ impl ServiceState {
                 .and_then(|()| manifest::write(&dir, APP_MANIFEST, &record))
             {
                 tracing::error!(%app, error = %e, "could not persist the app; it will not be served after a restart");
-                failed += shuffles.len();
+                failed += shuffles.len() + hosted.len();
                 continue;
+            }
+            for h in hosted {
+                match h.persist() {
+                    Ok(()) => saved += 1,
+                    Err(e) => {
+                        failed += 1;
+                        tracing::error!(shuffle = %h.label(), error = %e, "could not persist the shuffle; \
+                            it will not be held after a restart");
+                    }
+                }
             }
             for shuffle in shuffles {
                 match shuffle.spill_all().and_then(|()| shuffle.persist()) {
@@ -475,6 +661,7 @@ impl ServiceState {
             return Err(ServiceError::new(ErrorKind::Io, format!("{} holds the manifest of app {app}", dir.display())));
         }
         let mut shuffles = HashMap::new();
+        let mut hosted = HashMap::new();
         for entry in
             std::fs::read_dir(dir).map_err(|e| crate::disk::io_error(dir, "listing", e))?.filter_map(Result::ok)
         {
@@ -482,8 +669,25 @@ impl ServiceState {
             if !path.is_dir() {
                 continue;
             }
+            if path.join(crate::cluster::hosted::HOSTED_MANIFEST).exists() {
+                match HostedShuffle::recover(&path, &self.worker_id, self.storage_env()) {
+                    Ok(Some(h)) if path == self.shuffle_dir(&app, h.id) && h.app == app => {
+                        tracing::info!(shuffle = %h.label(), copies = h.copies().len(), "hosted shuffle recovered");
+                        hosted.insert(h.id, Arc::new(h));
+                    }
+                    Ok(_) => {
+                        tracing::warn!(dir = %path.display(), "removing a hosted shuffle with a foreign manifest");
+                        let _ = std::fs::remove_dir_all(&path);
+                    }
+                    Err(e) => {
+                        tracing::error!(dir = %path.display(), error = %e, "removing a hosted shuffle that cannot be recovered");
+                        let _ = std::fs::remove_dir_all(&path);
+                    }
+                }
+                continue;
+            }
             let recovered = manifest::take::<ShuffleManifest>(&path, SHUFFLE_MANIFEST).and_then(|m| match m {
-                Some(m) => Shuffle::recover(app.clone(), m, path.clone(), self.storage_env()).map(Some),
+                Some(m) => Shuffle::recover(app.clone(), None, m, path.clone(), self.storage_env()).map(Some),
                 None => Ok(None),
             });
             match recovered {
@@ -502,7 +706,7 @@ impl ServiceState {
                 }
             }
         }
-        let count = shuffles.len();
+        let count = shuffles.len() + hosted.len();
         let generation = self.next_generation();
         lock(&self.apps).insert(
             app.clone(),
@@ -511,6 +715,7 @@ impl ServiceState {
                 secret: AppSecret(record.secret),
                 receive_buffers: self.memory.consumer(format!("receive buffers of app {app}")),
                 shuffles,
+                hosted,
                 connections: 0,
                 idle_since: Instant::now(),
             },
@@ -531,6 +736,17 @@ pub fn read_share(budget: usize) -> usize {
 /// budget: a spec that needs more is refused rather than crowding out
 /// every shuffle's data.
 pub const MAX_TABLE_SHARE_OF_BUDGET: usize = 16;
+
+async fn remove_hosted(hosted: Vec<Arc<HostedShuffle>>) {
+    if hosted.is_empty() {
+        return;
+    }
+    let _ = tokio::task::spawn_blocking(move || remove_hosted_blocking(hosted)).await;
+}
+
+fn remove_hosted_blocking(hosted: Vec<Arc<HostedShuffle>>) {
+    hosted.iter().for_each(|h| h.remove());
+}
 
 async fn remove_shuffles(shuffles: Vec<Arc<Shuffle>>) {
     if shuffles.is_empty() {

@@ -1,6 +1,7 @@
 //! Observability: metrics through the `metrics` facade, and the admin
 //! listener (axum) serving Prometheus text at `/metrics` and a JSON view of
-//! apps, shuffles, memory and disk at `/status`.
+//! apps, shuffles, memory and disk at `/status` (a coordinator: its workers
+//! and the cluster's totals), and on a worker `POST /decommission`.
 //!
 //! The library only records through the facade; installing a recorder is
 //! the binary's choice (`shuffle-server` installs the Prometheus one and
@@ -13,7 +14,13 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use axum::{Router, extract::State, http::header::CONTENT_TYPE, response::IntoResponse, routing::get};
+use axum::{
+    Router,
+    extract::State,
+    http::{StatusCode, header::CONTENT_TYPE},
+    response::IntoResponse,
+    routing::{get, post},
+};
 use metrics::{Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
@@ -21,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     ServerError,
+    cluster::service::CoordinatorService,
     state::ServiceState,
     stats::{MODES, mode_index, mode_name},
 };
@@ -54,6 +62,16 @@ pub fn describe() {
     describe_gauge!("shuffle_shuffles", "Registered shuffles.");
     describe_gauge!("shuffle_readers", "Partition reads in progress.");
     describe_histogram!("shuffle_request_duration_seconds", Unit::Seconds, "Duration of requests, by request.");
+    describe_gauge!("shuffle_cluster_workers", "A coordinator's workers, by state (live, decommissioning, lost).");
+    describe_gauge!("shuffle_cluster_apps", "A coordinator's apps.");
+    describe_gauge!("shuffle_cluster_shuffles", "A coordinator's shuffles.");
+    describe_gauge!("shuffle_cluster_groups_lost", "Groups whose blocks of some maps were lost and await a re-run.");
+    describe_gauge!("shuffle_cluster_memory_budget_bytes", Unit::Bytes, "Sum of the live workers' memory budgets.");
+    describe_gauge!("shuffle_cluster_memory_used_bytes", Unit::Bytes, "Sum of the live workers' memory in use.");
+    describe_gauge!("shuffle_cluster_disk_free_bytes", Unit::Bytes, "Sum of the live workers' free disk.");
+    describe_counter!("shuffle_cluster_decisions_total", "Map decisions recorded on the workers.");
+    describe_counter!("shuffle_cluster_workers_lost_total", "Workers declared lost.");
+    describe_counter!("shuffle_cluster_data_lost_total", "Commits refused because blocks were lost with a worker.");
 }
 
 /// Records the duration of one request; called by the connection handler.
@@ -93,6 +111,24 @@ fn publish(state: &ServiceState) {
     gauge!("shuffle_readers").set(state.active_readers() as f64);
 }
 
+/// Copies a coordinator's totals into the facade.
+fn publish_cluster(coordinator: &CoordinatorService) {
+    let t = coordinator.totals();
+    gauge!("shuffle_cluster_workers", "state" => "live").set(t.workers_live as f64);
+    gauge!("shuffle_cluster_workers", "state" => "decommissioning").set(t.workers_decommissioning as f64);
+    gauge!("shuffle_cluster_workers", "state" => "lost").set(t.workers_lost as f64);
+    gauge!("shuffle_cluster_apps").set(t.apps as f64);
+    gauge!("shuffle_cluster_shuffles").set(t.shuffles as f64);
+    gauge!("shuffle_cluster_groups_lost").set(t.groups_lost as f64);
+    gauge!("shuffle_cluster_memory_budget_bytes").set(t.memory_budget_bytes as f64);
+    gauge!("shuffle_cluster_memory_used_bytes").set(t.memory_used_bytes as f64);
+    gauge!("shuffle_cluster_disk_free_bytes").set(t.disk_free_bytes as f64);
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    counter!("shuffle_cluster_decisions_total").absolute(load(&coordinator.stats.decisions));
+    counter!("shuffle_cluster_workers_lost_total").absolute(load(&coordinator.stats.workers_lost));
+    counter!("shuffle_cluster_data_lost_total").absolute(load(&coordinator.stats.data_lost));
+}
+
 /// `/status`: apps with their shuffles, memory, disk and the counters, as JSON.
 pub fn status(state: &ServiceState) -> serde_json::Value {
     let apps = state.app_status();
@@ -121,21 +157,37 @@ pub fn status(state: &ServiceState) -> serde_json::Value {
             "commits": s.commits, "refused_attempts": s.refused_attempts,
             "spills": s.spills, "spilled_bytes": s.spilled_bytes, "errors": s.errors,
         },
+        "role": format!("{:?}", state.config.role).to_lowercase(),
+        "worker_id": if state.worker_id.is_empty() { None } else { Some(state.worker_id.clone()) },
+        "decommissioning": state.decommissioning.load(std::sync::atomic::Ordering::Acquire),
         "apps": apps,
     })
+}
+
+/// Whose numbers the admin listener serves.
+#[derive(Clone)]
+pub enum AdminTarget {
+    /// A standalone server or a worker.
+    Server(Arc<ServiceState>),
+    /// A coordinator.
+    Coordinator(Arc<CoordinatorService>),
 }
 
 /// What the admin handlers share.
 #[derive(Clone)]
 struct Admin {
-    state: Arc<ServiceState>,
+    target: AdminTarget,
     metrics: Option<PrometheusHandle>,
+    shutdown: CancellationToken,
 }
 
 async fn get_metrics(State(admin): State<Admin>) -> impl IntoResponse {
     let body = match &admin.metrics {
         Some(handle) => {
-            publish(&admin.state);
+            match &admin.target {
+                AdminTarget::Server(state) => publish(state),
+                AdminTarget::Coordinator(c) => publish_cluster(c),
+            }
             handle.render()
         }
         None => String::new(),
@@ -144,7 +196,25 @@ async fn get_metrics(State(admin): State<Admin>) -> impl IntoResponse {
 }
 
 async fn get_status(State(admin): State<Admin>) -> impl IntoResponse {
-    axum::Json(status(&admin.state))
+    axum::Json(match &admin.target {
+        AdminTarget::Server(state) => status(state),
+        AdminTarget::Coordinator(c) => c.status(),
+    })
+}
+
+/// `POST /decommission` on a worker: take nothing new, exit once nothing
+/// held is needed (or the decommission time-out passes).
+async fn post_decommission(State(admin): State<Admin>) -> impl IntoResponse {
+    match &admin.target {
+        AdminTarget::Server(state) if state.is_worker() => {
+            if !state.decommissioning.swap(true, std::sync::atomic::Ordering::AcqRel) {
+                tracing::info!("decommission requested");
+                tokio::spawn(crate::cluster::worker::drain(state.clone(), admin.shutdown.clone()));
+            }
+            (StatusCode::ACCEPTED, "decommissioning: no new shuffles; exiting once nothing held is needed\n")
+        }
+        _ => (StatusCode::CONFLICT, "only a cluster's worker can be decommissioned\n"),
+    }
 }
 
 /// Binds the admin listener.
@@ -155,14 +225,15 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
 /// Serves `/metrics` and `/status` until `shutdown` is cancelled.
 pub async fn serve(
     listener: TcpListener,
-    state: Arc<ServiceState>,
+    target: AdminTarget,
     metrics: Option<PrometheusHandle>,
     shutdown: CancellationToken,
 ) {
     let router = Router::new()
         .route("/metrics", get(get_metrics))
         .route("/status", get(get_status))
-        .with_state(Admin { state, metrics });
+        .route("/decommission", post(post_decommission))
+        .with_state(Admin { target, metrics, shutdown: shutdown.clone() });
     if let Err(e) = axum::serve(listener, router).with_graceful_shutdown(shutdown.cancelled_owned()).await {
         tracing::warn!(error = %e, "admin listener stopped");
     }

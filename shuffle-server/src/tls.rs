@@ -68,9 +68,23 @@ impl TlsMaterial {
 
 /// Writes a self-signed certificate for `localhost`, `127.0.0.1` and `::1`.
 fn generate_self_signed(dir: &Path, cert_path: &Path, key_path: &Path) -> Result<(), ServerError> {
+    write_self_signed(dir, cert_path, key_path, "localhost")
+}
+
+/// Writes a self-signed certificate for `name` (and the loopback
+/// addresses) with its key into `dir` as `cert.pem` and `key.pem`, for
+/// every process of a cluster to share (`shuffle-server --write-cert DIR`).
+pub fn write_cluster_cert(dir: &Path, name: &str) -> Result<(PathBuf, PathBuf), ServerError> {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    write_self_signed(dir, &cert, &key, name)?;
+    Ok((cert, key))
+}
+
+fn write_self_signed(dir: &Path, cert_path: &Path, key_path: &Path, name: &str) -> Result<(), ServerError> {
     let io = |path: &Path, e: std::io::Error| ServerError::Io(format!("{}: {e}", path.display()));
     fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
-    let names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+    let mut names = vec![name.to_string(), "localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+    names.dedup();
     let certified = rcgen::generate_simple_self_signed(names).map_err(|e| ServerError::Tls(e.to_string()))?;
     // Write the key first and the certificate last, so a crash in between
     // leaves no certificate without its key.

@@ -96,6 +96,25 @@ pub fn server_transport(windows: Windows, idle_timeout: Duration, max_udp_payloa
     Arc::new(t)
 }
 
+/// The coordinator's transport: control messages only (every request on
+/// its own stream, at most one frame each way), so modest windows.
+pub fn coordinator_transport(idle_timeout: Duration, max_udp_payload: u16) -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(256u32.into())
+        .max_concurrent_uni_streams(0u8.into())
+        .stream_receive_window(quinn::VarInt::from_u32(MAX_COORDINATOR_WINDOW))
+        .receive_window(quinn::VarInt::from_u32(MAX_COORDINATOR_WINDOW))
+        .initial_rtt(Duration::from_micros(limits::INITIAL_RTT_MICROS))
+        .keep_alive_interval(Some(idle_timeout / 3))
+        .max_idle_timeout(quinn::IdleTimeout::try_from(idle_timeout).ok());
+    apply_mtu(&mut t, max_udp_payload);
+    Arc::new(t)
+}
+
+/// A coordinator connection's receive window, 16 MiB: one largest frame
+/// (a `CommitMap` naming every partition) in flight per connection.
+pub const MAX_COORDINATOR_WINDOW: u32 = 16 << 20;
+
 /// Path-MTU discovery up to `max_udp_payload` (jumbo frames where the network has them).
 pub fn apply_mtu(t: &mut quinn::TransportConfig, max_udp_payload: u16) {
     let mut mtu = quinn::MtuDiscoveryConfig::default();
@@ -346,6 +365,18 @@ impl<R: AsyncRead + Unpin + Send> FrameReader<R> {
         }
     }
 
+    /// The next frame, which must be a response.
+    pub async fn next_response(&mut self) -> Result<Option<Response>, ServiceError> {
+        match self.next_frame().await? {
+            None => Ok(None),
+            Some((Frame { kind: FrameKind::Response, payload }, _)) => Ok(Some(Response::decode(&payload)?)),
+            Some((frame, _)) => Err(ServiceError::new(
+                ErrorKind::UnexpectedMessage,
+                format!("expected a response frame, got a {:?} frame", frame.kind),
+            )),
+        }
+    }
+
     /// The stream, for transports that read more than frames from it.
     pub fn get_mut(&mut self) -> &mut R {
         &mut self.inner
@@ -371,6 +402,12 @@ impl<W: FrameSink> FrameWriter<W> {
     /// Sends one response frame.
     pub async fn response(&mut self, response: &Response) -> Result<(), ServiceError> {
         let frame = encode_frame(FrameKind::Response, &response.encode())?;
+        self.inner.write_chunks(&mut [frame]).await.map_err(write_error)
+    }
+
+    /// Sends one request frame (cluster processes talking to each other).
+    pub async fn request(&mut self, request: &Request) -> Result<(), ServiceError> {
+        let frame = encode_frame(FrameKind::Request, &request.encode())?;
         self.inner.write_chunks(&mut [frame]).await.map_err(write_error)
     }
 

@@ -15,21 +15,18 @@ use shuffle_client::{ClientError, ClientOptions, ShuffleClient};
 /// How long the daemon may take to print its listening address.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The path of the built `shuffle-server` binary: `$SHUFFLE_SERVER_BIN`, or
-/// beside the test executable's directory in cargo's target dir. `cargo test
-/// --workspace` builds it (the server package has integration tests of its own).
+/// The daemon binary the tests run: `$SHUFFLE_SERVER_BIN`, or the daemon's
+/// `main` built by this package as `shuffle-server-e2e` beside the test
+/// executable's directory (so `cargo test -p shuffle-tests` always runs a
+/// fresh build of it).
 pub fn server_binary() -> PathBuf {
     if let Some(path) = std::env::var_os("SHUFFLE_SERVER_BIN") {
         return PathBuf::from(path);
     }
     let exe = std::env::current_exe().expect("test executable path");
     let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>");
-    let path = profile_dir.join("shuffle-server");
-    assert!(
-        path.exists(),
-        "{} does not exist: run `cargo build -p shuffle-server` (or `cargo test --workspace`) first",
-        path.display()
-    );
+    let path = profile_dir.join("shuffle-server-e2e");
+    assert!(path.exists(), "{} does not exist: run `cargo test -p shuffle-tests`, which builds it", path.display());
     path
 }
 
@@ -66,12 +63,19 @@ impl Daemon {
 
     /// Starts the daemon with `data_dir`, extra `args` and environment variables.
     pub fn start_with_env(data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::launch(data_dir, "127.0.0.1:0", args, env)
+    }
+
+    /// Starts the daemon listening on `listen` (its metrics on the same IP, any port).
+    pub fn launch(data_dir: &Path, listen: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let ip = listen.rsplit_once(':').map_or("127.0.0.1", |(ip, _)| ip);
         let mut child = Command::new(server_binary())
-            .args(["--listen", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0", "--data-dir"])
+            .args(["--listen", listen, "--metrics-addr", &format!("{ip}:0"), "--data-dir"])
             .arg(data_dir)
             .args(args)
             .envs(env.iter().copied())
-            .env("RUST_LOG", "info")
+            // SHUFFLE_TEST_DAEMON_LOG sets the daemons' log filter (default info).
+            .env("RUST_LOG", std::env::var("SHUFFLE_TEST_DAEMON_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -79,8 +83,13 @@ impl Daemon {
             .expect("spawning shuffle-server");
         let stderr = child.stderr.take().expect("piped stderr");
         let (tx, rx) = mpsc::channel();
+        // SHUFFLE_TEST_ECHO=1 copies every daemon's log to the test's output.
+        let echo = std::env::var_os("SHUFFLE_TEST_ECHO").is_some().then(|| listen.to_string());
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(name) = &echo {
+                    eprintln!("[{name}] {line}");
+                }
                 if tx.send(line).is_err() {
                     break;
                 }
@@ -154,14 +163,19 @@ impl Daemon {
 
     /// GETs `path` from the metrics listener; returns the body.
     pub fn http_get(&self, path: &str) -> String {
+        self.http("GET", path)
+    }
+
+    /// Sends `method` `path` to the admin listener; returns the body of a 2xx answer.
+    pub fn http(&self, method: &str, path: &str) -> String {
         use std::io::{Read, Write};
         let mut stream = std::net::TcpStream::connect(self.metrics_addr).expect("connect to the metrics listener");
-        write!(stream, "GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+        write!(stream, "{method} {path} HTTP/1.1\r\nhost: localhost\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
             .expect("send the request");
         let mut response = String::new();
         stream.read_to_string(&mut response).expect("read the response");
         let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
-        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(head.starts_with("HTTP/1.1 2"), "{head}");
         body.to_string()
     }
 

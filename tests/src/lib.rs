@@ -5,6 +5,7 @@
 //! helper that runs the `shuffle-server` binary as a child process ([`daemon`]).
 
 pub mod chaos;
+pub mod cluster;
 pub mod daemon;
 pub use engine_adapter::workload::client as exchange;
 pub mod raw;

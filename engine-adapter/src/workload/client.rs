@@ -139,7 +139,18 @@ pub async fn run_exchange(
     shuffle: ShuffleId,
     params: ExchangeParams,
 ) -> Result<ExchangeOutcome, String> {
-    client.register_shuffle(shuffle, params.spec()).await.map_err(|e| e.to_string())?;
+    run_exchange_as(client, shuffle, params, params.spec()).await
+}
+
+/// As [`run_exchange`], registering the shuffle with `spec` (W1's spec
+/// with other settings, such as a cluster's replication).
+pub async fn run_exchange_as(
+    client: &ShuffleClient,
+    shuffle: ShuffleId,
+    params: ExchangeParams,
+    spec: ShuffleSpec,
+) -> Result<ExchangeOutcome, String> {
+    client.register_shuffle(shuffle, spec).await.map_err(|e| e.to_string())?;
     let start = Instant::now();
     let maps = spawn_maps(client, shuffle, params, w1_partition);
     let reducers: Vec<_> = (0..params.partitions)

@@ -25,6 +25,18 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(dir) = &config.write_cert {
+        return match shuffle_server::tls::write_cluster_cert(dir, &config.tls_name) {
+            Ok((cert, key)) => {
+                println!("{}\n{}", cert.display(), key.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("shuffle-server: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(std::io::stderr)
@@ -65,7 +77,12 @@ fn run(config: ServerConfig) -> anyhow::Result<()> {
         tokio::select! {
             _ = sigint.recv() => tracing::info!("SIGINT received"),
             _ = sigterm.recv() => tracing::info!("SIGTERM received"),
-            _ = server.stopped() => anyhow::bail!("the server stopped by itself"),
+            _ = server.stopped() => {
+                if !server.decommissioned() {
+                    anyhow::bail!("the server stopped by itself");
+                }
+                tracing::info!("decommission complete; exiting");
+            }
         }
         server.shutdown().await;
         Ok(())

@@ -594,12 +594,12 @@ impl ModeStorage for LogStorage {
             .collect()
     }
 
-    fn manifest(&self, core: &ShuffleCore, committed: &dyn Fn(MapId) -> Option<AttemptId>) -> BlocksManifest {
+    fn manifest(&self, core: &ShuffleCore, keep: &dyn Fn(MapId, AttemptId) -> bool) -> BlocksManifest {
         let mut manifest = BlocksManifest::default();
         let mut file_index: std::collections::HashMap<u64, u32> = std::collections::HashMap::new();
         for (partition, log) in self.partitions.iter().enumerate() {
             let log = lock(log);
-            for e in log.entries.iter().filter(|e| !e.dead && committed(e.map) == Some(e.attempt)) {
+            for e in log.entries.iter().filter(|e| !e.dead && keep(e.map, e.attempt)) {
                 let Some((segment, offset)) = e.disk else { continue };
                 let file = &log.segments[&segment].file;
                 let index = *file_index.entry(file.key()).or_insert_with(|| {
@@ -761,14 +761,14 @@ mod tests {
         for p in 0..2 {
             log.spill(&core, SpillTarget::Partition(p)).unwrap();
         }
-        let committed = |m: MapId| Some(if m == 0 { 0 } else { 2 });
+        let committed = |m: MapId, a: AttemptId| a == if m == 0 { 0 } else { 2 };
         let manifest = log.manifest(&core, &committed);
         assert_eq!(manifest.blocks.len(), 3, "the losing attempt is left out");
         for f in log.files() {
             f.sync().unwrap();
         }
         let recovered = LogStorage::recover(&core, &manifest).unwrap();
-        let servable = |m: MapId, a: AttemptId| committed(m) == Some(a);
+        let servable = |m: MapId, a: AttemptId| committed(m, a);
         assert_eq!(read(&recovered, &core, 0, &mut ReadCursor::default(), &servable), vec![blocks[0].1.clone()]);
         assert_eq!(
             read(&recovered, &core, 1, &mut ReadCursor::default(), &servable),

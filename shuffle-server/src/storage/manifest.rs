@@ -68,6 +68,10 @@ pub struct ShuffleManifest {
     pub spec: ShuffleSpec,
     pub commits: Vec<CommitRecord>,
     pub blocks: BlocksManifest,
+    /// On a worker: attempts verified at their `MapEnd` whose decision had
+    /// not arrived yet; their blocks are in `blocks` too.
+    #[serde(default)]
+    pub prepared: Vec<CommitRecord>,
 }
 
 /// An app and its secret.

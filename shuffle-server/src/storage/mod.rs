@@ -65,6 +65,8 @@ pub struct ShuffleCore {
     pub env: StorageEnv,
     /// The shuffle's account in the memory budget: its blocks and tables.
     pub memory: Arc<Consumer>,
+    /// On a cluster's worker: the group of the shuffle this is a copy of.
+    pub group: Option<u32>,
     /// Set once the shuffle is removed; everything after fails with `UnknownShuffle`.
     removed: AtomicBool,
 }
@@ -72,13 +74,32 @@ pub struct ShuffleCore {
 impl ShuffleCore {
     /// The core of a new shuffle.
     pub fn new(app: AppId, id: ShuffleId, spec: ShuffleSpec, dir: PathBuf, env: StorageEnv) -> Self {
-        let memory = env.pool.consumer(format!("shuffle {id} of app {app}"));
-        Self { app, id, spec, dir, env, memory, removed: AtomicBool::new(false) }
+        Self::with_group(app, id, None, spec, dir, env)
     }
 
-    /// `shuffle S of app A`, for messages.
+    /// The core of a worker's copy of `group` of a shuffle (`None`: the whole shuffle).
+    pub fn with_group(
+        app: AppId,
+        id: ShuffleId,
+        group: Option<u32>,
+        spec: ShuffleSpec,
+        dir: PathBuf,
+        env: StorageEnv,
+    ) -> Self {
+        let name = match group {
+            Some(g) => format!("shuffle {id} group {g} of app {app}"),
+            None => format!("shuffle {id} of app {app}"),
+        };
+        let memory = env.pool.consumer(name);
+        Self { app, id, spec, dir, env, memory, group, removed: AtomicBool::new(false) }
+    }
+
+    /// `shuffle S of app A` (`shuffle S group G of app A` for a group's copy), for messages.
     pub fn label(&self) -> String {
-        format!("shuffle {} of app {}", self.id, self.app)
+        match self.group {
+            Some(g) => format!("shuffle {} group {g} of app {}", self.id, self.app),
+            None => format!("shuffle {} of app {}", self.id, self.app),
+        }
     }
 
     /// Whether the shuffle was removed.
@@ -274,9 +295,10 @@ pub trait ModeStorage: Send + Sync {
     /// Every data file holding blocks that may still be served.
     fn files(&self) -> Vec<Arc<DataFile>>;
 
-    /// What a restarted server needs to serve the committed blocks, all of
-    /// which must be on disk (spill everything first).
-    fn manifest(&self, core: &ShuffleCore, committed: &dyn Fn(MapId) -> Option<AttemptId>) -> manifest::BlocksManifest;
+    /// What a restarted server needs to serve the blocks of the attempts
+    /// `keep` selects (committed, and on a worker prepared), all of which
+    /// must be on disk (spill everything first).
+    fn manifest(&self, core: &ShuffleCore, keep: &dyn Fn(MapId, AttemptId) -> bool) -> manifest::BlocksManifest;
 }
 
 /// Locks a mutex, recovering from poisoning: our critical sections leave the

@@ -332,14 +332,13 @@ impl ModeStorage for SortStorage {
         lock(&self.attempts).values().filter_map(|d| lock(d).file.clone()).collect()
     }
 
-    fn manifest(&self, _core: &ShuffleCore, committed: &dyn Fn(MapId) -> Option<AttemptId>) -> BlocksManifest {
+    fn manifest(&self, _core: &ShuffleCore, keep: &dyn Fn(MapId, AttemptId) -> bool) -> BlocksManifest {
         let mut manifest = BlocksManifest::default();
-        for (map, slot) in self.committed.iter().enumerate() {
-            let Some(c) = lock(slot).clone() else { continue };
-            if committed(map as MapId) != Some(c.attempt) {
-                continue;
-            }
-            let data = lock(&c.data);
+        let mut attempts: Vec<((MapId, AttemptId), SharedAttempt)> =
+            lock(&self.attempts).iter().filter(|(k, _)| keep(k.0, k.1)).map(|(k, v)| (*k, v.clone())).collect();
+        attempts.sort_by_key(|(k, _)| *k);
+        for ((map, attempt), data) in attempts {
+            let data = lock(&data);
             let Some(file) = &data.file else { continue };
             let name = file.path().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             manifest.files.push(FileRecord { name, len: file.len() });
@@ -347,8 +346,8 @@ impl ModeStorage for SortStorage {
             for e in &data.entries {
                 let Some(offset) = e.disk else { continue };
                 manifest.blocks.push(BlockRecord {
-                    map: map as u32,
-                    attempt: c.attempt,
+                    map,
+                    attempt,
                     partition: e.partition,
                     run: e.run,
                     file: index,

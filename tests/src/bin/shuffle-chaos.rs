@@ -40,7 +40,7 @@ fn seeds(args: &Args) -> anyhow::Result<std::ops::Range<u64>> {
 async fn main() -> anyhow::Result<ExitCode> {
     let args = Args::parse();
     if std::env::var_os("SHUFFLE_SERVER_BIN").is_none() {
-        let beside = std::env::current_exe()?.with_file_name("shuffle-server");
+        let beside = std::env::current_exe()?.with_file_name("shuffle-server-e2e");
         // SAFETY: set before any thread that reads the environment is started by us.
         unsafe { std::env::set_var("SHUFFLE_SERVER_BIN", beside) };
     }

@@ -1,0 +1,251 @@
+//! QUIC connections a cluster process opens to another: a worker to its
+//! coordinator, a primary to its replicas. Every cluster process presents
+//! and trusts the same certificate (`--cert`), and proves it belongs to the
+//! cluster with the shared cluster secret (`PeerHello`, `RegisterWorker`).
+//!
+//! [`Forward`] is one map attempt's blocks of one group on their way from
+//! the primary to the replica: blocks out, cumulative `Acked` counts and
+//! the replica's `Prepared` back.
+
+use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use rustls::pki_types::{CertificateDer, pem::PemObject};
+use shuffle_protocol::{
+    AppId, AttemptId, ErrorKind, MAX_FRAME_LEN, MapEnd, MapId, PROTOCOL_VERSION, Request, Response, ServiceError,
+    ShuffleId,
+};
+use tokio::sync::{oneshot, watch};
+
+use crate::{
+    ServerConfig, ServerError,
+    memory::Consumer,
+    tls::ALPN,
+    transport::{FrameReader, FrameWriter, apply_mtu},
+};
+
+/// How long a connection attempt to a peer may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a peer has to answer a control request.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Streams the other side may open on a connection this process opened
+/// (the coordinator sends its commands to a worker on the worker's own
+/// connection).
+const INCOMING_STREAMS: u32 = 64;
+
+/// The QUIC client configuration of cluster processes: TLS 1.3 trusting the
+/// cluster's certificate, idle time-out of the worker time-out so a dead
+/// peer is noticed, keep-alives well inside it.
+pub fn client_config(config: &ServerConfig) -> Result<quinn::ClientConfig, ServerError> {
+    let path = config.cert.as_ref().ok_or_else(|| ServerError::Config("cluster processes need --cert".into()))?;
+    let bad = |e: &dyn std::fmt::Display| ServerError::Tls(format!("{}: {e}", path.display()));
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(path).map_err(|e| bad(&e))? {
+        roots.add(cert.map_err(|e| bad(&e))?).map_err(|e| bad(&e))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| ServerError::Tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| ServerError::Tls(e.to_string()))?;
+    let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+    let mut t = quinn::TransportConfig::default();
+    let idle = config.worker_timeout.max(Duration::from_secs(1));
+    t.max_concurrent_bidi_streams(INCOMING_STREAMS.into())
+        .max_concurrent_uni_streams(0u8.into())
+        .keep_alive_interval(Some(config.heartbeat_interval.min(idle / 3)))
+        .max_idle_timeout(quinn::IdleTimeout::try_from(idle).ok());
+    apply_mtu(&mut t, config.max_udp_payload);
+    client.transport_config(Arc::new(t));
+    Ok(client)
+}
+
+fn peer_error(addr: SocketAddr, what: impl std::fmt::Display) -> ServiceError {
+    ServiceError::new(ErrorKind::Io, format!("cluster peer {addr}: {what}"))
+}
+
+/// The connections this process keeps to other cluster processes.
+pub struct Peers {
+    endpoint: quinn::Endpoint,
+    tls_name: String,
+    secret: String,
+    /// This process's id (a worker's id; "coordinator" otherwise).
+    me: String,
+    /// Peer connections with their `PeerHello` done, by address.
+    connections: tokio::sync::Mutex<HashMap<SocketAddr, quinn::Connection>>,
+    /// Accounts the buffers of frames read from peers.
+    buffers: Arc<Consumer>,
+}
+
+impl Peers {
+    /// A client endpoint for talking to the cluster.
+    pub fn new(config: &ServerConfig, me: String, buffers: Arc<Consumer>) -> Result<Self, ServerError> {
+        let bind: SocketAddr = ([0, 0, 0, 0], 0).into();
+        let mut endpoint = quinn::Endpoint::client(bind).map_err(|source| ServerError::Bind { addr: bind, source })?;
+        endpoint.set_default_client_config(client_config(config)?);
+        let secret = config.cluster_secret.clone().unwrap_or_default();
+        Ok(Self {
+            endpoint,
+            tls_name: config.tls_name.clone(),
+            secret,
+            me,
+            connections: tokio::sync::Mutex::new(HashMap::new()),
+            buffers,
+        })
+    }
+
+    /// The cluster secret, to present.
+    pub fn secret(&self) -> &str {
+        &self.secret
+    }
+
+    /// The frame-buffer account of peer streams.
+    pub fn buffers(&self) -> &Arc<Consumer> {
+        &self.buffers
+    }
+
+    /// A new connection to `addr` (TLS handshake only).
+    pub async fn connect(&self, addr: SocketAddr) -> Result<quinn::Connection, ServiceError> {
+        let connecting = self.endpoint.connect(addr, &self.tls_name).map_err(|e| peer_error(addr, e))?;
+        tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+            .await
+            .map_err(|_| peer_error(addr, format!("no handshake within {CONNECT_TIMEOUT:?}")))?
+            .map_err(|e| peer_error(addr, e))
+    }
+
+    /// The connection to the worker at `addr`, opened (with `PeerHello`) if
+    /// there is none alive.
+    pub async fn peer(&self, addr: SocketAddr) -> Result<quinn::Connection, ServiceError> {
+        let mut connections = self.connections.lock().await;
+        if let Some(c) = connections.get(&addr)
+            && c.close_reason().is_none()
+        {
+            return Ok(c.clone());
+        }
+        let connection = self.connect(addr).await?;
+        let hello = Request::PeerHello {
+            protocol_version: PROTOCOL_VERSION,
+            cluster_secret: self.secret.clone(),
+            worker: self.me.clone(),
+        };
+        match self.call(&connection, &hello).await? {
+            Response::PeerWelcome { .. } => {}
+            other => return Err(peer_error(addr, format!("expected PeerWelcome, got {other:?}"))),
+        }
+        connections.insert(addr, connection.clone());
+        Ok(connection)
+    }
+
+    /// Sends one request on a new stream of `connection` and reads its one response.
+    pub async fn call(&self, connection: &quinn::Connection, request: &Request) -> Result<Response, ServiceError> {
+        let addr = connection.remote_address();
+        let exchange = async {
+            let (send, recv) = connection.open_bi().await.map_err(|e| peer_error(addr, e))?;
+            let mut writer = FrameWriter::new(send);
+            writer.request(request).await?;
+            writer.finish();
+            let mut reader = FrameReader::new(recv, &self.buffers, MAX_FRAME_LEN);
+            match reader.next_response().await? {
+                Some(Response::Error(e)) => Err(e),
+                Some(response) => Ok(response),
+                None => Err(peer_error(addr, "the stream ended without a response")),
+            }
+        };
+        tokio::time::timeout(CALL_TIMEOUT, exchange)
+            .await
+            .map_err(|_| peer_error(addr, format!("no answer within {CALL_TIMEOUT:?}")))?
+    }
+
+    /// Closes every connection (shutdown).
+    pub fn close(&self) {
+        self.endpoint.close(0u32.into(), b"shutting down");
+    }
+}
+
+/// One attempt's blocks of one group, forwarded from the primary to the replica.
+pub struct Forward {
+    /// The replica's address, for messages.
+    pub replica: SocketAddr,
+    writer: FrameWriter<quinn::SendStream>,
+    /// Blocks sent so far.
+    pub sent: u64,
+    /// Blocks the replica holds, as it last said.
+    acked: watch::Receiver<u64>,
+    /// The replica's verdict on the attempt's `MapEnd`.
+    outcome: Option<oneshot::Receiver<Result<(), ServiceError>>>,
+}
+
+impl Forward {
+    /// Opens the forwarding stream of `map` `attempt` to the replica at `replica`.
+    pub async fn open(
+        peers: &Peers,
+        replica: SocketAddr,
+        (app, shuffle): (AppId, ShuffleId),
+        (map, attempt): (MapId, AttemptId),
+    ) -> Result<Self, ServiceError> {
+        let connection = peers.peer(replica).await?;
+        let (send, recv) = connection.open_bi().await.map_err(|e| peer_error(replica, e))?;
+        let mut writer = FrameWriter::new(send);
+        writer.request(&Request::ReplicaPush { app, shuffle, map, attempt }).await?;
+        let mut reader = FrameReader::new(recv, peers.buffers(), MAX_FRAME_LEN);
+        match tokio::time::timeout(CALL_TIMEOUT, reader.next_response()).await {
+            Ok(Ok(Some(Response::PushAccepted { .. }))) => {}
+            Ok(Ok(Some(Response::Error(e)))) => return Err(e),
+            Ok(Ok(other)) => return Err(peer_error(replica, format!("expected PushAccepted, got {other:?}"))),
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(peer_error(replica, "no answer to ReplicaPush")),
+        }
+        let (acked_tx, acked) = watch::channel(0u64);
+        let (outcome_tx, outcome) = oneshot::channel();
+        tokio::spawn(async move {
+            let result = loop {
+                match reader.next_response().await {
+                    Ok(Some(Response::Acked { blocks })) => {
+                        acked_tx.send_replace(blocks);
+                    }
+                    Ok(Some(Response::Prepared { .. })) => break Ok(()),
+                    Ok(Some(Response::Error(e))) => break Err(e),
+                    Ok(Some(other)) => break Err(peer_error(replica, format!("unexpected {other:?}"))),
+                    Ok(None) => break Err(peer_error(replica, "the replica closed the stream")),
+                    Err(e) => break Err(e),
+                }
+            };
+            let _ = outcome_tx.send(result);
+        });
+        Ok(Self { replica, writer, sent: 0, acked, outcome: Some(outcome) })
+    }
+
+    /// Sends one block.
+    pub async fn send(&mut self, block: Bytes) -> Result<(), ServiceError> {
+        self.writer.blocks(&[block]).await?;
+        self.sent += 1;
+        Ok(())
+    }
+
+    /// Blocks the replica holds.
+    pub fn acked(&self) -> u64 {
+        *self.acked.borrow()
+    }
+
+    /// Changes when the replica acknowledges more.
+    pub fn acked_changes(&self) -> watch::Receiver<u64> {
+        self.acked.clone()
+    }
+
+    /// Sends the attempt's `MapEnd` (this group's totals) and waits for the
+    /// replica to verify it.
+    pub async fn end(&mut self, end: MapEnd) -> Result<(), ServiceError> {
+        self.writer.request(&Request::MapEnd(end)).await?;
+        self.writer.finish();
+        let outcome = self.outcome.take().ok_or_else(|| peer_error(self.replica, "MapEnd forwarded twice"))?;
+        tokio::time::timeout(CALL_TIMEOUT, outcome)
+            .await
+            .map_err(|_| peer_error(self.replica, "no verdict on the forwarded MapEnd"))?
+            .map_err(|_| peer_error(self.replica, "the forwarding stream's reader stopped"))?
+    }
+}

@@ -1,0 +1,308 @@
+//! Pushes at a worker: one map attempt's blocks for the groups this worker
+//! holds, from a writer (to the groups' primary, or to the replica when the
+//! primary was lost) or from a primary (to its replica).
+//!
+//! A primary stores each block in its copy and forwards it to the group's
+//! replica. With replication 2 it tells the writer, as cumulative `Acked`
+//! counts, which blocks both copies hold, so a writer whose primary dies
+//! sends the replica only the blocks not acknowledged (the replica's ledger
+//! drops any it already has). At `MapEnd` every copy checks the declared
+//! totals and the primary waits for the replica's verdict before answering
+//! `Prepared`; the coordinator's decision commits the attempt later.
+//!
+//! A replica that cannot be reached is left behind: the primary goes on
+//! alone, and the replica's copy, lacking blocks, is marked incomplete when
+//! the decision reaches it (readers then read the primary).
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    sync::Arc,
+    time::Duration,
+};
+
+use shuffle_protocol::{
+    AttemptId, Block, ErrorKind, FrameKind, MapEnd, MapId, PartitionTotals, Request, Response, ServiceError,
+};
+use tokio::io::AsyncRead;
+
+use super::{
+    hosted::{Accepted, GroupCopy, HostedShuffle},
+    peers::{Forward, Peers},
+};
+use crate::{
+    push::{expect_end_of_stream, request_name, spawn_spill},
+    state::ServiceState,
+    transport::{FrameReader, FrameSink, FrameWriter},
+};
+
+/// How often a replicated push stream reports what both copies hold.
+const ACK_INTERVAL: Duration = Duration::from_millis(5);
+
+/// Who is pushing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PushKind {
+    /// A writer, to the primary of the groups it writes.
+    Primary,
+    /// A writer whose primary was lost, to the replica.
+    Failover,
+    /// A primary, forwarding to its replica.
+    Replica,
+}
+
+/// A group this stream wrote to.
+struct Target {
+    copy: Arc<GroupCopy>,
+    /// Forwarding to the replica, while it works.
+    forward: Option<Forward>,
+}
+
+/// Serves one push stream at a worker after `PushAccepted` was decided.
+pub async fn handle_push<R: AsyncRead + Unpin + Send, W: FrameSink>(
+    state: &Arc<ServiceState>,
+    peers: Option<&Arc<Peers>>,
+    hosted: Arc<HostedShuffle>,
+    (map, attempt): (MapId, AttemptId),
+    kind: PushKind,
+    reader: &mut FrameReader<R>,
+    writer: &mut FrameWriter<W>,
+) -> Result<(), ServiceError> {
+    let label = format!("map {map} attempt {attempt} of {} ({kind:?} push)", hosted.label());
+    writer.response(&Response::PushAccepted { spec: hosted.spec }).await?;
+    let mut targets: BTreeMap<u32, Target> = BTreeMap::new();
+    let result = receive(state, peers, &hosted, (map, attempt), kind, &label, &mut targets, reader, writer).await;
+    if result.is_err() {
+        for target in targets.values() {
+            if kind == PushKind::Primary {
+                // The writer's stream broke: what it pushed here cannot commit here.
+                target.copy.shuffle.end_push(map, attempt, true);
+                target.copy.abandon(map, attempt);
+            }
+        }
+    } else if kind == PushKind::Primary {
+        for target in targets.values() {
+            target.copy.shuffle.end_push(map, attempt, false);
+        }
+    }
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn receive<R: AsyncRead + Unpin + Send, W: FrameSink>(
+    state: &Arc<ServiceState>,
+    peers: Option<&Arc<Peers>>,
+    hosted: &Arc<HostedShuffle>,
+    (map, attempt): (MapId, AttemptId),
+    kind: PushKind,
+    label: &str,
+    targets: &mut BTreeMap<u32, Target>,
+    reader: &mut FrameReader<R>,
+    writer: &mut FrameWriter<W>,
+) -> Result<(), ServiceError> {
+    let acks = hosted.spec.replication > 1;
+    // Per block of this stream: the group it was forwarded in and its index there.
+    let mut pending: VecDeque<Option<(u32, u64)>> = VecDeque::new();
+    let (mut received, mut acked, mut reported) = (0u64, 0u64, 0u64);
+    let mut tick = tokio::time::interval(ACK_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let frame = tokio::select! {
+            frame = reader.next_frame() => frame?,
+            _ = tick.tick(), if acks && reported < received => {
+                acked += settle(&mut pending, targets);
+                if acked > reported {
+                    writer.response(&Response::Acked { blocks: acked }).await?;
+                    reported = acked;
+                }
+                continue;
+            }
+        };
+        let Some((frame, memory)) = frame else {
+            return Err(ServiceError::new(
+                ErrorKind::UnexpectedMessage,
+                format!("push stream of {label} ended without MapEnd"),
+            ));
+        };
+        match frame.kind {
+            FrameKind::Block => {
+                let block = Block::parse(frame.payload)?;
+                block
+                    .verify()
+                    .map_err(|e| ServiceError::new(ErrorKind::IntegrityMismatch, format!("block from {label}: {e}")))?;
+                let id = block.header.id;
+                if (id.map, id.attempt) != (map, attempt) {
+                    return Err(ServiceError::new(
+                        ErrorKind::UnexpectedMessage,
+                        format!("block of map {} attempt {} on the push stream of {label}", id.map, id.attempt),
+                    ));
+                }
+                let (group, copy) = hosted.copy_for(id.partition)?;
+                if !targets.contains_key(&group) {
+                    if targets.is_empty() {
+                        // The stream's frames count against the (first) copy it writes to.
+                        reader.account_to(&copy.shuffle.core.memory);
+                    }
+                    targets.insert(group, open_target(hosted, peers, group, copy, (map, attempt), kind).await?);
+                }
+                let target = targets.get_mut(&group).expect("inserted above");
+                let len = block.bytes.len() as u64;
+                let stored = target.copy.accept(&block.header, block.bytes.clone(), memory)?;
+                if let Accepted::Stored(Some(spill)) = stored {
+                    spawn_spill(target.copy.shuffle.clone(), spill);
+                }
+                let mut forwarded = None;
+                if let Some(forward) = &mut target.forward {
+                    match forward.send(block.bytes).await {
+                        Ok(()) => forwarded = Some((group, forward.sent)),
+                        Err(e) => {
+                            tracing::warn!(%label, replica = %forward.replica, error = %e, "forwarding failed; the primary goes on alone");
+                            target.forward = None;
+                        }
+                    }
+                }
+                received += 1;
+                if acks {
+                    pending.push_back(forwarded);
+                }
+                state.stats.received(hosted.spec.mode, len);
+            }
+            FrameKind::Request => match Request::decode(&frame.payload)? {
+                Request::MapEnd(end) => {
+                    prepare(hosted, label, (map, attempt), kind, end, targets).await?;
+                    if acks {
+                        writer.response(&Response::Acked { blocks: received }).await?;
+                    }
+                    writer.response(&Response::Prepared { map, attempt }).await?;
+                    return expect_end_of_stream(reader, label).await;
+                }
+                other => {
+                    return Err(ServiceError::new(
+                        ErrorKind::UnexpectedMessage,
+                        format!("{} request on the push stream of {label}", request_name(&other)),
+                    ));
+                }
+            },
+            FrameKind::Response => {
+                return Err(ServiceError::new(
+                    ErrorKind::UnexpectedMessage,
+                    format!("response frame on the push stream of {label}"),
+                ));
+            }
+        }
+    }
+}
+
+/// Checks that this worker may take `kind` pushes for `group`, and opens
+/// the forwarding to the replica if it is the primary of a replicated group.
+async fn open_target(
+    hosted: &Arc<HostedShuffle>,
+    peers: Option<&Arc<Peers>>,
+    group: u32,
+    copy: Arc<GroupCopy>,
+    (map, attempt): (MapId, AttemptId),
+    kind: PushKind,
+) -> Result<Target, ServiceError> {
+    let mut forward = None;
+    match kind {
+        PushKind::Primary => {
+            if !hosted.is_primary(group) {
+                return Err(ServiceError::new(
+                    ErrorKind::WrongRole,
+                    format!(
+                        "this worker holds the replica of group {group} of {}, not its primary: push to the primary, \
+                         or open a failover push if the primary is lost",
+                        hosted.label()
+                    ),
+                ));
+            }
+            copy.shuffle.begin_push(map, attempt)?;
+            if let (Some(replica), Some(peers)) = (hosted.replica_of(group), peers) {
+                match Forward::open(peers, replica.addr, (hosted.app.clone(), hosted.id), (map, attempt)).await {
+                    Ok(f) => forward = Some(f),
+                    Err(e) => tracing::warn!(
+                        shuffle = %hosted.label(), group, replica = %replica.id, error = %e,
+                        "the replica cannot be reached; the primary goes on alone"
+                    ),
+                }
+            }
+        }
+        PushKind::Failover | PushKind::Replica => copy.shuffle.check_push(map, attempt)?,
+    }
+    Ok(Target { copy, forward })
+}
+
+/// Pops the blocks that every live copy holds now; returns how many.
+fn settle(pending: &mut VecDeque<Option<(u32, u64)>>, targets: &BTreeMap<u32, Target>) -> u64 {
+    let mut n = 0;
+    while let Some(front) = pending.front() {
+        let held = match front {
+            None => true,
+            Some((group, index)) => match targets.get(group).and_then(|t| t.forward.as_ref()) {
+                Some(forward) => forward.acked() >= *index,
+                // The replica was left behind: the primary's copy is all there is.
+                None => true,
+            },
+        };
+        if !held {
+            break;
+        }
+        pending.pop_front();
+        n += 1;
+    }
+    n
+}
+
+/// Checks the attempt's declared totals in every copy it wrote to and has
+/// the replicas check theirs.
+async fn prepare(
+    hosted: &Arc<HostedShuffle>,
+    label: &str,
+    (map, attempt): (MapId, AttemptId),
+    kind: PushKind,
+    end: MapEnd,
+    targets: &mut BTreeMap<u32, Target>,
+) -> Result<(), ServiceError> {
+    if (end.map, end.attempt) != (map, attempt) {
+        return Err(ServiceError::new(
+            ErrorKind::UnexpectedMessage,
+            format!("MapEnd for map {} attempt {} on the push stream of {label}", end.map, end.attempt),
+        ));
+    }
+    let mut by_group: BTreeMap<u32, Vec<PartitionTotals>> = BTreeMap::new();
+    for t in end.partitions.iter().filter(|t| t.blocks > 0) {
+        let (group, copy) = hosted.copy_for(t.partition)?;
+        by_group.entry(group).or_default().push(*t);
+        if kind == PushKind::Failover && !targets.contains_key(&group) {
+            // The lost primary had forwarded every block the writer still
+            // had to resend: this copy holds them from its replica stream.
+            copy.shuffle.check_push(map, attempt)?;
+            targets.insert(group, Target { copy, forward: None });
+        }
+    }
+    if let Some(g) = by_group.keys().find(|g| !targets.contains_key(g)) {
+        return Err(ServiceError::new(
+            ErrorKind::IntegrityMismatch,
+            format!("{label} declared blocks for group {g}, but none arrived on this stream"),
+        ));
+    }
+    for (group, target) in targets.iter() {
+        target.copy.prepare(map, attempt, by_group.get(group).map(Vec::as_slice).unwrap_or(&[]))?;
+    }
+    for (group, target) in targets.iter_mut() {
+        let Some(forward) = &mut target.forward else { continue };
+        let partitions = by_group.remove(group).unwrap_or_default();
+        match forward.end(MapEnd { map, attempt, partitions }).await {
+            Ok(()) => {}
+            Err(e) if e.kind == ErrorKind::IntegrityMismatch => {
+                // The copies disagree: the attempt cannot commit.
+                return Err(ServiceError::new(
+                    ErrorKind::IntegrityMismatch,
+                    format!("the replica of group {group} disagrees about {label}: {}", e.message),
+                ));
+            }
+            Err(e) => {
+                tracing::warn!(%label, replica = %forward.replica, error = %e, "the replica did not verify; the primary goes on alone");
+            }
+        }
+    }
+    Ok(())
+}

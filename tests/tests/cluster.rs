@@ -1,0 +1,424 @@
+//! Cluster mode end to end: a coordinator and three workers as child
+//! processes on 127.0.0.1–127.0.0.4, real QUIC between them and to the
+//! client (a client on the workers' host moves to their Unix sockets).
+
+use shuffle_client::{ExchangeMode, ShuffleId};
+use shuffle_tests::{
+    cluster::Cluster,
+    exchange::{ExchangeParams, run_exchange_as, verify},
+};
+
+const W1: ExchangeParams =
+    ExchangeParams { records: 1_000_000, maps: 6, partitions: 12, seed: 71, mode: ExchangeMode::Hash };
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn w1_across_a_coordinator_and_three_workers_is_exact_in_every_mode_with_one_or_two_copies() {
+    let cluster = Cluster::start(3, &[]);
+    let client = cluster.connect("w1-cluster").await.unwrap();
+    assert!(client.is_cluster());
+    let mut id = 0;
+    for mode in [ExchangeMode::Hash, ExchangeMode::Sort, ExchangeMode::Hybrid] {
+        for replication in [1, 2] {
+            id += 1;
+            let params = ExchangeParams { mode, seed: W1.seed + id, ..W1 };
+            let spec = params.spec().replicated(replication);
+            let outcome = run_exchange_as(&client, ShuffleId(id as u32), params, spec)
+                .await
+                .unwrap_or_else(|e| panic!("{mode:?} replication {replication}: {e}"));
+            verify(params, outcome.received).unwrap_or_else(|e| panic!("{mode:?} replication {replication}: {e}"));
+        }
+    }
+    // Every worker held some of it.
+    let status = cluster.status();
+    for w in status["workers"].as_array().unwrap() {
+        assert!(w["shuffles_held"].as_u64().unwrap() > 0, "{w}");
+    }
+}
+
+use std::{
+    collections::BTreeSet,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use shuffle_client::{ClientError, CommitOutcome, ShuffleClient, ShuffleSpec};
+use shuffle_tests::{
+    exchange::{read_partition, write_map},
+    workload::{W1_KEY_LEN, W1_VALUE_LEN, W1Totals, map_range, splitmix64, w1_record},
+};
+
+/// Seeds of the fault tests: the one in `SHUFFLE_TEST_SEED`, or the time.
+fn seed() -> u64 {
+    let seed = std::env::var("SHUFFLE_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+    });
+    println!("seed {seed} (rerun with SHUFFLE_TEST_SEED={seed})");
+    seed
+}
+
+/// Runs W1's maps (attempt 0) as tasks; `committed` counts those done.
+fn spawn_maps(
+    client: &ShuffleClient,
+    shuffle: ShuffleId,
+    params: ExchangeParams,
+    committed: &Arc<AtomicU64>,
+) -> Vec<tokio::task::JoinHandle<Result<CommitOutcome, ClientError>>> {
+    (0..params.maps)
+        .map(|m| {
+            let (client, committed) = (client.clone(), committed.clone());
+            tokio::spawn(async move {
+                let outcome = write_map(&client, shuffle, params, m, 0).await;
+                committed.fetch_add(1, Ordering::AcqRel);
+                outcome
+            })
+        })
+        .collect()
+}
+
+/// Reads every partition, counting blocks read in `blocks`.
+async fn read_all(
+    client: &ShuffleClient,
+    shuffle: ShuffleId,
+    params: ExchangeParams,
+    blocks: &Arc<AtomicU64>,
+) -> W1Totals {
+    let readers: Vec<_> = (0..params.partitions)
+        .map(|p| {
+            let (client, blocks) = (client.clone(), blocks.clone());
+            tokio::spawn(async move {
+                let mut reader = client.reader(shuffle, p).await.map_err(|e| e.to_string())?;
+                let mut totals = W1Totals::default();
+                while let Some(block) = reader.next_block().await.map_err(|e| format!("partition {p}: {e}"))? {
+                    for (key, _) in block.records() {
+                        totals.add_key(key);
+                    }
+                    blocks.fetch_add(1, Ordering::AcqRel);
+                }
+                Ok::<_, String>(totals)
+            })
+        })
+        .collect();
+    let mut totals = W1Totals::default();
+    for r in readers {
+        totals.merge(r.await.unwrap().unwrap());
+    }
+    totals
+}
+
+async fn wait_for(counter: &AtomicU64, at_least: u64) {
+    while counter.load(Ordering::Acquire) < at_least {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_two_copies_a_worker_killed_while_maps_push_loses_nothing_and_reruns_nothing() {
+    let seed = seed();
+    for (i, mode) in [ExchangeMode::Hash, ExchangeMode::Sort, ExchangeMode::Hybrid].into_iter().enumerate() {
+        let mut cluster = Cluster::start(3, &[]);
+        let client = cluster.connect("kill-maps").await.unwrap();
+        let params = ExchangeParams { records: 600_000, maps: 6, partitions: 12, seed: seed ^ i as u64, mode };
+        let shuffle = ShuffleId(1);
+        client.register_shuffle(shuffle, params.spec().replicated(2)).await.unwrap();
+        let committed = Arc::new(AtomicU64::new(0));
+        let maps = spawn_maps(&client, shuffle, params, &committed);
+        let blocks = Arc::new(AtomicU64::new(0));
+        let reading = {
+            let (client, blocks) = (client.clone(), blocks.clone());
+            tokio::spawn(async move { read_all(&client, shuffle, params, &blocks).await })
+        };
+        let victim = (splitmix64(seed + i as u64) % 3) as usize;
+        let after = splitmix64(seed ^ 0x5eed) % u64::from(params.maps - 1);
+        wait_for(&committed, after).await;
+        println!("{mode:?}: killing worker {victim} after {after} maps committed");
+        cluster.kill_worker(victim);
+        for (m, task) in maps.into_iter().enumerate() {
+            // Every map's first attempt commits: nothing runs again.
+            assert_eq!(task.await.unwrap().unwrap(), CommitOutcome::Committed, "{mode:?} map {m}");
+        }
+        let received = reading.await.unwrap();
+        verify(params, received).unwrap_or_else(|e| panic!("{mode:?}: {e}"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_two_copies_a_worker_killed_while_readers_read_loses_nothing() {
+    let seed = seed();
+    for (i, mode) in [ExchangeMode::Hash, ExchangeMode::Sort].into_iter().enumerate() {
+        let mut cluster = Cluster::start(3, &[]);
+        let client = cluster.connect("kill-reads").await.unwrap();
+        let params = ExchangeParams { records: 600_000, maps: 4, partitions: 12, seed: seed ^ (7 + i as u64), mode };
+        let shuffle = ShuffleId(1);
+        client.register_shuffle(shuffle, params.spec().replicated(2)).await.unwrap();
+        let committed = Arc::new(AtomicU64::new(0));
+        for task in spawn_maps(&client, shuffle, params, &committed) {
+            assert_eq!(task.await.unwrap().unwrap(), CommitOutcome::Committed);
+        }
+        let blocks = Arc::new(AtomicU64::new(0));
+        let reading = {
+            let (client, blocks) = (client.clone(), blocks.clone());
+            tokio::spawn(async move { read_all(&client, shuffle, params, &blocks).await })
+        };
+        let victim = (splitmix64(seed + 11 + i as u64) % 3) as usize;
+        let after = 1 + splitmix64(seed ^ 0xb10c) % 200;
+        wait_for(&blocks, after).await;
+        println!("{mode:?}: killing worker {victim} after {after} blocks were read");
+        cluster.kill_worker(victim);
+        verify(params, reading.await.unwrap()).unwrap_or_else(|e| panic!("{mode:?}: {e}"));
+    }
+}
+
+/// Map `m` of a skewed W1 writes only to partitions `p` with `p % maps == m`,
+/// so losing a worker loses exactly the maps of its partitions.
+async fn write_skewed(
+    client: &ShuffleClient,
+    shuffle: ShuffleId,
+    params: ExchangeParams,
+    (m, attempt): (u32, u32),
+) -> CommitOutcome {
+    let mut writer = client.writer(shuffle, m, attempt).await.unwrap();
+    let (mut key, mut value) = ([0u8; W1_KEY_LEN], [0u8; W1_VALUE_LEN]);
+    let per_map = params.partitions / params.maps;
+    for i in map_range(params.records, params.maps, m) {
+        w1_record(params.seed, i, &mut key, &mut value);
+        let p = (splitmix64(i) % u64::from(per_map)) as u32 * params.maps + m;
+        writer.write(p, &key, &value).await.unwrap();
+    }
+    writer.finish().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_one_copy_readers_name_exactly_the_lost_maps_and_their_re_runs_repair_the_shuffle() {
+    let seed = seed();
+    let mut cluster = Cluster::start(3, &[]);
+    let client = cluster.connect("lost-maps").await.unwrap();
+    let params = ExchangeParams { records: 240_000, maps: 6, partitions: 12, seed, mode: ExchangeMode::Hash };
+    let shuffle = ShuffleId(1);
+    client.register_shuffle(shuffle, params.spec()).await.unwrap();
+    for m in 0..params.maps {
+        assert_eq!(write_skewed(&client, shuffle, params, (m, 0)).await, CommitOutcome::Committed);
+    }
+    let placement = client.placement(shuffle).await.unwrap().unwrap();
+    let victim = (splitmix64(seed) % 3) as usize;
+    let victim_id = format!("w{victim}");
+    let index = placement.index_of(&victim_id).expect("every worker holds a group");
+    let lost_partitions: Vec<u32> =
+        (0..params.partitions).filter(|p| placement.group_of(*p).unwrap().1.copies == vec![index]).collect();
+    let expected: BTreeSet<u32> = lost_partitions.iter().map(|p| p % params.maps).collect();
+    println!("killing {victim_id}, which holds partitions {lost_partitions:?} of maps {expected:?}");
+    cluster.kill_worker(victim);
+
+    // Every partition of the lost worker names exactly its maps; the others read.
+    let mut lost = BTreeSet::new();
+    for p in 0..params.partitions {
+        let read = async {
+            let mut reader = client.reader(shuffle, p).await?;
+            while reader.next_block().await?.is_some() {}
+            Ok::<_, ClientError>(())
+        };
+        match read.await {
+            Ok(()) => assert!(!lost_partitions.contains(&p), "partition {p} was on the lost worker"),
+            Err(ClientError::PartitionLost { partition, maps, .. }) => {
+                assert_eq!(partition, p);
+                assert!(lost_partitions.contains(&p), "partition {p} was not on the lost worker");
+                lost.extend(maps);
+            }
+            Err(e) => panic!("partition {p}: {e}"),
+        }
+    }
+    assert_eq!(lost, expected);
+    // Re-running exactly those maps (new attempts) repairs the shuffle; the others stay committed.
+    for m in 0..params.maps {
+        let rerun = client.writer(shuffle, m, 1).await;
+        if expected.contains(&m) {
+            drop(rerun.unwrap());
+            assert_eq!(write_skewed(&client, shuffle, params, (m, 1)).await, CommitOutcome::Committed);
+        } else {
+            let e = rerun.err().expect("a map that lost nothing is not re-run");
+            assert_eq!(e.service_kind(), Some(shuffle_client::ErrorKind::AttemptSuperseded), "{e}");
+        }
+    }
+    let blocks = Arc::new(AtomicU64::new(0));
+    verify(params, read_all(&client, shuffle, params, &blocks).await).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_attempts_of_a_map_finishing_in_any_order_commit_one_attempt_everywhere() {
+    let seed = seed();
+    let cluster = Cluster::start(3, &[]);
+    let client = cluster.connect("attempts").await.unwrap();
+    for round in 0..4u32 {
+        let shuffle = ShuffleId(round);
+        let params = ExchangeParams {
+            records: 60_000,
+            maps: 1,
+            partitions: 6,
+            seed: seed + u64::from(round),
+            mode: ExchangeMode::Hash,
+        };
+        client.register_shuffle(shuffle, params.spec()).await.unwrap();
+        // Two attempts write different values for the same records, to every worker.
+        let mut writers = Vec::new();
+        for attempt in 0..2u32 {
+            let mut w = client.writer(shuffle, 0, attempt).await.unwrap();
+            let (mut key, mut value) = ([0u8; W1_KEY_LEN], [0u8; W1_VALUE_LEN]);
+            for i in 0..params.records {
+                w1_record(params.seed, i, &mut key, &mut value);
+                value[0] = b'a' + attempt as u8;
+                w.write(shuffle_tests::workload::w1_partition(&key, params.partitions), &key, &value).await.unwrap();
+            }
+            writers.push(w);
+        }
+        // Their MapEnds reach the workers in an order the seed picks, or all at once.
+        let (w1, w0) = (writers.pop().unwrap(), writers.pop().unwrap());
+        let outcomes = match splitmix64(seed ^ u64::from(round)) % 3 {
+            0 => (w0.finish().await.unwrap(), w1.finish().await.unwrap()),
+            1 => {
+                let b = w1.finish().await.unwrap();
+                (w0.finish().await.unwrap(), b)
+            }
+            _ => {
+                let (a, b) = tokio::join!(w0.finish(), w1.finish());
+                (a.unwrap(), b.unwrap())
+            }
+        };
+        let winner = match outcomes {
+            (CommitOutcome::Committed, CommitOutcome::Refused { committed_attempt: 0 }) => 0u8,
+            (CommitOutcome::Refused { committed_attempt: 1 }, CommitOutcome::Committed) => 1u8,
+            other => panic!("round {round}: not exactly one winner: {other:?}"),
+        };
+        // Every partition, on every worker, holds the winner's records only.
+        let mut records = 0;
+        for p in 0..params.partitions {
+            let mut reader = client.reader(shuffle, p).await.unwrap();
+            while let Some(block) = reader.next_block().await.unwrap() {
+                for (_, value) in block.records() {
+                    assert_eq!(value[0], b'a' + winner, "round {round}: partition {p} holds the other attempt");
+                    records += 1;
+                }
+            }
+        }
+        assert_eq!(records, params.records);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_coordinator_killed_and_restarted_mid_job_loses_no_commit() {
+    let seed = seed();
+    let mut cluster = Cluster::start(3, &[]);
+    let client = cluster.connect("coordinator-restart").await.unwrap();
+    for (i, replication) in [1u8, 2].into_iter().enumerate() {
+        let shuffle = ShuffleId(i as u32);
+        let params = ExchangeParams {
+            records: 600_000,
+            maps: 8,
+            partitions: 12,
+            seed: seed + i as u64,
+            mode: ExchangeMode::Hash,
+        };
+        client.register_shuffle(shuffle, params.spec().replicated(replication)).await.unwrap();
+        let committed = Arc::new(AtomicU64::new(0));
+        let maps = spawn_maps(&client, shuffle, params, &committed);
+        let after = 1 + splitmix64(seed ^ i as u64) % u64::from(params.maps - 2);
+        wait_for(&committed, after).await;
+        println!("replication {replication}: killing the coordinator after {after} maps committed");
+        cluster.kill_coordinator();
+        let down = Duration::from_millis(200 + splitmix64(seed) % 800);
+        tokio::time::sleep(down).await;
+        cluster.start_coordinator();
+        for task in maps {
+            assert_eq!(task.await.unwrap().unwrap(), CommitOutcome::Committed);
+        }
+        let blocks = Arc::new(AtomicU64::new(0));
+        verify(params, read_all(&client, shuffle, params, &blocks).await).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_silent_worker_is_lost_takes_no_new_shuffle_and_rejoins_when_it_is_back() {
+    let cluster = Cluster::start(3, &[]);
+    let client = cluster.connect("silent").await.unwrap();
+    let params = ExchangeParams { records: 50_000, maps: 2, partitions: 6, seed: 3, mode: ExchangeMode::Hash };
+    client.register_shuffle(ShuffleId(1), params.spec()).await.unwrap();
+    cluster.signal_worker(2, libc::SIGSTOP);
+    cluster.wait_until(Duration::from_secs(10), "w2 lost", |c| c.worker_state("w2").as_deref() == Some("Lost"));
+    client.register_shuffle(ShuffleId(2), params.spec()).await.unwrap();
+    let placement = client.placement(ShuffleId(2)).await.unwrap().unwrap();
+    assert!(placement.workers.iter().all(|w| w.id != "w2"), "a lost worker takes no new shuffle: {placement:?}");
+    // Back, it registers again with what it holds; its copies were moved, so it drops them.
+    cluster.signal_worker(2, libc::SIGCONT);
+    cluster.wait_until(Duration::from_secs(10), "w2 live", |c| c.worker_state("w2").as_deref() == Some("Live"));
+    let worker_status: serde_json::Value = serde_json::from_str(&cluster.worker(2).http_get("/status")).unwrap();
+    cluster.wait_until(Duration::from_secs(10), "w2 to drop its moved copies", |c| {
+        let s: serde_json::Value = serde_json::from_str(&c.worker(2).http_get("/status")).unwrap();
+        s["apps"].as_array().is_none_or(|a| a.iter().all(|a| a["shuffles"].as_array().is_none_or(|s| s.is_empty())))
+    });
+    let _ = worker_status;
+    // Both shuffles still run exactly on the others.
+    for id in [1, 2] {
+        let outcome = run_exchange_as(&client, ShuffleId(id), params, params.spec()).await.unwrap();
+        verify(params, outcome.received).unwrap();
+    }
+    // And new shuffles may land on it again.
+    client.register_shuffle(ShuffleId(3), ShuffleSpec::hash(1, 30)).await.unwrap();
+    let placement = client.placement(ShuffleId(3)).await.unwrap().unwrap();
+    assert!(placement.workers.iter().any(|w| w.id == "w2"), "{placement:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rolling_restart_of_a_worker_keeps_its_committed_shuffles() {
+    let mut cluster = Cluster::start_with_timeout(3, &[], "10s");
+    let client = cluster.connect("rolling").await.unwrap();
+    let params = ExchangeParams { records: 300_000, maps: 3, partitions: 9, seed: 5, mode: ExchangeMode::Sort };
+    let shuffle = ShuffleId(1);
+    client.register_shuffle(shuffle, params.spec()).await.unwrap();
+    let committed = Arc::new(AtomicU64::new(0));
+    for task in spawn_maps(&client, shuffle, params, &committed) {
+        assert_eq!(task.await.unwrap().unwrap(), CommitOutcome::Committed);
+    }
+    for i in 0..3 {
+        assert_eq!(cluster.stop_worker(i), Some(0), "SIGTERM drains and exits 0");
+        cluster.start_worker(i);
+        cluster.wait_for_workers(3);
+    }
+    for p in 0..params.partitions {
+        read_partition(&client, shuffle, p, params.partitions).await.unwrap();
+    }
+    let blocks = Arc::new(AtomicU64::new(0));
+    verify(params, read_all(&client, shuffle, params, &blocks).await).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_decommissioned_worker_takes_nothing_new_lets_its_readers_finish_and_exits_zero() {
+    let mut cluster = Cluster::start(3, &[]);
+    let client = cluster.connect("decommission").await.unwrap();
+    let params = ExchangeParams { records: 600_000, maps: 4, partitions: 12, seed: 9, mode: ExchangeMode::Hash };
+    let shuffle = ShuffleId(1);
+    client.register_shuffle(shuffle, params.spec()).await.unwrap();
+    let committed = Arc::new(AtomicU64::new(0));
+    let maps = spawn_maps(&client, shuffle, params, &committed);
+    let blocks = Arc::new(AtomicU64::new(0));
+    let reading = {
+        let (client, blocks) = (client.clone(), blocks.clone());
+        tokio::spawn(async move { read_all(&client, shuffle, params, &blocks).await })
+    };
+    wait_for(&committed, 1).await;
+    cluster.worker(1).http("POST", "/decommission");
+    cluster.wait_until(Duration::from_secs(10), "w1 decommissioning", |c| {
+        c.worker_state("w1").as_deref() == Some("Decommissioning")
+    });
+    client.register_shuffle(ShuffleId(2), ShuffleSpec::hash(1, 30)).await.unwrap();
+    let placement = client.placement(ShuffleId(2)).await.unwrap().unwrap();
+    assert!(placement.workers.iter().all(|w| w.id != "w1"), "no new shuffle on a draining worker");
+    for task in maps {
+        assert_eq!(task.await.unwrap().unwrap(), CommitOutcome::Committed);
+    }
+    verify(params, reading.await.unwrap()).unwrap();
+    // Still needed until the job lets go of its shuffle; then it exits 0.
+    assert_eq!(cluster.worker_mut(1).wait_exit(Duration::from_millis(300)), None);
+    client.unregister_shuffle(shuffle).await.unwrap();
+    assert_eq!(cluster.worker_mut(1).wait_exit(Duration::from_secs(20)), Some(0));
+}
