@@ -104,6 +104,8 @@ pub(crate) struct EngineInner {
     next_id: AtomicU64,
     /// Next shuffle id: every run of a job gets fresh shuffles.
     next_shuffle: AtomicU32,
+    /// Every re-run of lost maps since the engine started.
+    pub reruns: Arc<std::sync::Mutex<Vec<crate::MapRerun>>>,
     #[cfg(feature = "embedded")]
     embedded: Option<EmbeddedServer>,
 }
@@ -218,10 +220,17 @@ impl Engine {
                 options: Arc::new(options),
                 next_id: AtomicU64::new(1),
                 next_shuffle: AtomicU32::new(1),
+                reruns: Arc::default(),
                 #[cfg(feature = "embedded")]
                 embedded,
             }),
         }
+    }
+
+    /// Every re-run of lost maps (shuffle data lost with a cluster worker,
+    /// replication 1) since the engine started, oldest first.
+    pub fn map_reruns(&self) -> Vec<crate::MapRerun> {
+        self.inner.reruns.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// The app the engine's jobs run as, and its secret: hand them to other
@@ -235,10 +244,17 @@ impl Engine {
         &self.inner.options
     }
 
-    /// The transport the engine's exchanges cross: `unix` (the server's
-    /// socket on this host) or `quic`.
+    /// The transport the engine's exchanges cross: `cluster` (through a
+    /// coordinator to its workers, each over its Unix socket when on this
+    /// host), `unix` (the server's socket on this host) or `quic`.
     pub fn transport(&self) -> &'static str {
-        if self.inner.client.unix_socket().is_some() { "unix" } else { "quic" }
+        if self.inner.client.is_cluster() {
+            "cluster"
+        } else if self.inner.client.unix_socket().is_some() {
+            "unix"
+        } else {
+            "quic"
+        }
     }
 
     /// Block bytes this engine's writers have pushed to the service.

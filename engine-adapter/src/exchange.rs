@@ -138,6 +138,15 @@ pub(crate) fn encode_key<K: Serialize>(key: &K, buf: &mut Vec<u8>) -> Result<(),
     key.serialize(&mut serializer).map_err(|e| EngineError::Encode(e.to_string()))
 }
 
+/// The partition of `partitions` a hash exchange sends `key` to (keys are
+/// encoded order-preserving, then hashed with xxhash64): lets a user
+/// co-partition data outside the engine.
+pub fn hash_partition<K: Serialize>(key: &K, partitions: u32) -> Result<u32, EngineError> {
+    let mut buf = Vec::new();
+    encode_key(key, &mut buf)?;
+    Ok(Partitioner::Hash { partitions: partitions.max(1) }.partition(&buf))
+}
+
 /// Encodes a value, behind its creation time when the job streams.
 pub(crate) fn encode_value<V: Serialize>(
     value: &V,

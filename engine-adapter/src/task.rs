@@ -69,6 +69,8 @@ pub(crate) struct TaskContext {
     pub shuffles: Arc<HashMap<u64, RunShuffle>>,
     /// The engine's options.
     pub options: Arc<EngineOptions>,
+    /// The engine's log of lost maps re-run.
+    pub reruns: Arc<std::sync::Mutex<Vec<crate::executor::MapRerun>>>,
 }
 
 impl TaskContext {

@@ -36,7 +36,7 @@ async fn w1_across_a_coordinator_and_three_workers_is_exact_in_every_mode_with_o
 }
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeSet, HashMap},
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -421,4 +421,107 @@ async fn a_decommissioned_worker_takes_nothing_new_lets_its_readers_finish_and_e
     assert_eq!(cluster.worker_mut(1).wait_exit(Duration::from_millis(300)), None);
     client.unregister_shuffle(shuffle).await.unwrap();
     assert_eq!(cluster.worker_mut(1).wait_exit(Duration::from_secs(20)), Some(0));
+}
+
+/// The engine's batch executor, connected to the coordinator, loses a
+/// worker (replication 1) after its map phase: it re-runs exactly the maps
+/// whose blocks were on it and the job's result is exact.
+#[test]
+fn with_one_copy_the_engine_re_runs_exactly_the_lost_maps_and_ends_exact() {
+    use engine_adapter::{Engine, EngineOptions, ExecutionMode, hash_partition};
+    use std::sync::{Mutex, atomic::AtomicU32};
+
+    const MAPS: u32 = 6;
+    const PARTITIONS: u32 = 12;
+    const RECORDS: u64 = 60_000;
+    let seed = seed();
+    let cluster = Arc::new(Mutex::new(Cluster::start(3, &[])));
+    let (addr, options) = {
+        let c = cluster.lock().unwrap();
+        (c.coordinator_addr, c.options(""))
+    };
+    // Map m emits one key, in partition 2m: each map writes one partition.
+    let keys: Vec<u64> =
+        (0..MAPS).map(|m| (0u64..).find(|k| hash_partition(k, PARTITIONS).unwrap() == 2 * m).unwrap()).collect();
+    let first_of = |m: u32| u64::from(m) * RECORDS / u64::from(MAPS);
+    let runs: Arc<Vec<AtomicU32>> = Arc::new((0..MAPS).map(|_| AtomicU32::new(0)).collect());
+    let engine =
+        Engine::connect(addr, options.clone(), EngineOptions { batch_task_slots: 1, ..EngineOptions::default() })
+            .unwrap();
+    assert_eq!(engine.transport(), "cluster");
+
+    let expected_lost: Arc<Mutex<Option<BTreeSet<u32>>>> = Arc::default();
+    let hook = {
+        let (cluster, expected_lost) = (cluster.clone(), expected_lost.clone());
+        let credentials = engine.credentials().clone();
+        let options = options.clone();
+        move |key: u64| {
+            let mut expected = expected_lost.lock().unwrap();
+            if expected.is_some() {
+                return;
+            }
+            // The map phase is over and this part was read: find where the
+            // unread partitions live, and kill a worker that holds some.
+            let mut join = options.clone();
+            join.app = credentials.app.clone();
+            join.secret = Some(credentials.secret.clone());
+            let placement = std::thread::spawn(move || {
+                let rt = tokio::runtime::Runtime::new().unwrap();
+                rt.block_on(async {
+                    let client = ShuffleClient::connect(addr, join).await.unwrap();
+                    client.placement(ShuffleId(1)).await.unwrap().expect("the job's shuffle is placed")
+                })
+            })
+            .join()
+            .unwrap();
+            let read = hash_partition(&key, PARTITIONS).unwrap();
+            let (read_group, _) = placement.group_of(read).unwrap();
+            let candidates: Vec<(usize, BTreeSet<u32>)> = (0..3usize)
+                .filter_map(|w| {
+                    let index = placement.index_of(&format!("w{w}"))?;
+                    let lost: BTreeSet<u32> = (0..MAPS)
+                        .filter(|m| {
+                            let (g, group) = placement.group_of(2 * m).unwrap();
+                            group.copies == vec![index] && g != read_group
+                        })
+                        .collect();
+                    (!lost.is_empty() && placement.group_of(read).unwrap().1.copies != vec![index]).then_some((w, lost))
+                })
+                .collect();
+            assert!(!candidates.is_empty(), "no worker holds unread data: {placement:?}");
+            let (victim, lost) = candidates[(splitmix64(seed) % candidates.len() as u64) as usize].clone();
+            println!("killing w{victim} after partition {read} was read; its maps {lost:?} are lost");
+            cluster.lock().unwrap().kill_worker(victim);
+            *expected = Some(lost);
+        }
+    };
+    let counted = runs.clone();
+    let want: HashMap<u64, u64> = (0..MAPS).map(|m| (keys[m as usize], first_of(m + 1) - first_of(m))).collect();
+    let result: HashMap<u64, u64> = engine
+        .generate(RECORDS, MAPS, move |i| {
+            let m = (0..MAPS).rev().find(|m| i >= first_of(*m)).unwrap();
+            if i == first_of(m) {
+                counted[m as usize].fetch_add(1, Ordering::Relaxed);
+            }
+            (keys[m as usize], 1u64)
+        })
+        .reduce_by_key(|a, b| a + b, PARTITIONS)
+        .map(move |(k, v)| {
+            hook(k);
+            (k, v)
+        })
+        .collect(ExecutionMode::Batch)
+        .unwrap()
+        .into_iter()
+        .collect();
+    // Exact: every map's records counted once.
+    assert_eq!(result, want);
+    // Exactly the lost maps ran again, once each; the others ran once.
+    let lost = expected_lost.lock().unwrap().clone().expect("a worker was killed");
+    let reran: BTreeSet<u32> = (0..MAPS).filter(|m| runs[*m as usize].load(Ordering::Relaxed) > 1).collect();
+    assert_eq!(reran, lost, "maps run again");
+    assert!(runs.iter().all(|r| r.load(Ordering::Relaxed) <= 2));
+    let reruns = engine.map_reruns();
+    assert_eq!(reruns.len(), 1, "{reruns:?}");
+    assert_eq!(reruns[0].maps.iter().copied().collect::<BTreeSet<u32>>(), lost);
 }
