@@ -28,6 +28,26 @@ async fn w1_across_a_coordinator_and_three_workers_is_exact_in_every_mode_with_o
             verify(params, outcome.received).unwrap_or_else(|e| panic!("{mode:?} replication {replication}: {e}"));
         }
     }
+    // The coordinator's status lists every worker with its state, heartbeat,
+    // memory, disk and the shuffles it holds; its metrics the totals.
+    let status = cluster.status();
+    let workers = status["workers"].as_array().expect("workers");
+    assert_eq!(workers.len(), 3, "{status}");
+    for w in workers {
+        assert_eq!(w["state"], "Live", "{w}");
+        assert!(w["last_heartbeat_seconds_ago"].as_f64().unwrap() < 5.0, "{w}");
+        assert!(w["memory_budget_bytes"].as_u64().unwrap() > 0, "{w}");
+        assert!(w["memory_used_bytes"].is_u64() && w["disk_free_bytes"].as_u64().unwrap() > 0, "{w}");
+        assert_eq!(w["shuffles_held"], 6, "every shuffle has a group on every worker: {w}");
+    }
+    let metrics = cluster.coordinator().http_get("/metrics");
+    for line in [
+        "shuffle_cluster_workers{state=\"live\"} 3",
+        "shuffle_cluster_shuffles 6",
+        "shuffle_cluster_decisions_total 36",
+    ] {
+        assert!(metrics.contains(line), "{line} missing from:\n{metrics}");
+    }
     // Every worker held some of it.
     let status = cluster.status();
     for w in status["workers"].as_array().unwrap() {
