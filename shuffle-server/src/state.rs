@@ -82,6 +82,9 @@ pub struct ServiceState {
     pub worker_id: String,
     /// On a cluster's worker: set when it is decommissioned (it takes no new shuffles).
     pub decommissioning: std::sync::atomic::AtomicBool,
+    /// Set when a graceful shutdown writes everything down (see
+    /// [`crate::storage::StorageEnv::reserve`]).
+    pub reserve_released: Arc<std::sync::atomic::AtomicBool>,
     /// On a cluster's worker: connections to other workers (for replication).
     pub peers: std::sync::OnceLock<Arc<Peers>>,
 }
@@ -151,6 +154,7 @@ impl ServiceState {
             active_readers: std::sync::atomic::AtomicUsize::new(0),
             worker_id: String::new(),
             decommissioning: std::sync::atomic::AtomicBool::new(false),
+            reserve_released: Arc::default(),
             peers: std::sync::OnceLock::new(),
         })
     }
@@ -184,6 +188,7 @@ impl ServiceState {
             stats: self.stats.clone(),
             flush_size: self.config.flush_size.as_u64() as usize,
             disk_reserve: self.config.disk_reserve.as_u64(),
+            reserve_released: self.reserve_released.clone(),
         }
     }
 
@@ -579,6 +584,8 @@ impl ServiceState {
     /// A shuffle that cannot be persisted is logged and will not be served
     /// after the restart. Blocking I/O.
     pub fn persist_all(&self) -> (usize, usize) {
+        // What is committed may now use the disk reserve to reach the disk.
+        self.reserve_released.store(true, std::sync::atomic::Ordering::Release);
         type Persisted = (AppId, AppSecret, Vec<Arc<Shuffle>>, Vec<Arc<HostedShuffle>>);
         let apps: Vec<Persisted> = lock(&self.apps)
             .iter()

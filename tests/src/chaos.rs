@@ -534,10 +534,24 @@ async fn run_map(client: &ShuffleClient, plan: &Plan, map: u32) -> Result<(), Cl
                     write_map(client, plan, map, 10, None, None),
                     write_map(client, plan, map, 11, None, None)
                 );
-                let outcomes = [a?, b?];
-                let committed = outcomes.iter().filter(|o| **o == CommitOutcome::Committed).count();
-                if committed != 1 {
-                    return Err(ClientError::Protocol(format!("duplicate attempts: {outcomes:?}")));
+                // The loser is refused at its end, or told mid-push that the
+                // other attempt (or every map) has committed.
+                let lost_mid_push = |r: &Result<CommitOutcome, ClientError>| {
+                    r.as_ref()
+                        .err()
+                        .and_then(ClientError::service_kind)
+                        .is_some_and(|k| matches!(k, ErrorKind::AttemptSuperseded | ErrorKind::ShuffleSealed))
+                };
+                let committed = [&a, &b].iter().filter(|r| matches!(r, Ok(CommitOutcome::Committed))).count();
+                let refused = [&a, &b]
+                    .iter()
+                    .filter(|r| matches!(r, Ok(CommitOutcome::Refused { .. })) || lost_mid_push(r))
+                    .count();
+                if committed != 1 || refused != 1 {
+                    for r in [a, b] {
+                        r?;
+                    }
+                    return Err(ClientError::Protocol("duplicate attempts: not exactly one committed".into()));
                 }
                 return Ok(());
             }

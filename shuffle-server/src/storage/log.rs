@@ -534,7 +534,7 @@ impl ModeStorage for LogStorage {
         };
         let total: u64 = chunks.iter().map(|c| c.len() as u64).sum();
         self.take_quota(total);
-        let written = file.append(&chunks, core.env.disk_reserve);
+        let written = file.append(&chunks, core.env.reserve());
         let mut log = lock(slot);
         log.flushing = false;
         let start = match written {

@@ -49,6 +49,17 @@ pub struct StorageEnv {
     pub flush_size: usize,
     /// Free bytes every write must leave on the data dir's filesystem.
     pub disk_reserve: u64,
+    /// Set once a graceful shutdown writes everything committed down: the
+    /// reserve is kept for exactly that, so those writes may use it (they
+    /// still fail, as `DiskFull`, if the disk itself is full).
+    pub reserve_released: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl StorageEnv {
+    /// The reserve a write must leave free now.
+    pub fn reserve(&self) -> u64 {
+        if self.reserve_released.load(std::sync::atomic::Ordering::Acquire) { 0 } else { self.disk_reserve }
+    }
 }
 
 /// The parts of a shuffle every mode's storage needs.
@@ -326,7 +337,13 @@ pub(crate) mod testing {
 
     /// An environment with a budget of `budget` bytes and a flush size of `flush`.
     pub fn env(budget: usize, flush: usize) -> StorageEnv {
-        StorageEnv { pool: MemoryPool::new(budget), stats: Arc::default(), flush_size: flush, disk_reserve: 0 }
+        StorageEnv {
+            pool: MemoryPool::new(budget),
+            stats: Arc::default(),
+            flush_size: flush,
+            disk_reserve: 0,
+            reserve_released: Arc::default(),
+        }
     }
 
     /// A shuffle core for `spec` in a fresh temporary directory.

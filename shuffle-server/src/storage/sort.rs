@@ -293,7 +293,7 @@ impl ModeStorage for SortStorage {
             data.flushing = true;
             (start, end, chunks, file)
         };
-        let written = file.append(&chunks, core.env.disk_reserve);
+        let written = file.append(&chunks, core.env.reserve());
         let mut data = lock(&slot);
         data.flushing = false;
         let mut at = written?;
