@@ -227,17 +227,8 @@ impl ShuffleClient {
     /// the reader reads them (checking every block as it would a frame).
     pub async fn reader(&self, shuffle: ShuffleId, partition: PartitionId) -> Result<PartitionReader, ClientError> {
         let direct = self.same_host() && self.inner.options.direct_reads;
-        let request = if direct {
-            Request::OpenPartitionDirect { shuffle, partition }
-        } else {
-            Request::OpenPartition { shuffle, partition }
-        };
-        let (_send, mut reader) = open_request(self.next_link(&self.inner.reads), &request, true).await?;
-        if direct {
-            // Nothing was read from the stream yet: every descriptor the server passes is kept.
-            reader.receive_files();
-        }
-        Ok(PartitionReader::new(reader, shuffle, partition))
+        // The reader opens its stream on its first call, which says whether it reads by key.
+        Ok(PartitionReader::new(self.next_link(&self.inner.reads).clone(), direct, shuffle, partition))
     }
 
     /// Closes the links gracefully and waits for the server to see it.

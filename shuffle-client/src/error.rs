@@ -43,6 +43,14 @@ pub enum ClientError {
     #[error("integrity check failed for shuffle {shuffle}, partition {partition}{}: {detail}",
         .map.map(|m| format!(", map {m}")).unwrap_or_default())]
     Integrity { shuffle: ShuffleId, partition: PartitionId, map: Option<MapId>, detail: String },
+    /// A key-ordered read cannot merge the partition's runs within its
+    /// memory budget: it needs at least one block of each run at once.
+    #[error(
+        "merging the {runs} sorted runs of partition {partition} of shuffle {shuffle} needs at least {needed} bytes \
+         (a block of each), over the reader's budget of {budget}: give the reader more memory or the writers larger \
+         sort buffers (fewer runs)"
+    )]
+    MergeMemory { shuffle: ShuffleId, partition: PartitionId, runs: usize, needed: usize, budget: usize },
 }
 
 impl ClientError {

@@ -16,7 +16,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     auth,
     push::{handle_push, request_name},
-    read::handle_read,
+    read::{handle_read, handle_read_by_key},
     state::{AppSession, ServiceState},
     stats::ServerStats,
     telemetry,
@@ -246,7 +246,11 @@ pub async fn serve_stream<R, W>(
             Request::OpenPartitionDirect { shuffle, partition } if can_pass_files => {
                 handle_read(state, session, (shuffle, partition), &mut writer, &ctx.shutdown, true).await
             }
-            Request::OpenPartitionDirect { .. } => Err(ServiceError::new(
+            Request::OpenPartitionByKey { shuffle, partition, direct } if can_pass_files || !direct => {
+                let streams = (&mut reader, &mut writer);
+                handle_read_by_key(state, session, (shuffle, partition), streams, &ctx.shutdown, direct).await
+            }
+            Request::OpenPartitionDirect { .. } | Request::OpenPartitionByKey { .. } => Err(ServiceError::new(
                 ErrorKind::UnexpectedMessage,
                 "direct reads pass open files, which only the server's Unix socket can carry",
             )),

@@ -191,6 +191,8 @@ pub fn request_name(request: &Request) -> &'static str {
         Request::MapEnd(_) => "MapEnd",
         Request::OpenPartition { .. } => "OpenPartition",
         Request::OpenPartitionDirect { .. } => "OpenPartitionDirect",
+        Request::OpenPartitionByKey { .. } => "OpenPartitionByKey",
+        Request::ReadRun { .. } => "ReadRun",
     }
 }
 

@@ -17,7 +17,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use shuffle_protocol::{AttemptId, BlockHeader, ErrorKind, MapId, PartitionId, ServiceError};
+use shuffle_protocol::{AttemptId, BlockHeader, ErrorKind, MapId, PartitionId, RunInfo, ServiceError};
 
 use super::{
     BlockRef, DataFile, ModeStorage, ReadBatch, ReadCursor, Servable, ShuffleCore, SpillTarget, lock,
@@ -247,6 +247,31 @@ impl ModeStorage for SortStorage {
             cursor.index += 1;
         }
         Ok(batch)
+    }
+
+    fn runs(&self, partition: PartitionId) -> Option<Vec<RunInfo>> {
+        let mut runs = Vec::new();
+        for (map, slot) in self.committed.iter().enumerate() {
+            let Some(committed) = lock(slot).clone() else { continue };
+            let range = committed.partition_range(partition);
+            let data = lock(&committed.data);
+            // Within a partition a map's entries are in arrival order, which
+            // is run order and sequence order: index k is block sequence k.
+            for (k, &(_, entry)) in committed.by_partition[range.clone()].iter().enumerate() {
+                let run = data.entries[entry as usize].run;
+                match runs.last_mut() {
+                    Some(RunInfo { map: m, run: r, blocks, .. }) if *m == map as MapId && *r == run => *blocks += 1,
+                    _ => runs.push(RunInfo {
+                        map: map as MapId,
+                        attempt: committed.attempt,
+                        run,
+                        first_block: k as u32,
+                        blocks: 1,
+                    }),
+                }
+            }
+        }
+        Some(runs)
     }
 
     fn spill_candidate(&self) -> Option<(SpillTarget, usize)> {
