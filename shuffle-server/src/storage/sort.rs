@@ -423,6 +423,13 @@ mod tests {
         let got = read(&s, &core, 2, &mut cursor, &|_, _| true);
         let want: Vec<_> = [&map0[1], &map0[2], &map0[3], &map1[0]].iter().map(|b| b.1.clone()).collect();
         assert_eq!(got, want);
+        // The run index: map 0's runs 0 (two blocks) and 1, map 1's run 0.
+        let runs = s.runs(2).unwrap();
+        let index: Vec<_> = runs.iter().map(|r| (r.map, r.run, r.first_block, r.blocks)).collect();
+        assert_eq!(index, [(0, 0, 0, 2), (0, 1, 2, 1), (1, 0, 0, 1)]);
+        // A run read from its first block stops at nothing by itself: the reader truncates.
+        let mut cursor = ReadCursor { map: 0, index: 2 };
+        assert_eq!(read(&s, &core, 2, &mut cursor, &|_, _| true)[0], map0[3].1);
         // Batches never mix memory and disk blocks.
         s.spill(&core, SpillTarget::Attempt(1, 0)).unwrap();
         let mut cursor = ReadCursor::default();
