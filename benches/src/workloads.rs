@@ -277,7 +277,7 @@ fn engine(p: &Params, options: EngineOptions) -> anyhow::Result<Engine> {
         ServerChoice::Remote { addr, cert, token } => {
             let mut client = ClientOptions::new("").trusted_cert(cert).same_host(p.same_host);
             client.auth_token = token.clone();
-            Engine::connect(*addr, client, options)?
+            Engine::builder().client(client).options(options).connect(*addr)?
         }
     })
 }

@@ -33,21 +33,36 @@
 //! key's `Ord`), values in postcard. The engine's methods block; call them
 //! from synchronous code (or `spawn_blocking`), not from inside a tokio task.
 
+mod checkpoint;
 mod dataset;
 mod engine;
 mod error;
 mod exchange;
+mod exchange_reader;
 mod executor;
+mod job;
+mod join;
 mod keyed;
+mod memory;
+mod metrics;
 mod sink;
+mod sorter;
 mod source;
+mod spill;
+mod state;
 mod task;
 pub mod workload;
 
+pub use checkpoint::CheckpointOptions;
 pub use dataset::{Data, Dataset};
-pub use engine::{Engine, EngineOptions, ExecutionMode};
+pub use engine::{Engine, EngineBuilder, EngineOptions, ExecutionMode};
 pub use error::EngineError;
 pub use exchange::{Exchange, Key, Value};
+pub use job::{Job, JobReport};
+pub use join::JoinOptions;
+pub use metrics::{CheckpointMetrics, CheckpointOutcome, JobMetrics, RestartMetrics, StageMetrics, TaskMetrics};
 pub use shuffle_client::{ClientOptions, ExchangeMode};
-pub use source::{RateSource, StopHandle};
+pub use sink::{Sink, SinkWriter};
+pub use source::{RateSource, Source, SourceReader, StopHandle};
+pub use state::{LocalStateBackend, StateBackend, StateHandle};
 pub use task::BATCH_RECORDS;

@@ -78,7 +78,7 @@ fn a_key_ordered_read_of_a_partition_8x_its_budget_is_sorted_exact_and_within_bu
     });
     eprintln!(
         "key-ordered read of {} MiB with a {} MiB budget: merge held at most {} KiB; RSS grew {} KiB",
-        records * W1_RECORD_LEN as u64 >> 20,
+        (records * W1_RECORD_LEN as u64) >> 20,
         BUDGET >> 20,
         peak_blocks >> 10,
         growth >> 10
