@@ -60,18 +60,23 @@ struct Reduced<V> {
     created_us: u64,
 }
 
+/// The least a key-ordered read asks for: a block of each of four runs (a
+/// partition written by four maps that never spilled). A partition with
+/// more runs than its reservation holds blocks for is sorted here instead.
+const MIN_MERGE_MEMORY: usize = 4 * shuffle_client::MERGE_BLOCK_BYTES;
+
 /// The memory a key-ordered read may use, reserved from the engine's
-/// budget: an equal share of it per batch task slot, between 1 MiB and the
-/// client's default.
+/// budget: half of it shared equally by the batch task slots (the other
+/// half stays for operators that spill, such as a sort falling back from a
+/// merge that does not fit), between [`MIN_MERGE_MEMORY`] and the client's
+/// default.
 fn merge_reservation(ctx: &TaskContext) -> (Reservation, usize) {
     let mut reservation = ctx.reservation("key-ordered read", false);
-    let want = (ctx.memory.budget() / ctx.options.batch_task_slots.max(1))
-        .clamp(1 << 20, shuffle_client::DEFAULT_MERGE_MEMORY.max(1 << 20));
-    if reservation.try_grow(want) {
-        return (reservation, want);
-    }
-    let left = reservation.limit();
-    let granted = if reservation.try_grow(left) { left } else { 0 };
+    let want = (ctx.memory.budget() / 2 / ctx.options.batch_task_slots.max(1))
+        .clamp(MIN_MERGE_MEMORY, shuffle_client::DEFAULT_MERGE_MEMORY.max(MIN_MERGE_MEMORY));
+    // Refused: nothing (the read then sorts here, spilling, rather than
+    // take the last of the budget from the operators that spill).
+    let granted = if reservation.try_grow(want) { want } else { 0 };
     (reservation, granted)
 }
 
