@@ -118,8 +118,8 @@ struct EmbeddedServer {
 }
 
 pub(crate) struct EngineInner {
-    /// Runs the job's tasks.
-    pub runtime: tokio::runtime::Runtime,
+    /// Runs the job's tasks; taken when the engine is dropped (see [`blocking_section`]).
+    runtime: Option<tokio::runtime::Runtime>,
     /// The connection every exchange goes through.
     pub client: ShuffleClient,
     pub options: Arc<EngineOptions>,
@@ -212,8 +212,12 @@ impl EngineBuilder {
         self
     }
 
-    /// Connects to a running shuffle server at `addr`.
+    /// Connects to a running shuffle server at `addr` (from synchronous or async code).
     pub fn connect(self, addr: SocketAddr) -> Result<Engine, EngineError> {
+        blocking_section(move || self.connect_blocking(addr))
+    }
+
+    fn connect_blocking(self, addr: SocketAddr) -> Result<Engine, EngineError> {
         let mut client = self.client.clone().unwrap_or_else(|| ClientOptions::new(String::new()));
         if client.app.is_empty() {
             client.app = app_name();
@@ -232,9 +236,14 @@ impl EngineBuilder {
 
     /// Starts a shuffle server in this process (ephemeral port on loopback,
     /// temporary data dir, `options.server_memory` budget) and connects to it
-    /// through its Unix socket.
+    /// through its Unix socket (from synchronous or async code).
     #[cfg(feature = "embedded")]
     pub fn embedded(self) -> Result<Engine, EngineError> {
+        blocking_section(move || self.embedded_blocking())
+    }
+
+    #[cfg(feature = "embedded")]
+    fn embedded_blocking(self) -> Result<Engine, EngineError> {
         let options = &self.options;
         let data_dir = tempfile::Builder::new()
             .prefix("engine-shuffle-")
@@ -310,7 +319,7 @@ impl EngineBuilder {
         };
         Ok(Engine {
             inner: Arc::new(EngineInner {
-                runtime,
+                runtime: Some(runtime),
                 client,
                 memory: MemoryPool::new(self.options.memory),
                 options: Arc::new(self.options),
@@ -408,20 +417,46 @@ impl Engine {
     }
 }
 
+/// Runs `f` where it may block: here from synchronous code, on a thread of
+/// its own (waited for) when called from inside a tokio runtime, where
+/// blocking on or dropping a runtime is not allowed. Building and dropping
+/// an engine go through it, so both work from async code too (they block
+/// the calling thread briefly: a server start, a connection, a shutdown).
+fn blocking_section<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return f();
+    }
+    std::thread::scope(|s| s.spawn(f).join()).unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+}
+
+impl EngineInner {
+    /// The runtime of the engine's tasks (present until the engine is dropped).
+    pub(crate) fn runtime(&self) -> &tokio::runtime::Runtime {
+        self.runtime.as_ref().expect("the task runtime lives as long as the engine")
+    }
+}
+
 impl Drop for EngineInner {
     fn drop(&mut self) {
         let client = self.client.clone();
-        self.runtime.block_on(async move {
-            if let Err(e) = client.unregister_app().await {
-                tracing::debug!("unregistering the engine's app: {e}");
-            }
-            client.close().await;
-        });
+        let runtime = self.runtime.take();
         #[cfg(feature = "embedded")]
-        if let Some(embedded) = &mut self.embedded
-            && let Some(handle) = embedded.handle.take()
-        {
-            embedded.runtime.block_on(handle.shutdown());
-        }
+        let embedded = self.embedded.take();
+        blocking_section(move || {
+            if let Some(runtime) = runtime {
+                runtime.block_on(async move {
+                    if let Err(e) = client.unregister_app().await {
+                        tracing::debug!("unregistering the engine's app: {e}");
+                    }
+                    client.close().await;
+                });
+            }
+            #[cfg(feature = "embedded")]
+            if let Some(mut embedded) = embedded
+                && let Some(handle) = embedded.handle.take()
+            {
+                embedded.runtime.block_on(handle.shutdown());
+            }
+        });
     }
 }

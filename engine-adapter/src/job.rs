@@ -41,11 +41,7 @@ impl Job {
     /// Waits for the job from synchronous code (not from inside a tokio
     /// runtime: use [`Job::wait_async`] there).
     pub fn wait(&mut self) -> Result<JobReport, EngineError> {
-        if tokio::runtime::Handle::try_current().is_ok() {
-            return Err(EngineError::Runtime(
-                "Job::wait blocks; from async code use Job::wait_async (or the _async sinks)".into(),
-            ));
-        }
+        refuse_in_async("Job::wait")?;
         let runtime = self.runtime.clone();
         runtime.block_on(self.wait_async())
     }
@@ -62,6 +58,16 @@ impl Job {
     }
 }
 
+/// The blocking calls fail, rather than hang or panic, from inside a tokio runtime.
+fn refuse_in_async(call: &str) -> Result<(), EngineError> {
+    if tokio::runtime::Handle::try_current().is_ok() {
+        return Err(EngineError::Runtime(format!(
+            "{call} blocks; from async code use Dataset::run_async, Job::wait_async or the _async sinks"
+        )));
+    }
+    Ok(())
+}
+
 impl<T: Data> Dataset<T> {
     /// Starts the job in `mode` writing into `sink`, and returns at once.
     pub fn start<S: Sink<T>>(&self, mode: ExecutionMode, sink: S) -> Result<Job, EngineError> {
@@ -70,6 +76,7 @@ impl<T: Data> Dataset<T> {
 
     /// Runs the job in `mode` writing into `sink`, and waits for it (from synchronous code).
     pub fn run<S: Sink<T>>(&self, mode: ExecutionMode, sink: S) -> Result<JobReport, EngineError> {
+        refuse_in_async("Dataset::run")?;
         self.start(mode, sink)?.wait()
     }
 
@@ -81,12 +88,13 @@ impl<T: Data> Dataset<T> {
     pub(crate) fn start_factory(&self, mode: ExecutionMode, sink: SinkFactory<T>) -> Result<Job, EngineError> {
         let stats = Arc::new(JobStats::for_dataset(self, mode));
         let (dataset, job_stats) = (self.clone(), stats.clone());
-        let runtime = self.engine.inner.runtime.handle().clone();
+        let runtime = self.engine.inner.runtime().handle().clone();
         let handle = runtime.spawn(async move { executor::run(&dataset, mode, sink, job_stats).await });
         Ok(Job { stats, handle: Some(handle), runtime })
     }
 
     pub(crate) fn run_factory(&self, mode: ExecutionMode, sink: SinkFactory<T>) -> Result<JobReport, EngineError> {
+        refuse_in_async("running a job")?;
         self.start_factory(mode, sink)?.wait()
     }
 }

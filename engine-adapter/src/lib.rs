@@ -30,8 +30,17 @@
 //!
 //! Records are typed (serde): keys cross an exchange in an order-preserving
 //! encoding (memcomparable, so the service's bytewise key order is the
-//! key's `Ord`), values in postcard. The engine's methods block; call them
-//! from synchronous code (or `spawn_blocking`), not from inside a tokio task.
+//! key's `Ord`), values in postcard.
+//!
+//! Users plug in their own systems with [`Source`]/[`SourceReader`]
+//! ([`Engine::source`]) and [`Sink`]/[`SinkWriter`] ([`Dataset::run`]).
+//! The sinks and [`Dataset::run`] block until the job ends; from inside a
+//! tokio application use [`Dataset::run_async`], [`Dataset::collect_async`]
+//! and the other `_async` calls, or [`Dataset::start`] and [`Job::wait_async`]
+//! (a [`Job`] also gives its [`JobMetrics`] while it runs). Operators that
+//! buffer hold reservations from [`EngineOptions::memory`] and spill;
+//! streaming jobs checkpoint and recover with [`EngineOptions::checkpoints`]
+//! into a [`StateBackend`]. All settings go through one [`EngineBuilder`].
 
 mod checkpoint;
 mod dataset;
