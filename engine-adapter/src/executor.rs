@@ -20,7 +20,7 @@ use std::{
         Arc,
         atomic::{AtomicUsize, Ordering},
     },
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use shuffle_client::ShuffleId;
@@ -113,18 +113,45 @@ where
     Err(EngineError::TaskFailed { task: name, attempts, cause })
 }
 
+/// A finished task's failure, if it failed.
+fn failure_of(done: Result<Result<(), EngineError>, tokio::task::JoinError>) -> Option<EngineError> {
+    match done {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(e),
+        Err(e) if e.is_panic() => {
+            Some(EngineError::TaskFailed { task: "task".into(), attempts: 1, cause: panic_message(e.into_panic()) })
+        }
+        Err(e) => Some(EngineError::Runtime(e.to_string())),
+    }
+}
+
+/// How long a job that saw a shuffle service error waits for another task
+/// to report the failure behind it: a task's end reaches the executor about
+/// as fast as the service's news of it reaches the readers of its output.
+const ROOT_CAUSE_GRACE: Duration = Duration::from_millis(250);
+
 /// Waits for every task; the first failure stops the rest (and waits for
-/// them to stop) and is returned.
+/// them to stop) and is returned. When a task fails, the tasks reading its
+/// output soon fail too (the service reports the producer's failure); if
+/// the first failure is such a shuffle service error, the executor waits
+/// briefly for another task's failure that is not, and returns that one,
+/// so the job names the cause.
 async fn join_all(tasks: &mut JoinSet<Result<(), EngineError>>) -> Result<(), EngineError> {
     while let Some(done) = tasks.join_next().await {
-        let failure = match done {
-            Ok(Ok(())) => continue,
-            Ok(Err(e)) => e,
-            Err(e) if e.is_panic() => {
-                EngineError::TaskFailed { task: "task".into(), attempts: 1, cause: panic_message(e.into_panic()) }
+        let Some(mut failure) = failure_of(done) else { continue };
+        let deadline = tokio::time::Instant::now() + ROOT_CAUSE_GRACE;
+        while matches!(failure, EngineError::Client(_)) {
+            match tokio::time::timeout_at(deadline, tasks.join_next()).await {
+                Ok(Some(done)) => {
+                    if let Some(other) = failure_of(done)
+                        && !matches!(other, EngineError::Client(_))
+                    {
+                        failure = other;
+                    }
+                }
+                Ok(None) | Err(_) => break,
             }
-            Err(e) => EngineError::Runtime(e.to_string()),
-        };
+        }
         tasks.shutdown().await;
         return Err(failure);
     }
