@@ -84,7 +84,7 @@ fn reference() -> HashMap<u64, u64> {
 /// after it (in a result task), and after how many records.
 fn placement(seed: u64) -> (bool, u64) {
     let r = splitmix64(seed);
-    (r % 2 == 0, 1_000 + (r >> 8) % (RECORDS - 4_000))
+    (r.is_multiple_of(2), 1_000 + (r >> 8) % (RECORDS - 4_000))
 }
 
 /// Word count over one hybrid exchange, with `before` / `after` faults around it.
