@@ -250,7 +250,7 @@ fn write_text_in_a_streaming_job_that_restarts_writes_every_line_exactly_once() 
 }
 
 #[test]
-fn checkpoints_report_their_duration_and_size_and_the_state_is_removed_at_the_end() {
+fn checkpoints_report_their_duration_and_size_while_the_job_runs_and_the_state_is_removed_at_the_end() {
     let state = tempfile::tempdir().unwrap();
     let options = EngineOptions {
         checkpoints: Some(CheckpointOptions::every(Duration::from_millis(300))),
@@ -261,8 +261,18 @@ fn checkpoints_report_their_duration_and_size_and_the_state_is_removed_at_the_en
         .state_backend(engine_adapter::LocalStateBackend::new(state.path()).unwrap())
         .embedded()
         .unwrap();
-    let (counts, metrics) = run_latest(&word_count(&engine, Fault::none(), Fault::none()));
-    assert_eq!(counts, reference());
+    let latest = Arc::new(std::sync::Mutex::new(HashMap::new()));
+    let job = word_count(&engine, Fault::none(), Fault::none());
+    let mut running = job.start(ExecutionMode::Streaming, LatestSink(latest.clone())).unwrap();
+    // Checkpoints show in the metrics while the job runs.
+    while running.metrics().completed_checkpoints().count() == 0 {
+        assert!(!running.is_finished(), "the job ended before a checkpoint completed");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let live = running.metrics();
+    assert!(live.stages[0].totals().records_in < RECORDS, "seen while the source still ran");
+    let metrics = running.wait().unwrap().metrics;
+    assert_eq!(*latest.lock().unwrap(), reference());
     let completed: Vec<_> = metrics.completed_checkpoints().collect();
     assert!(completed.len() >= 3, "checkpoints: {:?}", metrics.checkpoints);
     for c in &completed {
