@@ -281,3 +281,18 @@ fn checkpoints_report_their_duration_and_size_while_the_job_runs_and_the_state_i
     }
     assert_eq!(std::fs::read_dir(state.path()).unwrap().count(), 0, "the job's checkpoints are removed when it ends");
 }
+
+#[test]
+fn collect_latest_in_a_streaming_job_that_restarts_returns_the_faultless_counts() {
+    let engine = engine();
+    let expected = reference();
+    for seed in 300..303 {
+        let (in_source, after) = placement(seed);
+        eprintln!("seed {seed}: a fault {} after {after} records", if in_source { "before" } else { "after" });
+        let fault = Fault::new(after);
+        let (before, behind) = if in_source { (fault.clone(), Fault::none()) } else { (Fault::none(), fault.clone()) };
+        let counts = word_count(&engine, before, behind).collect_latest(ExecutionMode::Streaming).unwrap();
+        assert!(fault.fired(), "seed {seed}: the fault never fired");
+        assert!(counts == expected, "seed {seed}: the counts differ from the faultless run");
+    }
+}
