@@ -110,6 +110,12 @@ struct Common {
     /// Memory budget of the embedded server (default 1GiB; spill: 512MiB).
     #[arg(long)]
     memory: Option<ByteSize>,
+    /// The engine's operator memory budget (`EngineOptions::memory`; default 512MiB).
+    #[arg(long)]
+    engine_memory: Option<ByteSize>,
+    /// Streaming engine jobs checkpoint at this interval in milliseconds (default: no checkpoints).
+    #[arg(long)]
+    checkpoint_interval_ms: Option<u64>,
     /// Runs per workload and mode; the median is reported with min and max.
     #[arg(long, default_value_t = 3)]
     repeat: u32,
@@ -227,6 +233,8 @@ fn params(workload: &str, c: &Common) -> anyhow::Result<Params> {
         repeat: c.repeat.max(1),
         server,
         same_host: matches!(c.transport, Transport::Auto),
+        engine_memory: c.engine_memory.map(|b| b.0 as usize),
+        checkpoint_interval: c.checkpoint_interval_ms.map(Duration::from_millis),
     })
 }
 
@@ -341,6 +349,8 @@ fn suite(args: &SuiteArgs) -> anyhow::Result<()> {
             cert: None,
             auth_token: None,
             memory: Some(ByteSize(d.memory.0 / scale)),
+            engine_memory: None,
+            checkpoint_interval_ms: None,
             repeat: args.repeat,
             via: Some(via),
             transport: Transport::Auto,

@@ -63,6 +63,10 @@ pub struct Params {
     /// Use the server's Unix socket when it is on this host (the default);
     /// `false` keeps raw-client runs on QUIC, to measure that path.
     pub same_host: bool,
+    /// The engine's operator memory budget, if not its default.
+    pub engine_memory: Option<usize>,
+    /// Streaming engine jobs checkpoint this often, if set.
+    pub checkpoint_interval: Option<Duration>,
 }
 
 /// One workload in one mode, over `repeat` runs.
@@ -265,7 +269,11 @@ fn client_runs(
 }
 
 /// An engine on the chosen server (an embedded one is always reached through its Unix socket).
-fn engine(p: &Params, options: EngineOptions) -> anyhow::Result<Engine> {
+fn engine(p: &Params, mut options: EngineOptions) -> anyhow::Result<Engine> {
+    if let Some(memory) = p.engine_memory {
+        options.memory = memory;
+    }
+    options.checkpoints = p.checkpoint_interval.map(engine_adapter::CheckpointOptions::every);
     Ok(match &p.server {
         ServerChoice::Embedded { memory } => {
             ensure!(
@@ -277,7 +285,7 @@ fn engine(p: &Params, options: EngineOptions) -> anyhow::Result<Engine> {
         ServerChoice::Remote { addr, cert, token } => {
             let mut client = ClientOptions::new("").trusted_cert(cert).same_host(p.same_host);
             client.auth_token = token.clone();
-            Engine::connect(*addr, client, options)?
+            Engine::builder().client(client).options(options).connect(*addr)?
         }
     })
 }

@@ -13,7 +13,8 @@ use std::sync::Arc;
 use crate::{
     Engine, EngineError,
     exchange::Stage,
-    task::{Batch, BoxFuture, BoxInput, Event, Input, OpenFn, TaskContext},
+    state::Snapshot,
+    task::{Batch, BoxFuture, BoxInput, Event, Input, Item, OpenFn, TaskContext},
 };
 
 /// What a dataset's records must be: sent between tasks and threads.
@@ -57,8 +58,18 @@ struct TransformInput<T, U> {
 }
 
 impl<T: Send, U: Send> Input<U> for TransformInput<T, U> {
-    fn next_batch(&mut self) -> BoxFuture<'_, Result<Option<Batch<U>>, EngineError>> {
-        Box::pin(async move { Ok(self.inner.next_batch().await?.map(|batch| (self.f)(batch))) })
+    fn next(&mut self) -> BoxFuture<'_, Result<Option<Item<U>>, EngineError>> {
+        Box::pin(async move {
+            Ok(self.inner.next().await?.map(|item| match item {
+                Item::Batch(batch) => Item::Batch((self.f)(batch)),
+                Item::Barrier(id) => Item::Barrier(id),
+                Item::Cancel(id) => Item::Cancel(id),
+            }))
+        })
+    }
+
+    fn snapshot(&mut self, snapshot: &mut Snapshot) -> Result<(), EngineError> {
+        self.inner.snapshot(snapshot)
     }
 }
 

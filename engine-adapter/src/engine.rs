@@ -1,13 +1,18 @@
-//! [`Engine`]: where a job's shuffle service comes from and where its tasks run.
+//! [`Engine`]: where a job's shuffle service comes from, where its tasks
+//! run, and what they may hold.
 //!
 //! `Engine::embedded()` starts a standalone shuffle server inside the process
 //! (its own runtime, an ephemeral port, a temporary data dir removed when the
-//! engine is dropped) and connects to it; `Engine::connect` uses a running
-//! daemon. Everything after that is the same code: every exchange between
+//! engine is dropped) and connects to it; `Engine::connect(addr)` uses a
+//! running daemon. Either takes its settings from one [`EngineBuilder`]
+//! (`Engine::builder()`): the [`EngineOptions`] (with the operators' memory
+//! budget and the checkpoint settings), the client's options and the state
+//! backend. Everything after that is the same code: every exchange between
 //! stages goes through `shuffle-client` to a real server.
 
 use std::{
     net::SocketAddr,
+    path::{Path, PathBuf},
     sync::{
         Arc,
         atomic::{AtomicU32, AtomicU64, Ordering},
@@ -19,7 +24,11 @@ use shuffle_client::{ClientOptions, ShuffleClient};
 #[cfg(feature = "embedded")]
 use shuffle_server::{ByteSize, ServerConfig, ServerHandle};
 
-use crate::EngineError;
+use crate::{
+    CheckpointOptions, EngineError,
+    memory::MemoryPool,
+    state::{LocalStateBackend, SharedBackend, StateBackend},
+};
 
 /// How a job's stages run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -66,6 +75,17 @@ pub struct EngineOptions {
     /// only the disk reserve limits it). With the server's memory budget,
     /// this bounds how far producers can run ahead of consumers.
     pub spill_quota: Option<u64>,
+    /// The budget every operator that buffers records (sorts, groups,
+    /// joins, reductions, barrier alignment, key-ordered reads) reserves
+    /// from, in bytes. Batch operators spill to `spill_dir` past their
+    /// share; streaming state that cannot spill fails with a clear error.
+    pub memory: usize,
+    /// Where operators spill (`None`: a temporary directory of the engine,
+    /// removed with it). Spill files are deleted as soon as they are read.
+    pub spill_dir: Option<PathBuf>,
+    /// Streaming jobs checkpoint and recover from task failures with these
+    /// settings (`None`: no checkpoints; a failed task fails the job).
+    pub checkpoints: Option<CheckpointOptions>,
 }
 
 impl Default for EngineOptions {
@@ -80,6 +100,9 @@ impl Default for EngineOptions {
             combine_entries: 1 << 20,
             linger: Duration::from_millis(5),
             spill_quota: Some(1 << 30),
+            memory: 512 << 20,
+            spill_dir: None,
+            checkpoints: None,
         }
     }
 }
@@ -95,11 +118,19 @@ struct EmbeddedServer {
 }
 
 pub(crate) struct EngineInner {
-    /// Runs the job's tasks.
-    pub runtime: tokio::runtime::Runtime,
+    /// Runs the job's tasks; taken when the engine is dropped (see [`blocking_section`]).
+    runtime: Option<tokio::runtime::Runtime>,
     /// The connection every exchange goes through.
     pub client: ShuffleClient,
     pub options: Arc<EngineOptions>,
+    /// The operators' budget (`options.memory`).
+    pub memory: Arc<MemoryPool>,
+    /// Where operators spill.
+    pub spill_dir: Arc<PathBuf>,
+    /// Where streaming checkpoints go.
+    pub state_backend: SharedBackend,
+    /// The engine's own temporary directory (spills, default state backend), if it made one.
+    _scratch: Option<tempfile::TempDir>,
     /// Source of stage and shuffle ids, unique within this engine.
     next_id: AtomicU64,
     /// Next shuffle id: every run of a job gets fresh shuffles.
@@ -133,16 +164,89 @@ fn task_runtime(options: &EngineOptions) -> Result<tokio::runtime::Runtime, Engi
         .map_err(|e| EngineError::Runtime(e.to_string()))
 }
 
-#[cfg(feature = "embedded")]
-impl Engine {
-    /// Starts a shuffle server in this process with default options and connects to it.
-    pub fn embedded() -> Result<Self, EngineError> {
-        Self::embedded_with(EngineOptions::default())
+/// Everything an engine is built from, set in one place:
+/// `Engine::builder().options(o).client(c).state_backend(b).connect(addr)`
+/// (or `.embedded()`).
+#[derive(Default)]
+pub struct EngineBuilder {
+    options: EngineOptions,
+    client: Option<ClientOptions>,
+    state_backend: Option<SharedBackend>,
+}
+
+impl EngineBuilder {
+    /// The engine's tuning (replaces every option set before).
+    pub fn options(mut self, options: EngineOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// The operators' memory budget in bytes ([`EngineOptions::memory`]).
+    pub fn memory(mut self, bytes: usize) -> Self {
+        self.options.memory = bytes;
+        self
+    }
+
+    /// Checkpoint streaming jobs ([`EngineOptions::checkpoints`]).
+    pub fn checkpoints(mut self, checkpoints: CheckpointOptions) -> Self {
+        self.options.checkpoints = Some(checkpoints);
+        self
+    }
+
+    /// Where operators spill ([`EngineOptions::spill_dir`]).
+    pub fn spill_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.options.spill_dir = Some(dir.into());
+        self
+    }
+
+    /// The client's options when connecting to a daemon (`app` empty: a
+    /// name unique to this engine). The write and sort buffers always come
+    /// from [`EngineOptions::write_buffer`].
+    pub fn client(mut self, client: ClientOptions) -> Self {
+        self.client = Some(client);
+        self
+    }
+
+    /// Where streaming checkpoints go (default: a [`LocalStateBackend`] in
+    /// the engine's temporary directory, which lives as long as the engine).
+    pub fn state_backend(mut self, backend: impl StateBackend) -> Self {
+        self.state_backend = Some(Arc::new(backend));
+        self
+    }
+
+    /// Connects to a running shuffle server at `addr` (from synchronous or async code).
+    pub fn connect(self, addr: SocketAddr) -> Result<Engine, EngineError> {
+        blocking_section(move || self.connect_blocking(addr))
+    }
+
+    fn connect_blocking(self, addr: SocketAddr) -> Result<Engine, EngineError> {
+        let mut client = self.client.clone().unwrap_or_else(|| ClientOptions::new(String::new()));
+        if client.app.is_empty() {
+            client.app = app_name();
+        }
+        client.write_buffer = self.options.write_buffer;
+        client.sort_buffer = self.options.write_buffer;
+        let runtime = task_runtime(&self.options)?;
+        let client = runtime.block_on(ShuffleClient::connect(addr, client))?;
+        self.assemble(
+            runtime,
+            client,
+            #[cfg(feature = "embedded")]
+            None,
+        )
     }
 
     /// Starts a shuffle server in this process (ephemeral port on loopback,
-    /// temporary data dir, `options.server_memory` budget) and connects to it.
-    pub fn embedded_with(options: EngineOptions) -> Result<Self, EngineError> {
+    /// temporary data dir, `options.server_memory` budget) and connects to it
+    /// through its Unix socket (from synchronous or async code).
+    #[cfg(feature = "embedded")]
+    pub fn embedded(self) -> Result<Engine, EngineError> {
+        blocking_section(move || self.embedded_blocking())
+    }
+
+    #[cfg(feature = "embedded")]
+    fn embedded_blocking(self) -> Result<Engine, EngineError> {
+        let options = &self.options;
         let data_dir = tempfile::Builder::new()
             .prefix("engine-shuffle-")
             .tempdir()
@@ -166,14 +270,85 @@ impl Engine {
         let handle =
             server_runtime.block_on(shuffle_server::start(config)).map_err(|e| EngineError::Server(e.to_string()))?;
         let socket = handle.unix_socket().ok_or_else(|| EngineError::Server("the server has no Unix socket".into()))?;
-        let mut client_options = ClientOptions::new(app_name());
+        let mut client_options = self.client.clone().unwrap_or_else(|| ClientOptions::new(String::new()));
+        if client_options.app.is_empty() {
+            client_options.app = app_name();
+        }
         client_options.write_buffer = options.write_buffer;
         client_options.sort_buffer = options.write_buffer;
-        let runtime = task_runtime(&options)?;
+        let runtime = task_runtime(options)?;
         // The embedded server is always reached through its Unix socket.
         let client = runtime.block_on(ShuffleClient::connect_unix(socket, client_options))?;
         let embedded = EmbeddedServer { runtime: server_runtime, handle: Some(handle), data_dir };
-        Ok(Self::assemble(runtime, client, options, Some(embedded)))
+        self.assemble(runtime, client, Some(embedded))
+    }
+
+    fn assemble(
+        self,
+        runtime: tokio::runtime::Runtime,
+        client: ShuffleClient,
+        #[cfg(feature = "embedded")] embedded: Option<EmbeddedServer>,
+    ) -> Result<Engine, EngineError> {
+        let needs_scratch = self.options.spill_dir.is_none() || self.state_backend.is_none();
+        let scratch = if needs_scratch {
+            Some(
+                tempfile::Builder::new()
+                    .prefix("engine-scratch-")
+                    .tempdir()
+                    .map_err(|e| EngineError::io(std::env::temp_dir(), e))?,
+            )
+        } else {
+            None
+        };
+        let scratch_dir = |name: &str| -> Result<PathBuf, EngineError> {
+            let dir = scratch.as_ref().expect("made above when needed").path().join(name);
+            std::fs::create_dir_all(&dir).map_err(|e| EngineError::io(&dir, e))?;
+            Ok(dir)
+        };
+        let spill_dir = match &self.options.spill_dir {
+            Some(dir) => {
+                std::fs::create_dir_all(dir).map_err(|e| EngineError::io(dir, e))?;
+                dir.clone()
+            }
+            None => scratch_dir("spill")?,
+        };
+        let state_backend = match self.state_backend {
+            Some(backend) => backend,
+            None => {
+                let dir = scratch_dir("state")?;
+                Arc::new(LocalStateBackend::new(&dir).map_err(|e| EngineError::io(&dir, e))?) as SharedBackend
+            }
+        };
+        Ok(Engine {
+            inner: Arc::new(EngineInner {
+                runtime: Some(runtime),
+                client,
+                memory: MemoryPool::new(self.options.memory),
+                options: Arc::new(self.options),
+                spill_dir: Arc::new(spill_dir),
+                state_backend,
+                _scratch: scratch,
+                next_id: AtomicU64::new(1),
+                next_shuffle: AtomicU32::new(1),
+                reruns: Arc::default(),
+                #[cfg(feature = "embedded")]
+                embedded,
+            }),
+        })
+    }
+}
+
+#[cfg(feature = "embedded")]
+impl Engine {
+    /// Starts a shuffle server in this process with default options and connects to it.
+    pub fn embedded() -> Result<Self, EngineError> {
+        Self::builder().embedded()
+    }
+
+    /// Starts a shuffle server in this process with `options` and connects
+    /// to it (short for `Engine::builder().options(options).embedded()`).
+    pub fn embedded_with(options: EngineOptions) -> Result<Self, EngineError> {
+        Self::builder().options(options).embedded()
     }
 
     /// The data directory of the embedded server, if this engine started one.
@@ -188,43 +363,30 @@ impl Engine {
 }
 
 impl Engine {
-    /// Connects to a running shuffle server at `addr`. `client.app` is
-    /// replaced by a name unique to this engine unless it is set.
-    pub fn connect(addr: SocketAddr, mut client: ClientOptions, options: EngineOptions) -> Result<Self, EngineError> {
-        if client.app.is_empty() {
-            client.app = app_name();
-        }
-        client.write_buffer = options.write_buffer;
-        client.sort_buffer = options.write_buffer;
-        let runtime = task_runtime(&options)?;
-        let client = runtime.block_on(ShuffleClient::connect(addr, client))?;
-        Ok(Self::assemble(
-            runtime,
-            client,
-            options,
-            #[cfg(feature = "embedded")]
-            None,
-        ))
+    /// A builder taking every setting of an engine.
+    pub fn builder() -> EngineBuilder {
+        EngineBuilder::default()
     }
 
-    fn assemble(
-        runtime: tokio::runtime::Runtime,
-        client: ShuffleClient,
-        options: EngineOptions,
-        #[cfg(feature = "embedded")] embedded: Option<EmbeddedServer>,
-    ) -> Self {
-        Self {
-            inner: Arc::new(EngineInner {
-                runtime,
-                client,
-                options: Arc::new(options),
-                next_id: AtomicU64::new(1),
-                next_shuffle: AtomicU32::new(1),
-                reruns: Arc::default(),
-                #[cfg(feature = "embedded")]
-                embedded,
-            }),
-        }
+    /// Connects to a running shuffle server at `addr` with default settings
+    /// (short for `Engine::builder().connect(addr)`).
+    pub fn connect(addr: SocketAddr) -> Result<Self, EngineError> {
+        Self::builder().connect(addr)
+    }
+
+    /// Where the engine's operators spill.
+    pub fn spill_dir(&self) -> &Path {
+        &self.inner.spill_dir
+    }
+
+    /// Bytes of the operators' memory budget reserved now.
+    pub fn memory_used(&self) -> usize {
+        self.inner.memory.used()
+    }
+
+    /// The most bytes of the operators' memory budget reserved at once since the engine started.
+    pub fn memory_peak(&self) -> usize {
+        self.inner.memory.peak()
     }
 
     /// Every re-run of lost maps (shuffle data lost with a cluster worker,
@@ -269,27 +431,48 @@ impl Engine {
     pub(crate) fn next_shuffle(&self) -> u32 {
         self.inner.next_shuffle.fetch_add(1, Ordering::Relaxed)
     }
+}
 
-    /// Runs a job's future on the task runtime and waits for it.
-    pub(crate) fn block_on<F: std::future::Future>(&self, future: F) -> F::Output {
-        self.inner.runtime.block_on(future)
+/// Runs `f` where it may block: here from synchronous code, on a thread of
+/// its own (waited for) when called from inside a tokio runtime, where
+/// blocking on or dropping a runtime is not allowed. Building and dropping
+/// an engine go through it, so both work from async code too (they block
+/// the calling thread briefly: a server start, a connection, a shutdown).
+fn blocking_section<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return f();
+    }
+    std::thread::scope(|s| s.spawn(f).join()).unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+}
+
+impl EngineInner {
+    /// The runtime of the engine's tasks (present until the engine is dropped).
+    pub(crate) fn runtime(&self) -> &tokio::runtime::Runtime {
+        self.runtime.as_ref().expect("the task runtime lives as long as the engine")
     }
 }
 
 impl Drop for EngineInner {
     fn drop(&mut self) {
         let client = self.client.clone();
-        self.runtime.block_on(async move {
-            if let Err(e) = client.unregister_app().await {
-                tracing::debug!("unregistering the engine's app: {e}");
-            }
-            client.close().await;
-        });
+        let runtime = self.runtime.take();
         #[cfg(feature = "embedded")]
-        if let Some(embedded) = &mut self.embedded
-            && let Some(handle) = embedded.handle.take()
-        {
-            embedded.runtime.block_on(handle.shutdown());
-        }
+        let embedded = self.embedded.take();
+        blocking_section(move || {
+            if let Some(runtime) = runtime {
+                runtime.block_on(async move {
+                    if let Err(e) = client.unregister_app().await {
+                        tracing::debug!("unregistering the engine's app: {e}");
+                    }
+                    client.close().await;
+                });
+            }
+            #[cfg(feature = "embedded")]
+            if let Some(mut embedded) = embedded
+                && let Some(handle) = embedded.handle.take()
+            {
+                embedded.runtime.block_on(handle.shutdown());
+            }
+        });
     }
 }

@@ -28,9 +28,23 @@ pub enum EngineError {
     /// A file source or sink failed.
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
-    /// The engine's runtime could not be built.
+    /// The engine's runtime could not be built, or a blocking call was made from async code.
     #[error("runtime: {0}")]
     Runtime(String),
+    /// A spill file is damaged or cut short.
+    #[error("spill file {path}: {detail}")]
+    Spill { path: PathBuf, detail: String },
+    /// A single record needs more memory than its operator's share of the budget.
+    #[error("{consumer} needs {needed} bytes for one record, over its share of the memory budget ({limit} bytes)")]
+    Memory { consumer: String, needed: usize, limit: usize },
+    /// A streaming operator's state outgrew its share of the memory budget.
+    #[error(
+        "the state of {operator} would take {bytes} bytes, over its share of the memory budget ({limit} bytes): {hint}"
+    )]
+    StateTooLarge { operator: String, bytes: usize, limit: usize, hint: String },
+    /// Checkpointed state could not be written, read or decoded.
+    #[error("checkpoint state: {0}")]
+    State(String),
 }
 
 impl EngineError {

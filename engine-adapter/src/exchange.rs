@@ -8,6 +8,12 @@
 //! the key bytes, or a range of them for `sort_by_key`) and write it with a
 //! `MapWriter`. The commit rule of the service makes a failed attempt's
 //! partial output invisible, so the executor may simply run it again.
+//!
+//! In a streaming job a map task also writes control records into the
+//! partitions (see [`crate::checkpoint::Control`]): checkpoint barriers,
+//! cancellations, and its end. A control record has an empty key and a
+//! value that starts with the creation time `u64::MAX`, which no record
+//! has; readers take them out of the stream (`exchange_reader.rs`).
 
 use std::{
     collections::{HashMap, hash_map::Entry},
@@ -17,12 +23,13 @@ use std::{
 };
 
 use serde::{Serialize, de::DeserializeOwned};
-use shuffle_client::{CommitOutcome, ExchangeMode, MapWriter, ShuffleSpec, SpillStrategy};
+use shuffle_client::{CommitOutcome, ExchangeMode, MapWriter, ShuffleId, ShuffleSpec, SpillStrategy};
 
 use crate::{
     Data, EngineError, ExecutionMode,
+    checkpoint::Control,
     engine::EngineOptions,
-    task::{BoxFuture, Event, OpenFn, TaskContext},
+    task::{BoxFuture, Event, Item, OpenFn, TaskContext},
 };
 
 /// What a key must be: hashable for grouping, serializable for the wire.
@@ -187,9 +194,13 @@ struct Combined<V> {
 struct ExchangeOut {
     writer: MapWriter,
     partitioner: Partitioner,
+    partitions: u32,
     timed: bool,
     key: Vec<u8>,
     value: Vec<u8>,
+    /// Records and encoded bytes written since the last count.
+    records: usize,
+    bytes: usize,
 }
 
 impl ExchangeOut {
@@ -198,13 +209,50 @@ impl ExchangeOut {
         encode_value(&event.value, self.timed.then_some(event.created_us), &mut self.value)?;
         let partition = self.partitioner.partition(&self.key);
         self.writer.write(partition, &self.key, &self.value).await?;
+        self.records += 1;
+        self.bytes += self.key.len() + self.value.len();
         Ok(())
     }
+
+    /// Writes a control record to every partition, behind everything written before it.
+    async fn control(&mut self, control: Control) -> Result<(), EngineError> {
+        write_control(&mut self.writer, self.partitions, control).await
+    }
+
+    fn count(&mut self, stats: &crate::metrics::TaskStats) {
+        stats.add_out(std::mem::take(&mut self.records), std::mem::take(&mut self.bytes));
+    }
+}
+
+/// Writes `control` to every partition and pushes it (streaming exchanges only).
+async fn write_control(writer: &mut MapWriter, partitions: u32, control: Control) -> Result<(), EngineError> {
+    let value = control.encode();
+    for partition in 0..partitions {
+        writer.write(partition, &[], &value).await?;
+    }
+    writer.flush().await?;
+    Ok(())
+}
+
+/// Ends a map attempt; a refusal means another attempt committed first.
+async fn finish(writer: MapWriter, ctx: &TaskContext, shuffle: ShuffleId) -> Result<(), EngineError> {
+    match writer.finish().await? {
+        CommitOutcome::Committed => {}
+        CommitOutcome::Refused { committed_attempt } => tracing::debug!(
+            "map {} attempt {} of shuffle {} refused: attempt {committed_attempt} committed first",
+            ctx.part,
+            ctx.attempt,
+            shuffle
+        ),
+    }
+    Ok(())
 }
 
 /// The map task of an exchange: reads part `ctx.part` of `input`, combines
 /// values per key if a combiner is given, and writes every record to the
-/// stage's shuffle as attempt `ctx.attempt`.
+/// stage's shuffle as attempt `ctx.attempt`. In a streaming job it passes
+/// checkpoint barriers (and cancellations) on to every partition, snapshots
+/// its chain at each barrier, and marks its end in every partition.
 pub(crate) fn map_task<K: Key, V: Value>(
     stage: u64,
     input: OpenFn<(K, V)>,
@@ -218,10 +266,36 @@ pub(crate) fn map_task<K: Key, V: Value>(
             let streaming = ctx.mode == ExecutionMode::Streaming;
             let mut records = input(&ctx)?;
             let writer = ctx.client.writer(shuffle.id, ctx.part, ctx.attempt).await?;
-            let mut out = ExchangeOut { writer, partitioner, timed: streaming, key: Vec::new(), value: Vec::new() };
+            let partitions = shuffle.spec.partitions;
+            let mut out = ExchangeOut {
+                writer,
+                partitioner,
+                partitions,
+                timed: streaming,
+                key: Vec::new(),
+                value: Vec::new(),
+                records: 0,
+                bytes: 0,
+            };
             let mut table: HashMap<K, Combined<V>> = HashMap::new();
             let mut last_push = Instant::now();
-            while let Some(batch) = records.next_batch().await? {
+            while let Some(item) = records.next().await? {
+                let batch = match item {
+                    Item::Batch(batch) => batch,
+                    Item::Barrier(id) => {
+                        out.control(Control::Barrier(id)).await?;
+                        last_push = Instant::now();
+                        snapshot_chain(&ctx, &mut *records, id, None)?;
+                        continue;
+                    }
+                    Item::Cancel(id) => {
+                        out.control(Control::Cancel(id)).await?;
+                        if let Some(checkpoints) = &ctx.checkpoints {
+                            checkpoints.decline(id, "cancelled upstream".into());
+                        }
+                        continue;
+                    }
+                };
                 match &combiner {
                     None => {
                         for event in batch {
@@ -244,30 +318,65 @@ pub(crate) fn map_task<K: Key, V: Value>(
                                 }
                             }
                         }
-                        // Streaming: combine within a batch only, so nothing waits.
+                        // Streaming: combine within a batch only, so nothing waits
+                        // (and a barrier never finds the table holding records).
                         if streaming || table.len() >= ctx.options.combine_entries {
                             drain(&mut table, &mut out).await?;
                         }
                     }
                 }
+                out.count(&ctx.stats);
                 if streaming && last_push.elapsed() >= ctx.options.linger {
                     out.writer.flush().await?;
                     last_push = Instant::now();
                 }
             }
             drain(&mut table, &mut out).await?;
-            match out.writer.finish().await? {
-                CommitOutcome::Committed => {}
-                CommitOutcome::Refused { committed_attempt } => tracing::debug!(
-                    "map {} attempt {} of shuffle {} refused: attempt {committed_attempt} committed first",
-                    ctx.part,
-                    ctx.attempt,
-                    shuffle.id
-                ),
+            out.count(&ctx.stats);
+            if streaming {
+                out.control(Control::End).await?;
+            }
+            finish(out.writer, &ctx, shuffle.id).await?;
+            if let Some(checkpoints) = &ctx.checkpoints {
+                checkpoints.finished();
             }
             Ok(())
         })
     })
+}
+
+/// A map task restored as finished (it had ended before the checkpoint the
+/// job restarted from): its output is in the restored state downstream, so
+/// it writes only its end to every partition.
+pub(crate) async fn finished_map_task(ctx: &TaskContext, stage: u64) -> Result<(), EngineError> {
+    let shuffle = ctx.shuffle(stage);
+    let mut writer = ctx.client.writer(shuffle.id, ctx.part, ctx.attempt).await?;
+    write_control(&mut writer, shuffle.spec.partitions, Control::End).await?;
+    finish(writer, ctx, shuffle.id).await?;
+    if let Some(checkpoints) = &ctx.checkpoints {
+        checkpoints.finished();
+    }
+    Ok(())
+}
+
+/// Snapshots a task's chain (and, for a result task, its sink's state) for
+/// checkpoint `id` and hands it to the backend; the task goes on while it
+/// is written.
+pub(crate) fn snapshot_chain<T>(
+    ctx: &TaskContext,
+    chain: &mut dyn crate::task::Input<T>,
+    id: u64,
+    sink_state: Option<Vec<u8>>,
+) -> Result<(), EngineError> {
+    let Some(checkpoints) = &ctx.checkpoints else { return Ok(()) };
+    let started = Instant::now();
+    let mut snapshot = crate::state::Snapshot::default();
+    chain.snapshot(&mut snapshot)?;
+    if let Some(state) = sink_state {
+        snapshot.section(crate::sink::SINK_OPERATOR).bytes(state);
+    }
+    checkpoints.persist(id, snapshot, started.elapsed());
+    Ok(())
 }
 
 async fn drain<K: Key, V: Value>(

@@ -1,29 +1,44 @@
 //! Keyed operators, each introducing one exchange: `reduce_by_key` (with
-//! map-side combining), `group_by_key`, `sort_by_key` (range partitioning
-//! from a sample, then a sort exchange with key ordering) and an inner
-//! `join` of two keyed datasets.
+//! map-side combining), `partition_by_key`, `group_by_key`, `sort_by_key`
+//! (range partitioning from a sample) and an inner `join` (`join.rs`).
 //!
-//! The reading side of each runs in the tasks of the next stage. In batch
-//! mode they see a partition's complete, committed data. In streaming mode
-//! they read hybrid exchanges as data arrives: `reduce_by_key` emits the
-//! updated value of every key a block touched (an upsert stream), `join`
-//! emits each match as soon as both sides have arrived, and `group_by_key`
-//! and `sort_by_key` emit when their input ends (they need all of it).
+//! The reading side of each runs in the tasks of the next stage, within the
+//! engine's memory budget:
+//!
+//! - `reduce_by_key`: batch keeps a table per partition and, when its
+//!   reservation is full, sorts it into a run on disk and starts a new one;
+//!   at the end it merges the runs, combining equal keys. Streaming emits
+//!   the updated value of every key a block touched (an upsert stream); its
+//!   table is the operator's state, in memory, and a table that outgrows
+//!   its share of the budget fails the job with `StateTooLarge`.
+//! - `group_by_key` and `sort_by_key` read a key-ordered sort exchange as a
+//!   stream, merged by the client within a reservation; from any other
+//!   exchange (a hash exchange, or streaming) they sort through an
+//!   [`ExternalSorter`] that spills. Groups and records come out in key
+//!   order. In streaming they emit when their (bounded) input ends.
+//! - `partition_by_key` passes records on as they arrive.
 
 use std::{
     collections::{HashMap, hash_map::Entry},
     sync::{Arc, OnceLock},
 };
 
-use shuffle_client::{PartitionReader, RecordBlock};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use shuffle_client::{ClientError, ExchangeMode};
+use shuffle_protocol::RecordIter;
 
 use crate::{
-    Dataset, EngineError, ExecutionMode,
-    dataset::merge_stages,
-    exchange::{CombineFn, Exchange, Key, Partitioner, Stage, Value, decode_record, encode_key, map_task},
+    Data, Dataset, EngineError, ExecutionMode,
+    exchange::{CombineFn, Exchange, Key, Partitioner, Stage, Value, encode_key, encode_value, map_task},
+    exchange_reader::{ExchangeReader, Raw, RecordDecoder},
     executor,
+    memory::Reservation,
     sink::ReservoirSink,
-    task::{Batch, BoxFuture, BoxInput, Event, Input, RunShuffle, TaskContext, into_batches, now_us},
+    sorter::{ExternalSorter, SortedStream, merge_runs},
+    spill::{SpillRun, SpillWriter},
+    state::Snapshot,
+    task::{BATCH_RECORDS, Batch, BoxFuture, BoxInput, Event, Input, Item, TaskContext, into_batches, now_us},
 };
 
 /// Keys each map task samples per partition of a `sort_by_key` (as Spark's
@@ -31,90 +46,138 @@ use crate::{
 /// out within a few percent of even for smooth key distributions.
 const SAMPLES_PER_PARTITION: usize = 20;
 
-/// Reads one partition of a stage's shuffle for a task and decodes its records.
-pub(crate) struct ExchangeReader {
-    ctx: TaskContext,
-    shuffle: RunShuffle,
-    reader: Option<PartitionReader>,
-}
-
-impl ExchangeReader {
-    pub(crate) fn new(ctx: &TaskContext, stage: u64) -> Self {
-        Self { ctx: ctx.clone(), shuffle: ctx.shuffle(stage), reader: None }
-    }
-
-    fn timed(&self) -> bool {
-        self.ctx.mode == ExecutionMode::Streaming
-    }
-
-    async fn reader(&mut self) -> Result<&mut PartitionReader, EngineError> {
-        if self.reader.is_none() {
-            self.reader = Some(self.ctx.client.reader(self.shuffle.id, self.ctx.part).await?);
-        }
-        Ok(self.reader.as_mut().expect("opened above"))
-    }
-
-    async fn next_block(&mut self) -> Result<Option<RecordBlock>, EngineError> {
-        Ok(self.reader().await?.next_block().await?)
-    }
-
-    /// Decodes one record; `now` is its creation time unless the record carries one.
-    fn decode<K: Key, V: Value>(&self, key: &[u8], value: &[u8], now: u64) -> Result<Event<(K, V)>, EngineError> {
-        let (k, v, created) = decode_record(key, value, self.timed()).map_err(|detail| EngineError::Decode {
-            shuffle: self.shuffle.id.0,
-            partition: self.ctx.part,
-            detail,
-        })?;
-        Ok(Event { value: (k, v), created_us: created.unwrap_or(now) })
-    }
-
-    fn decode_block<K: Key, V: Value>(&self, block: &RecordBlock) -> Result<Batch<(K, V)>, EngineError> {
-        // One clock read per block: records without a creation time arrived together.
-        let now = now_us();
-        let mut batch = Vec::with_capacity(block.len());
-        for (k, v) in block.records() {
-            batch.push(self.decode(k, v, now)?);
-        }
-        Ok(batch)
-    }
-
-    /// Every record of the partition, in the order the service sends them
-    /// (key order for a key-ordered sort shuffle).
-    async fn read_all<K: Key, V: Value>(&mut self) -> Result<Vec<Event<(K, V)>>, EngineError> {
-        let mut events = Vec::new();
-        if self.shuffle.spec.key_ordering {
-            let now = now_us();
-            while let Some(record) = self.reader().await?.next_record().await? {
-                events.push(self.decode(&record.key, &record.value, now)?);
-            }
-        } else {
-            while let Some(block) = self.next_block().await? {
-                events.extend(self.decode_block(&block)?);
-            }
-        }
-        Ok(events)
-    }
-}
-
-/// Emits prepared batches, after the input was consumed.
-type Output<T> = std::vec::IntoIter<Batch<T>>;
-
-struct ReduceInput<K, V> {
-    from: ExchangeReader,
-    combine: CombineFn<V>,
-    table: HashMap<K, Reduced<V>>,
-    output: Option<Output<(K, V)>>,
+/// Bytes a reduction's table accounts per key besides its key and value
+/// encodings: the hash table's slot and the two values' in-memory layout.
+fn entry_overhead<K, V>() -> usize {
+    std::mem::size_of::<(K, Reduced<V>)>() + 16
 }
 
 /// A key's reduced value so far; `None` only while it is being combined.
+#[derive(Serialize, Deserialize)]
 struct Reduced<V> {
     value: Option<V>,
     /// The oldest creation time that contributed.
     created_us: u64,
 }
 
+/// The least a key-ordered read asks for: a block of each of four runs (a
+/// partition written by four maps that never spilled). A partition with
+/// more runs than its reservation holds blocks for is sorted here instead.
+const MIN_MERGE_MEMORY: usize = 4 * shuffle_client::MERGE_BLOCK_BYTES;
+
+/// The memory a key-ordered read may use, reserved from the engine's
+/// budget: half of it shared equally by the batch task slots (the other
+/// half stays for operators that spill, such as a sort falling back from a
+/// merge that does not fit), between [`MIN_MERGE_MEMORY`] and the client's
+/// default.
+fn merge_reservation(ctx: &TaskContext) -> (Reservation, usize) {
+    let mut reservation = ctx.reservation("key-ordered read", false);
+    let want = (ctx.memory.budget() / 2 / ctx.options.batch_task_slots.max(1))
+        .clamp(MIN_MERGE_MEMORY, shuffle_client::DEFAULT_MERGE_MEMORY.max(MIN_MERGE_MEMORY));
+    // Refused: nothing (the read then sorts here, spilling, rather than
+    // take the last of the budget from the operators that spill).
+    let granted = if reservation.try_grow(want) { want } else { 0 };
+    (reservation, granted)
+}
+
+/// A partition's records in key order: merged by the client from a
+/// key-ordered sort exchange, or sorted here.
+pub(crate) enum Sorted {
+    Exchange {
+        reader: Box<ExchangeReader>,
+        _memory: Reservation,
+        first: Option<(Bytes, Bytes)>,
+        /// Records and bytes read and not yet counted in the task's metrics.
+        uncounted: (usize, usize),
+    },
+    Local(SortedStream),
+}
+
+impl Sorted {
+    /// The records of a key-ordered exchange as the client merges them; if
+    /// its runs do not fit the reservation, sorted here instead.
+    pub(crate) async fn from_exchange(mut reader: ExchangeReader, operator: &str) -> Result<Self, EngineError> {
+        let (memory, bytes) = merge_reservation(&reader.ctx);
+        reader.set_merge_memory(bytes);
+        match reader.next_sorted().await {
+            Ok(first) => Ok(Self::Exchange { reader: Box::new(reader), _memory: memory, first, uncounted: (0, 0) }),
+            Err(e @ ClientError::MergeMemory { .. }) => {
+                tracing::info!("{operator} in {}: {e}; sorting the partition here instead", reader.ctx.name);
+                drop(memory);
+                reader.reopen_unordered();
+                let mut sorter = new_sorter(&reader.ctx, operator);
+                while let Some(item) = reader.next_raw().await? {
+                    if let Raw::Records(raw) = item {
+                        push_all(&mut sorter, &raw, &reader)?;
+                    }
+                }
+                Ok(Self::Local(sorter.finish()?))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub(crate) async fn next(&mut self) -> Result<Option<(Bytes, Bytes)>, EngineError> {
+        match self {
+            Self::Exchange { reader, first, uncounted, .. } => {
+                let record = match first.take() {
+                    Some(record) => Some(record),
+                    None => reader.next_sorted().await?,
+                };
+                if let Some((k, v)) = &record {
+                    uncounted.0 += 1;
+                    uncounted.1 += k.len() + v.len();
+                }
+                if record.is_none() || uncounted.0 >= BATCH_RECORDS {
+                    let (records, bytes) = std::mem::take(uncounted);
+                    reader.ctx.stats.add_in(records, bytes);
+                }
+                Ok(record)
+            }
+            Self::Local(stream) => stream.next_record(),
+        }
+    }
+}
+
+/// A sorter of the task's records for `operator`.
+pub(crate) fn new_sorter(ctx: &TaskContext, operator: &str) -> ExternalSorter {
+    ExternalSorter::new(ctx.reservation(operator, true), ctx.spill_dir.to_path_buf(), ctx.stats.spilled.clone())
+}
+
+/// Pushes framed records into a sorter.
+pub(crate) fn push_all(sorter: &mut ExternalSorter, raw: &[u8], from: &ExchangeReader) -> Result<(), EngineError> {
+    for record in RecordIter::new(raw) {
+        let (k, v) = record.map_err(|e| EngineError::Decode {
+            shuffle: from.shuffle.id.0,
+            partition: from.ctx.part,
+            detail: e.to_string(),
+        })?;
+        sorter.push(k, v)?;
+    }
+    Ok(())
+}
+
+struct ReduceInput<K, V> {
+    from: ExchangeReader,
+    op: u64,
+    combine: CombineFn<V>,
+    table: HashMap<K, Reduced<V>>,
+    /// The table's share of the budget.
+    memory: Reservation,
+    /// Batch: sorted runs of spilled tables.
+    runs: Vec<SpillRun>,
+    /// Batch: the final results, once the input ended.
+    output: Option<ReduceOutput<K, V>>,
+}
+
+enum ReduceOutput<K, V> {
+    Table(std::vec::IntoIter<Batch<(K, V)>>),
+    Merge(SortedStream, Option<(Bytes, Bytes)>),
+}
+
 impl<K: Key, V: Value> ReduceInput<K, V> {
-    fn merge(&mut self, event: Event<(K, V)>) {
+    /// Folds one record in; `bytes` is the size of its encoding.
+    fn merge(&mut self, event: Event<(K, V)>, bytes: usize) -> Result<(), EngineError> {
         let (key, value) = event.value;
         match self.table.entry(key) {
             Entry::Occupied(mut slot) => {
@@ -122,44 +185,133 @@ impl<K: Key, V: Value> ReduceInput<K, V> {
                 let old = slot.value.take().expect("a reduced value is always present");
                 slot.value = Some((self.combine)(old, value));
                 slot.created_us = slot.created_us.min(event.created_us);
+                return Ok(());
             }
             Entry::Vacant(slot) => {
                 slot.insert(Reduced { value: Some(value), created_us: event.created_us });
             }
         }
+        let grow = bytes + entry_overhead::<K, V>();
+        if self.from.timed() {
+            if !self.memory.try_grow(grow) {
+                return Err(EngineError::StateTooLarge {
+                    operator: self.memory.consumer().to_string(),
+                    bytes: self.memory.size() + grow,
+                    limit: self.memory.limit(),
+                    hint: "give the engine more memory or the exchange more partitions".into(),
+                });
+            }
+        } else if self.memory.size() + grow > self.memory.limit() / 2 || !self.memory.try_grow(grow) {
+            // Half the share for the table: its encoding for the run takes as much again.
+            self.spill()?;
+            self.memory.try_grow(grow);
+        }
+        Ok(())
+    }
+
+    /// Batch: writes the table, sorted by encoded key, as a run, and empties it.
+    fn spill(&mut self) -> Result<(), EngineError> {
+        let mut encoded = Vec::with_capacity(self.table.len());
+        for (key, reduced) in self.table.drain() {
+            let (mut k, mut v) = (Vec::new(), Vec::new());
+            encode_key(&key, &mut k)?;
+            encode_value(&reduced.value.expect("a reduced value is always present"), None, &mut v)?;
+            encoded.push((k, v));
+        }
+        self.table = HashMap::new();
+        encoded.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let mut writer = SpillWriter::create(&self.from.ctx.spill_dir)?;
+        for (k, v) in &encoded {
+            writer.push(k, v)?;
+        }
+        let run = writer.finish()?;
+        self.from.ctx.stats.spilled.fetch_add(run.len(), std::sync::atomic::Ordering::Relaxed);
+        tracing::debug!("{}: spilled {} keys ({} bytes)", self.memory.consumer(), run.records(), run.len());
+        self.runs.push(run);
+        self.memory.free();
+        Ok(())
     }
 
     fn value_of(&self, key: &K) -> V {
         self.table[key].value.clone().expect("a reduced value is always present")
     }
+
+    /// Batch: the final results once the input ended.
+    fn finish(&mut self) -> Result<ReduceOutput<K, V>, EngineError> {
+        if self.runs.is_empty() {
+            let finals = self
+                .table
+                .drain()
+                .map(|(k, r)| Event {
+                    value: (k, r.value.expect("a reduced value is always present")),
+                    created_us: r.created_us,
+                })
+                .collect();
+            return Ok(ReduceOutput::Table(into_batches(finals).into_iter()));
+        }
+        self.spill()?;
+        let runs = std::mem::take(&mut self.runs);
+        let memory = self.from.ctx.reservation("reduce_by_key merge", true);
+        let mut stream = merge_runs(runs, memory, &self.from.ctx.spill_dir, &self.from.ctx.stats.spilled)?;
+        let first = stream.next_record()?;
+        Ok(ReduceOutput::Merge(stream, first))
+    }
+
+    /// Batch after spilling: the next batch of keys, each combined over the runs.
+    fn next_merged(&mut self) -> Result<Option<Batch<(K, V)>>, EngineError> {
+        let Some(ReduceOutput::Merge(stream, head)) = &mut self.output else { return Ok(None) };
+        let decoder = self.from.decoder();
+        let now = now_us();
+        let mut batch = Vec::new();
+        while batch.len() < BATCH_RECORDS {
+            let Some((key, value)) = head.take() else { break };
+            let first = decoder.decode::<K, V>(&key, &value, now)?;
+            let (k, mut v) = first.value;
+            loop {
+                match stream.next_record()? {
+                    Some((next_key, next_value)) if next_key == key => {
+                        let next = decoder.decode::<K, V>(&next_key, &next_value, now)?;
+                        v = (self.combine)(v, next.value.1);
+                    }
+                    other => {
+                        *head = other;
+                        break;
+                    }
+                }
+            }
+            batch.push(Event { value: (k, v), created_us: now });
+        }
+        Ok((!batch.is_empty()).then_some(batch))
+    }
 }
 
+/// A streaming reduction's state: every key's value and oldest creation time.
+type ReduceState<K, V> = Vec<(K, V, u64)>;
+
 impl<K: Key, V: Value> Input<(K, V)> for ReduceInput<K, V> {
-    fn next_batch(&mut self) -> BoxFuture<'_, Result<Option<Batch<(K, V)>>, EngineError>> {
+    fn next(&mut self) -> BoxFuture<'_, Result<Option<Item<(K, V)>>, EngineError>> {
         Box::pin(async move {
             loop {
-                if let Some(output) = &mut self.output {
-                    return Ok(output.next());
+                match &mut self.output {
+                    Some(ReduceOutput::Table(batches)) => return Ok(batches.next().map(Item::Batch)),
+                    Some(ReduceOutput::Merge(..)) => return Ok(self.next_merged()?.map(Item::Batch)),
+                    None => {}
                 }
-                let Some(block) = self.from.next_block().await? else {
-                    let finals = if self.from.timed() {
-                        Vec::new() // every update was already emitted
-                    } else {
-                        self.table
-                            .drain()
-                            .map(|(k, r)| Event {
-                                value: (k, r.value.expect("a reduced value is always present")),
-                                created_us: r.created_us,
-                            })
-                            .collect()
-                    };
-                    self.output = Some(into_batches(finals).into_iter());
-                    continue;
+                let raw = match self.from.next_raw().await? {
+                    Some(Raw::Records(raw)) => raw,
+                    Some(Raw::Barrier(id)) => return Ok(Some(Item::Barrier(id))),
+                    Some(Raw::Cancel(id)) => return Ok(Some(Item::Cancel(id))),
+                    None if self.from.timed() => return Ok(None), // every update was already emitted
+                    None => {
+                        self.output = Some(self.finish()?);
+                        continue;
+                    }
                 };
-                let events = self.from.decode_block::<K, V>(&block)?;
+                let events = self.from.decode_all::<K, V>(&raw)?;
+                let per_record = raw.len() / events.len().max(1);
                 if !self.from.timed() {
                     for event in events {
-                        self.merge(event);
+                        self.merge(event, per_record)?;
                     }
                     continue;
                 }
@@ -169,7 +321,7 @@ impl<K: Key, V: Value> Input<(K, V)> for ReduceInput<K, V> {
                 for event in events {
                     let created_us = event.created_us;
                     let key = event.value.0.clone();
-                    self.merge(event);
+                    self.merge(event, per_record)?;
                     let oldest = touched.entry(key).or_insert(created_us);
                     *oldest = (*oldest).min(created_us);
                 }
@@ -183,9 +335,18 @@ impl<K: Key, V: Value> Input<(K, V)> for ReduceInput<K, V> {
                         Event { value: (key, value), created_us }
                     })
                     .collect();
-                return Ok(Some(updates));
+                return Ok(Some(Item::Batch(updates)));
             }
         })
+    }
+
+    fn snapshot(&mut self, snapshot: &mut Snapshot) -> Result<(), EngineError> {
+        let state: ReduceState<K, V> = self
+            .table
+            .iter()
+            .map(|(k, r)| (k.clone(), r.value.clone().expect("a reduced value is always present"), r.created_us))
+            .collect();
+        snapshot.put(self.op, &state)
     }
 }
 
@@ -196,191 +357,190 @@ struct PassInput<K, V> {
 }
 
 impl<K: Key, V: Value> Input<(K, V)> for PassInput<K, V> {
-    fn next_batch(&mut self) -> BoxFuture<'_, Result<Option<Batch<(K, V)>>, EngineError>> {
+    fn next(&mut self) -> BoxFuture<'_, Result<Option<Item<(K, V)>>, EngineError>> {
         Box::pin(async move {
-            match self.from.next_block().await? {
-                Some(block) => Ok(Some(self.from.decode_block(&block)?)),
-                None => Ok(None),
-            }
+            Ok(match self.from.next_raw().await? {
+                Some(Raw::Records(raw)) => Some(Item::Batch(self.from.decode_all(&raw)?)),
+                Some(Raw::Barrier(id)) => Some(Item::Barrier(id)),
+                Some(Raw::Cancel(id)) => Some(Item::Cancel(id)),
+                None => None,
+            })
         })
+    }
+}
+
+/// Where a sorting operator is.
+enum Phase {
+    /// Reading the partition into the sorter.
+    Reading(ExternalSorter),
+    /// Giving out the records in key order.
+    Emitting(Sorted),
+    Done,
+}
+
+/// The part `group_by_key` and `sort_by_key` share: the partition's records
+/// in key order, from the exchange or through a sorter; barriers pass by
+/// while the input is read.
+struct KeyOrder {
+    from: Option<ExchangeReader>,
+    op: u64,
+    operator: &'static str,
+    phase: Phase,
+    decoder: RecordDecoder,
+    /// The next record, read ahead to find where a group ends.
+    head: Option<(Bytes, Bytes)>,
+}
+
+/// What `KeyOrder::advance` found.
+enum Step {
+    /// Records are ready to give out in key order.
+    Ready,
+    Barrier(u64),
+    Cancel(u64),
+}
+
+impl KeyOrder {
+    fn new(from: ExchangeReader, op: u64, operator: &'static str) -> Result<Self, EngineError> {
+        let mut sorter = new_sorter(&from.ctx, operator);
+        if let Some(state) = &from.ctx.restored
+            && let Some(mut section) = state.section(op)?
+        {
+            sorter.restore(&mut section)?;
+        }
+        let decoder = from.decoder();
+        Ok(Self { from: Some(from), op, operator, phase: Phase::Reading(sorter), decoder, head: None })
+    }
+
+    /// Reads the input until it ends (or a checkpoint event comes by).
+    async fn advance(&mut self) -> Result<Step, EngineError> {
+        if !matches!(self.phase, Phase::Reading(_)) {
+            return Ok(Step::Ready);
+        }
+        let from = self.from.as_mut().expect("read while reading");
+        if from.key_ordered() && !from.timed() {
+            let from = self.from.take().expect("read while reading");
+            self.phase = Phase::Emitting(Sorted::from_exchange(from, self.operator).await?);
+        }
+        while let Phase::Reading(sorter) = &mut self.phase {
+            let from = self.from.as_mut().expect("read while reading");
+            match from.next_raw().await? {
+                Some(Raw::Records(raw)) => push_all(sorter, &raw, from)?,
+                Some(Raw::Barrier(id)) => return Ok(Step::Barrier(id)),
+                Some(Raw::Cancel(id)) => return Ok(Step::Cancel(id)),
+                None => {
+                    let Phase::Reading(sorter) = std::mem::replace(&mut self.phase, Phase::Done) else {
+                        unreachable!("matched above")
+                    };
+                    self.phase = Phase::Emitting(Sorted::Local(sorter.finish()?));
+                    self.from = None;
+                }
+            }
+        }
+        if let Phase::Emitting(sorted) = &mut self.phase {
+            self.head = sorted.next().await?;
+        }
+        Ok(Step::Ready)
+    }
+
+    /// The next record in key order.
+    async fn next_record(&mut self) -> Result<Option<(Bytes, Bytes)>, EngineError> {
+        let Some(head) = self.head.take() else {
+            self.phase = Phase::Done;
+            return Ok(None);
+        };
+        if let Phase::Emitting(sorted) = &mut self.phase {
+            self.head = sorted.next().await?;
+        }
+        Ok(Some(head))
+    }
+
+    fn peek_key(&self) -> Option<&Bytes> {
+        self.head.as_ref().map(|(k, _)| k)
+    }
+
+    fn decode<K: Key, V: Value>(&self, key: &[u8], value: &[u8], now: u64) -> Result<Event<(K, V)>, EngineError> {
+        self.decoder.decode(key, value, now)
+    }
+
+    fn snapshot(&self, snapshot: &mut Snapshot) -> Result<(), EngineError> {
+        match &self.phase {
+            Phase::Reading(sorter) => sorter.snapshot(snapshot.section(self.op)),
+            // Emitting starts only when the input ended: no barrier comes after it.
+            _ => Ok(()),
+        }
     }
 }
 
 struct GroupInput<K, V> {
-    from: ExchangeReader,
-    output: Option<Output<(K, Vec<V>)>>,
+    order: KeyOrder,
+    _records: std::marker::PhantomData<fn() -> (K, V)>,
 }
 
 impl<K: Key, V: Value> Input<(K, Vec<V>)> for GroupInput<K, V> {
-    fn next_batch(&mut self) -> BoxFuture<'_, Result<Option<Batch<(K, Vec<V>)>>, EngineError>> {
+    fn next(&mut self) -> BoxFuture<'_, Result<Option<Item<(K, Vec<V>)>>, EngineError>> {
         Box::pin(async move {
-            if self.output.is_none() {
-                let mut groups: HashMap<K, Event<Vec<V>>> = HashMap::new();
-                while let Some(block) = self.from.next_block().await? {
-                    for event in self.from.decode_block::<K, V>(&block)? {
-                        let (key, value) = event.value;
-                        let group = groups.entry(key).or_insert(Event { value: Vec::new(), created_us: u64::MAX });
-                        group.value.push(value);
-                        group.created_us = group.created_us.min(event.created_us);
-                    }
-                }
-                let groups =
-                    groups.into_iter().map(|(k, g)| Event { value: (k, g.value), created_us: g.created_us }).collect();
-                self.output = Some(into_batches(groups).into_iter());
+            match self.order.advance().await? {
+                Step::Barrier(id) => return Ok(Some(Item::Barrier(id))),
+                Step::Cancel(id) => return Ok(Some(Item::Cancel(id))),
+                Step::Ready => {}
             }
-            Ok(self.output.as_mut().and_then(Iterator::next))
+            let now = now_us();
+            let mut batch = Vec::new();
+            while batch.len() < BATCH_RECORDS {
+                let Some((key, value)) = self.order.next_record().await? else { break };
+                let first = self.order.decode::<K, V>(&key, &value, now)?;
+                let (k, v) = first.value;
+                let (mut values, mut created_us) = (vec![v], first.created_us);
+                while self.order.peek_key() == Some(&key) {
+                    let (nk, nv) = self.order.next_record().await?.expect("peeked");
+                    let next = self.order.decode::<K, V>(&nk, &nv, now)?;
+                    values.push(next.value.1);
+                    created_us = created_us.min(next.created_us);
+                }
+                batch.push(Event { value: (k, values), created_us });
+            }
+            Ok((!batch.is_empty()).then_some(Item::Batch(batch)))
         })
+    }
+
+    fn snapshot(&mut self, snapshot: &mut Snapshot) -> Result<(), EngineError> {
+        self.order.snapshot(snapshot)
     }
 }
 
 struct SortInput<K, V> {
-    from: ExchangeReader,
-    output: Option<Output<(K, V)>>,
+    order: KeyOrder,
+    _records: std::marker::PhantomData<fn() -> (K, V)>,
 }
 
 impl<K: Key + Ord, V: Value> Input<(K, V)> for SortInput<K, V> {
-    fn next_batch(&mut self) -> BoxFuture<'_, Result<Option<Batch<(K, V)>>, EngineError>> {
+    fn next(&mut self) -> BoxFuture<'_, Result<Option<Item<(K, V)>>, EngineError>> {
         Box::pin(async move {
-            if self.output.is_none() {
-                let mut events = self.from.read_all::<K, V>().await?;
-                if !self.from.shuffle.spec.key_ordering {
-                    // Hash or hybrid exchange: the service did not order the keys.
-                    events.sort_by(|a, b| a.value.0.cmp(&b.value.0));
-                }
-                debug_assert!(events.windows(2).all(|w| w[0].value.0 <= w[1].value.0));
-                self.output = Some(into_batches(events).into_iter());
+            match self.order.advance().await? {
+                Step::Barrier(id) => return Ok(Some(Item::Barrier(id))),
+                Step::Cancel(id) => return Ok(Some(Item::Cancel(id))),
+                Step::Ready => {}
             }
-            Ok(self.output.as_mut().and_then(Iterator::next))
+            let now = now_us();
+            let mut batch = Vec::new();
+            while batch.len() < BATCH_RECORDS {
+                let Some((key, value)) = self.order.next_record().await? else { break };
+                batch.push(self.order.decode::<K, V>(&key, &value, now)?);
+            }
+            debug_assert!(batch.windows(2).all(|w| w[0].value.0 <= w[1].value.0));
+            Ok((!batch.is_empty()).then_some(Item::Batch(batch)))
         })
     }
-}
 
-/// Records of one side of a join, keyed by their encoded key (equal keys encode equally).
-type Keyed<T> = Vec<(Vec<u8>, Event<T>)>;
-
-/// What a streaming join's side readers send.
-enum Arrival<K, V, W> {
-    Left(Keyed<(K, V)>),
-    Right(Keyed<(K, W)>),
-}
-
-type ArrivalResult<K, V, W> = Result<Arrival<K, V, W>, EngineError>;
-
-struct JoinInput<K, V, W> {
-    left: Option<ExchangeReader>,
-    right: Option<ExchangeReader>,
-    output: Option<Output<(K, (V, W))>>,
-    /// Streaming: both sides are read by their own tasks into this channel.
-    arrivals: Option<tokio::sync::mpsc::Receiver<ArrivalResult<K, V, W>>>,
-    /// Streaming: what each side has delivered so far.
-    left_seen: HashMap<Vec<u8>, Vec<Event<(K, V)>>>,
-    right_seen: HashMap<Vec<u8>, Vec<Event<(K, W)>>>,
-}
-
-fn keyed_events<K: Key, V: Value>(from: &ExchangeReader, block: &RecordBlock) -> Result<Keyed<(K, V)>, EngineError> {
-    let now = now_us();
-    block.records().map(|(k, v)| Ok((k.to_vec(), from.decode::<K, V>(k, v, now)?))).collect()
-}
-
-fn joined<K: Key, V: Value, W: Value>(left: &Event<(K, V)>, right: &Event<(K, W)>) -> Event<(K, (V, W))> {
-    Event {
-        value: (left.value.0.clone(), (left.value.1.clone(), right.value.1.clone())),
-        created_us: left.created_us.max(right.created_us),
-    }
-}
-
-/// Reads a side of a streaming join into `arrivals` until it ends or fails.
-fn spawn_side<K: Key, V: Value, W: Value>(
-    mut from: ExchangeReader,
-    arrivals: tokio::sync::mpsc::Sender<ArrivalResult<K, V, W>>,
-    wrap: fn(&ExchangeReader, &RecordBlock) -> ArrivalResult<K, V, W>,
-) {
-    tokio::spawn(async move {
-        loop {
-            let item = match from.next_block().await {
-                Ok(Some(block)) => wrap(&from, &block),
-                Ok(None) => return,
-                Err(e) => Err(e),
-            };
-            let failed = item.is_err();
-            // A closed channel means the join's task is gone; stop reading.
-            if arrivals.send(item).await.is_err() || failed {
-                return;
-            }
-        }
-    });
-}
-
-impl<K: Key, V: Value, W: Value> JoinInput<K, V, W> {
-    /// Batch: build a table of the left partition, then probe it with the right.
-    async fn batch(&mut self) -> Result<Vec<Event<(K, (V, W))>>, EngineError> {
-        let (mut left, mut right) = (self.left.take().expect("unread"), self.right.take().expect("unread"));
-        let mut table: HashMap<Vec<u8>, Vec<Event<(K, V)>>> = HashMap::new();
-        while let Some(block) = left.next_block().await? {
-            for (key, event) in keyed_events::<K, V>(&left, &block)? {
-                table.entry(key).or_default().push(event);
-            }
-        }
-        let mut out = Vec::new();
-        while let Some(block) = right.next_block().await? {
-            for (key, event) in keyed_events::<K, W>(&right, &block)? {
-                out.extend(table.get(&key).into_iter().flatten().map(|l| joined(l, &event)));
-            }
-        }
-        Ok(out)
-    }
-
-    /// Streaming: the next arrival from either side, joined with what the other side has delivered.
-    async fn streaming(&mut self) -> Result<Option<Batch<(K, (V, W))>>, EngineError> {
-        if self.arrivals.is_none() {
-            let (tx, rx) = tokio::sync::mpsc::channel(4);
-            let (left, right) = (self.left.take().expect("unread"), self.right.take().expect("unread"));
-            spawn_side(left, tx.clone(), |from, block| Ok(Arrival::Left(keyed_events(from, block)?)));
-            spawn_side(right, tx, |from, block| Ok(Arrival::Right(keyed_events(from, block)?)));
-            self.arrivals = Some(rx);
-        }
-        let arrivals = self.arrivals.as_mut().expect("set above");
-        let Some(arrival) = arrivals.recv().await else {
-            return Ok(None); // both sides ended
-        };
-        let mut out = Vec::new();
-        match arrival? {
-            Arrival::Left(events) => {
-                for (key, event) in events {
-                    out.extend(self.right_seen.get(&key).into_iter().flatten().map(|r| joined(&event, r)));
-                    self.left_seen.entry(key).or_default().push(event);
-                }
-            }
-            Arrival::Right(events) => {
-                for (key, event) in events {
-                    out.extend(self.left_seen.get(&key).into_iter().flatten().map(|l| joined(l, &event)));
-                    self.right_seen.entry(key).or_default().push(event);
-                }
-            }
-        }
-        Ok(Some(out))
-    }
-}
-
-impl<K: Key, V: Value, W: Value> Input<(K, (V, W))> for JoinInput<K, V, W> {
-    fn next_batch(&mut self) -> BoxFuture<'_, Result<Option<Batch<(K, (V, W))>>, EngineError>> {
-        Box::pin(async move {
-            if self.arrivals.is_some() || self.left.as_ref().is_some_and(ExchangeReader::timed) {
-                return self.streaming().await;
-            }
-            if self.output.is_none() {
-                let out = self.batch().await?;
-                self.output = Some(into_batches(out).into_iter());
-            }
-            Ok(self.output.as_mut().and_then(Iterator::next))
-        })
+    fn snapshot(&mut self, snapshot: &mut Snapshot) -> Result<(), EngineError> {
+        self.order.snapshot(snapshot)
     }
 }
 
 impl<K: Key, V: Value> Dataset<(K, V)> {
     /// An exchange stage whose map tasks write this dataset's records into
     /// `exchange.partitions` partitions chosen by `partitioner`.
-    fn exchange_stage(
+    pub(crate) fn exchange_stage(
         &self,
         name: &str,
         exchange: Exchange,
@@ -402,10 +562,10 @@ impl<K: Key, V: Value> Dataset<(K, V)> {
 
     /// The dataset read from `stage`'s partitions, one task each, every
     /// task reading its partition through the input `read` makes.
-    fn read_after<T: crate::Data>(
+    fn read_after<T: Data>(
         &self,
         stage: Stage,
-        read: impl Fn(ExchangeReader) -> BoxInput<T> + Send + Sync + 'static,
+        read: impl Fn(ExchangeReader, u64) -> Result<BoxInput<T>, EngineError> + Send + Sync + 'static,
     ) -> Dataset<T> {
         let (id, partitions) = (stage.id, stage.partitions);
         let mut stages = self.stages.clone();
@@ -415,7 +575,7 @@ impl<K: Key, V: Value> Dataset<(K, V)> {
             parts: partitions,
             bounded: self.bounded,
             stages,
-            open: Arc::new(move |ctx: &TaskContext| Ok(read(ExchangeReader::new(ctx, id)))),
+            open: Arc::new(move |ctx: &TaskContext| read(ExchangeReader::new(ctx, id), id)),
             invalid: self.invalid.clone(),
         }
     }
@@ -424,7 +584,10 @@ impl<K: Key, V: Value> Dataset<(K, V)> {
     /// commutative), on the map side first and again after the exchange.
     /// In streaming mode the result is an upsert stream: each time a key's
     /// value changes, its new value is emitted (see
-    /// [`Dataset::collect_latest`] for the final values).
+    /// [`Dataset::collect_latest`] for the final values). Batch reductions
+    /// whose keys outgrow the operator's share of the memory budget spill
+    /// sorted runs and merge them; a streaming reduction's table must fit
+    /// its share (else `StateTooLarge`).
     pub fn reduce_by_key(
         &self,
         f: impl Fn(V, V) -> V + Send + Sync + 'static,
@@ -435,8 +598,25 @@ impl<K: Key, V: Value> Dataset<(K, V)> {
         let partitions = exchange.partitions.max(1);
         let stage =
             self.exchange_stage("reduce_by_key", exchange, Partitioner::Hash { partitions }, Some(combine.clone()));
-        self.read_after(stage, move |from| {
-            Box::new(ReduceInput { from, combine: combine.clone(), table: HashMap::new(), output: None })
+        self.read_after(stage, move |from, op| {
+            let streaming = from.timed();
+            let mut memory = from.ctx.reservation("reduce_by_key", !streaming);
+            let mut table = HashMap::new();
+            if let Some(state) = from.ctx.restored::<ReduceState<K, V>>(op)? {
+                for (k, v, created_us) in state {
+                    memory.try_grow(entry_overhead::<K, V>() + std::mem::size_of::<(K, V)>());
+                    table.insert(k, Reduced { value: Some(v), created_us });
+                }
+            }
+            Ok(Box::new(ReduceInput {
+                from,
+                op,
+                combine: combine.clone(),
+                table,
+                memory,
+                runs: Vec::new(),
+                output: None,
+            }) as _)
         })
     }
 
@@ -447,26 +627,40 @@ impl<K: Key, V: Value> Dataset<(K, V)> {
         let exchange = exchange.into();
         let partitions = exchange.partitions.max(1);
         let stage = self.exchange_stage("partition_by_key", exchange, Partitioner::Hash { partitions }, None);
-        self.read_after(stage, |from| Box::new(PassInput::<K, V> { from, _records: std::marker::PhantomData }))
+        self.read_after(stage, |from, _| Ok(Box::new(PassInput::<K, V> { from, _records: std::marker::PhantomData })))
     }
 
-    /// Gathers the values of each key into one record per key. The groups
-    /// are emitted when the input ends, in either mode; an unbounded input
-    /// cannot be grouped.
+    /// Gathers the values of each key into one record per key, emitted in
+    /// key order when the input ends, in either mode; an unbounded input
+    /// cannot be grouped. A partition larger than the operator's share of
+    /// the memory budget is sorted through spill files; with
+    /// `Exchange::partitions(r).mode(ExchangeMode::Sort)` the service's
+    /// key-ordered sort exchange delivers it sorted and groups stream out.
+    /// One group's values are held together (they are one record).
     pub fn group_by_key(&self, exchange: impl Into<Exchange>) -> Dataset<(K, Vec<V>)> {
         let exchange = exchange.into();
         let partitions = exchange.partitions.max(1);
-        let stage = self.exchange_stage("group_by_key", exchange, Partitioner::Hash { partitions }, None);
-        self.read_after(stage, |from| Box::new(GroupInput { from, output: None }))
-            .with_invalid((!self.bounded).then(|| "group_by_key needs a bounded input".into()))
+        let mut stage = self.exchange_stage("group_by_key", exchange, Partitioner::Hash { partitions }, None);
+        stage.key_ordering = exchange.mode == Some(ExchangeMode::Sort);
+        self.read_after(stage, |from, op| {
+            Ok(Box::new(GroupInput::<K, V> {
+                order: KeyOrder::new(from, op, "group_by_key")?,
+                _records: std::marker::PhantomData,
+            }) as _)
+        })
+        .with_invalid((!self.bounded).then(|| "group_by_key needs a bounded input".into()))
     }
 
     /// Sorts the dataset by key: part `r` holds the `r`-th range of keys, in
     /// order, so the parts read in order are totally ordered. The ranges come
     /// from a sample of the keys, taken by a batch job over the input before
     /// the exchange (the input is computed twice, as in Spark). Batch runs
-    /// use a sort exchange with key ordering, so the service merges sorted
-    /// runs; streaming runs sort each partition when their input ends.
+    /// use a sort exchange with key ordering, whose runs the client merges
+    /// as a stream within a reservation of the budget; other exchanges
+    /// (`ExchangeMode::Hash`, and streaming runs, which emit when their
+    /// input ends) sort each partition through spill files. Records with
+    /// equal keys keep their order in the exchange (see `shuffle_client`'s
+    /// key-ordered reads).
     pub fn sort_by_key(&self, exchange: impl Into<Exchange>) -> Dataset<(K, V)>
     where
         K: Ord,
@@ -489,40 +683,13 @@ impl<K: Key, V: Value> Dataset<(K, V)> {
         let mut stage = self.exchange_stage("sort_by_key", exchange, Partitioner::Range { bounds }, None);
         stage.key_ordering = true;
         stage.prepare = Some(prepare);
-        self.read_after(stage, |from| Box::new(SortInput { from, output: None }))
-            .with_invalid((!self.bounded).then(|| "sort_by_key needs a bounded input".into()))
-    }
-
-    /// Inner join with `other` on the key: one record `(key, (v, w))` for
-    /// every pair of records with equal keys. Both sides are hashed into the
-    /// same `exchange.partitions` partitions.
-    pub fn join<W: Value>(&self, other: &Dataset<(K, W)>, exchange: impl Into<Exchange>) -> Dataset<(K, (V, W))> {
-        let exchange = exchange.into();
-        let partitions = exchange.partitions.max(1);
-        let left = self.exchange_stage("join-left", exchange, Partitioner::Hash { partitions }, None);
-        let right = other.exchange_stage("join-right", exchange, Partitioner::Hash { partitions }, None);
-        let (left_id, right_id) = (left.id, right.id);
-        let mut stages = merge_stages(&self.stages, &other.stages);
-        stages.push(Arc::new(left));
-        stages.push(Arc::new(right));
-        Dataset {
-            engine: self.engine.clone(),
-            parts: partitions,
-            bounded: self.bounded && other.bounded,
-            stages,
-            open: Arc::new(move |ctx: &TaskContext| {
-                Ok(Box::new(JoinInput::<K, V, W> {
-                    left: Some(ExchangeReader::new(ctx, left_id)),
-                    right: Some(ExchangeReader::new(ctx, right_id)),
-                    output: None,
-                    arrivals: None,
-                    left_seen: HashMap::new(),
-                    right_seen: HashMap::new(),
-                }) as _)
-            }),
-            invalid: self.invalid.clone(),
-        }
-        .with_invalid(other.invalid.clone())
+        self.read_after(stage, |from, op| {
+            Ok(Box::new(SortInput::<K, V> {
+                order: KeyOrder::new(from, op, "sort_by_key")?,
+                _records: std::marker::PhantomData,
+            }) as _)
+        })
+        .with_invalid((!self.bounded).then(|| "sort_by_key needs a bounded input".into()))
     }
 }
 
@@ -535,13 +702,13 @@ async fn sample_bounds_of<K: Key, V: Value>(
     let per_part = SAMPLES_PER_PARTITION * partitions as usize;
     let samples = Arc::new(std::sync::Mutex::new(Vec::new()));
     let sink_samples = samples.clone();
-    let sink: crate::sink::SinkFactory<(K, V)> = Arc::new(move |part| {
+    let sink: crate::sink::SinkFactory<(K, V)> = Arc::new(move |part, _| {
         Ok(Box::new(ReservoirSink::new(part, per_part, sink_samples.clone(), |(k, _): &(K, V), buf: &mut Vec<u8>| {
             encode_key(k, buf)
         })) as _)
     });
-    executor::run(input, ExecutionMode::Batch, sink).await?;
-    let mut samples = std::mem::take(&mut *samples.lock().expect("no task panics holding the lock"));
+    executor::run_nested(input, ExecutionMode::Batch, sink).await?;
+    let mut samples = std::mem::take(&mut *samples.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
     samples.sort_unstable();
     let n = samples.len();
     Ok((1..partitions as usize).filter(|_| n > 0).map(|i| samples[i * n / partitions as usize].clone()).collect())

@@ -30,26 +30,50 @@
 //!
 //! Records are typed (serde): keys cross an exchange in an order-preserving
 //! encoding (memcomparable, so the service's bytewise key order is the
-//! key's `Ord`), values in postcard. The engine's methods block; call them
-//! from synchronous code (or `spawn_blocking`), not from inside a tokio task.
+//! key's `Ord`), values in postcard.
+//!
+//! Users plug in their own systems with [`Source`]/[`SourceReader`]
+//! ([`Engine::source`]) and [`Sink`]/[`SinkWriter`] ([`Dataset::run`]).
+//! The sinks and [`Dataset::run`] block until the job ends; from inside a
+//! tokio application use [`Dataset::run_async`], [`Dataset::collect_async`]
+//! and the other `_async` calls, or [`Dataset::start`] and [`Job::wait_async`]
+//! (a [`Job`] also gives its [`JobMetrics`] while it runs). Operators that
+//! buffer hold reservations from [`EngineOptions::memory`] and spill;
+//! streaming jobs checkpoint and recover with [`EngineOptions::checkpoints`]
+//! into a [`StateBackend`]. All settings go through one [`EngineBuilder`].
 
+mod checkpoint;
 mod dataset;
 mod engine;
 mod error;
 mod exchange;
+mod exchange_reader;
 mod executor;
+mod job;
+mod join;
 mod keyed;
+mod memory;
+mod metrics;
 mod sink;
+mod sorter;
 mod source;
+mod spill;
+mod state;
 mod task;
 pub mod workload;
 
+pub use checkpoint::CheckpointOptions;
 pub use dataset::{Data, Dataset};
-pub use engine::{Engine, EngineOptions, ExecutionMode};
+pub use engine::{Engine, EngineBuilder, EngineOptions, ExecutionMode};
 pub use error::EngineError;
 pub use exchange::hash_partition;
 pub use exchange::{Exchange, Key, Value};
 pub use executor::{MAX_LOSS_RECOVERIES, MapRerun};
+pub use job::{Job, JobReport};
+pub use join::JoinOptions;
+pub use metrics::{CheckpointMetrics, CheckpointOutcome, JobMetrics, RestartMetrics, StageMetrics, TaskMetrics};
 pub use shuffle_client::{ClientOptions, ExchangeMode};
-pub use source::{RateSource, StopHandle};
+pub use sink::{Sink, SinkWriter};
+pub use source::{RateSource, Source, SourceReader, StopHandle};
+pub use state::{LocalStateBackend, StateBackend, StateHandle};
 pub use task::BATCH_RECORDS;

@@ -1,14 +1,19 @@
 //! What every task sees: records in batches with their creation time, the
 //! input trait operators chain through, and the task's context.
 //!
-//! Operators are pull-based: a task asks its input for the next batch, each
+//! Operators are pull-based: a task asks its input for the next item, each
 //! narrow operator (`map`, `filter`, `flat_map`) transforms a whole batch,
 //! and the end of the chain writes the batch to an exchange or a sink. A
 //! batch is bounded ([`BATCH_RECORDS`]), so memory between operators is too.
+//! In a streaming job with checkpoints, checkpoint barriers travel the same
+//! chain as items between batches (see [`crate::checkpoint`]); when one
+//! reaches the end of a task's chain, every record before it has been
+//! processed and none after it, and the task snapshots the chain's state.
 
 use std::{
     collections::HashMap,
     future::Future,
+    path::PathBuf,
     pin::Pin,
     sync::Arc,
     time::{SystemTime, UNIX_EPOCH},
@@ -16,7 +21,14 @@ use std::{
 
 use shuffle_client::{ShuffleClient, ShuffleId, ShuffleSpec};
 
-use crate::{EngineError, ExecutionMode, engine::EngineOptions};
+use crate::{
+    EngineError, ExecutionMode,
+    checkpoint::TaskCheckpointing,
+    engine::EngineOptions,
+    memory::MemoryPool,
+    metrics::TaskStats,
+    state::{RestoredState, Snapshot},
+};
 
 /// Records per batch from sources and keyed operators: enough to amortise a
 /// virtual call and an allocation per batch, small enough that a streaming
@@ -28,7 +40,7 @@ pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// A record and the time its source created it (microseconds since the Unix
 /// epoch), so a streaming sink can measure end-to-end latency.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Event<T> {
     pub value: T,
     pub created_us: u64,
@@ -37,9 +49,23 @@ pub(crate) struct Event<T> {
 /// A bounded run of records passed between operators.
 pub(crate) type Batch<T> = Vec<Event<T>>;
 
-/// One task's stream of batches. `None` means the input is exhausted.
+/// What an input yields: records, or a checkpoint's barrier (all inputs of
+/// the chain below have passed it), or the news that a checkpoint was
+/// given up upstream.
+pub(crate) enum Item<T> {
+    Batch(Batch<T>),
+    Barrier(u64),
+    Cancel(u64),
+}
+
+/// One task's stream of items. `None` means the input is exhausted.
 pub(crate) trait Input<T>: Send {
-    fn next_batch(&mut self) -> BoxFuture<'_, Result<Option<Batch<T>>, EngineError>>;
+    fn next(&mut self) -> BoxFuture<'_, Result<Option<Item<T>>, EngineError>>;
+
+    /// Adds the state of this operator and of the operators below it.
+    fn snapshot(&mut self, _snapshot: &mut Snapshot) -> Result<(), EngineError> {
+        Ok(())
+    }
 }
 
 pub(crate) type BoxInput<T> = Box<dyn Input<T>>;
@@ -69,8 +95,18 @@ pub(crate) struct TaskContext {
     pub shuffles: Arc<HashMap<u64, RunShuffle>>,
     /// The engine's options.
     pub options: Arc<EngineOptions>,
-    /// The engine's log of lost maps re-run.
-    pub reruns: Arc<std::sync::Mutex<Vec<crate::executor::MapRerun>>>,
+    /// The engine's memory budget.
+    pub memory: Arc<MemoryPool>,
+    /// Where operators spill.
+    pub spill_dir: Arc<PathBuf>,
+    /// This task's counters.
+    pub stats: Arc<TaskStats>,
+    /// Streaming with checkpoints: the coordinator's signals and the backend.
+    pub checkpoints: Option<Arc<TaskCheckpointing>>,
+    /// After a restart: the task's state at the checkpoint restored.
+    pub restored: Option<Arc<RestoredState>>,
+    /// Names the task in reservations and errors.
+    pub name: Arc<str>,
 }
 
 impl TaskContext {
@@ -78,22 +114,24 @@ impl TaskContext {
         // The executor assigns a shuffle to every stage of the job before any task starts.
         *self.shuffles.get(&stage).expect("every stage of the job has a shuffle")
     }
+
+    /// Operator `op`'s serialized state at the restored checkpoint, if any.
+    pub(crate) fn restored<T: serde::de::DeserializeOwned>(&self, op: u64) -> Result<Option<T>, EngineError> {
+        match &self.restored {
+            Some(state) => state.get(op),
+            None => Ok(None),
+        }
+    }
+
+    /// A reservation for an operator of this task.
+    pub(crate) fn reservation(&self, operator: &str, spillable: bool) -> crate::memory::Reservation {
+        self.memory.reservation(format!("{operator} in {}", self.name), spillable)
+    }
 }
 
 /// Now, in microseconds since the Unix epoch.
 pub(crate) fn now_us() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
-}
-
-/// An input that yields the batches of a vector, then ends.
-pub(crate) struct VecInput<T> {
-    pub batches: std::vec::IntoIter<Batch<T>>,
-}
-
-impl<T: Send> Input<T> for VecInput<T> {
-    fn next_batch(&mut self) -> BoxFuture<'_, Result<Option<Batch<T>>, EngineError>> {
-        Box::pin(async move { Ok(self.batches.next()) })
-    }
 }
 
 /// Cuts events into batches of at most [`BATCH_RECORDS`].

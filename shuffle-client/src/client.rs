@@ -305,13 +305,8 @@ impl ShuffleClient {
         if self.inner.cluster.is_some() {
             return crate::cluster::reader(self, shuffle, partition).await;
         }
-        let request = if self.reads_directly() {
-            Request::OpenPartitionDirect { shuffle, partition }
-        } else {
-            Request::OpenPartition { shuffle, partition }
-        };
-        let reader = self.open_read(&request).await?;
-        Ok(PartitionReader::new(reader, shuffle, partition))
+        // The reader opens its stream on its first call, which says whether it reads by key.
+        Ok(PartitionReader::new(self.next_link(&self.inner.reads).clone(), self.reads_directly(), shuffle, partition))
     }
 
     /// Closes the links gracefully and waits for the server to see it.

@@ -561,7 +561,7 @@ pub(crate) async fn reader(
 ) -> Result<PartitionReader, ClientError> {
     let mut failover = Failover { client: client.clone(), shuffle, partition, current: None, tried: BTreeSet::new() };
     let stream = failover.open(Vec::new()).await?;
-    Ok(PartitionReader::new(stream, shuffle, partition).with_failover(Box::new(failover)))
+    Ok(PartitionReader::with_failover(stream, Box::new(failover), shuffle, partition))
 }
 
 /// Finds a copy of a partition to read, and reopens the read there when the

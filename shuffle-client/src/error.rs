@@ -49,6 +49,14 @@ pub enum ClientError {
         "shuffle {shuffle}, partition {partition}: every copy of the blocks of maps {maps:?} was lost; re-run them"
     )]
     PartitionLost { shuffle: ShuffleId, partition: PartitionId, maps: Vec<MapId> },
+    /// A key-ordered read cannot merge the partition's runs within its
+    /// memory budget: it needs at least one block of each run at once.
+    #[error(
+        "merging the {runs} sorted runs of partition {partition} of shuffle {shuffle} needs at least {needed} bytes \
+         (a block of each), over the reader's budget of {budget}: give the reader more memory or the writers larger \
+         sort buffers (fewer runs)"
+    )]
+    MergeMemory { shuffle: ShuffleId, partition: PartitionId, runs: usize, needed: usize, budget: usize },
 }
 
 impl ClientError {

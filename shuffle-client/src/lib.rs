@@ -29,6 +29,7 @@
 mod client;
 mod cluster;
 mod error;
+mod merge;
 mod options;
 mod reader;
 mod sort_buffer;
@@ -39,8 +40,9 @@ mod writer;
 pub use bytes::Bytes;
 pub use client::{ShuffleClient, quic_client_config};
 pub use error::ClientError;
+pub use merge::MERGE_BLOCK_BYTES;
 pub use options::{APP_ENV, APP_SECRET_ENV, AppCredentials, ClientOptions};
-pub use reader::{PartitionReader, Record, RecordBlock};
+pub use reader::{DEFAULT_MERGE_MEMORY, PartitionReader, Record, RecordBlock};
 pub use shuffle_protocol::{
     AppId, AppSecret, AttemptId, Codec, ErrorKind, ExchangeMode, MapId, PartitionId, Placement, ServiceError,
     ShuffleId, ShuffleSpec, SpillStrategy,

@@ -6,15 +6,28 @@
 //! what arrived must equal them exactly; any difference is an
 //! [`ClientError::Integrity`] naming the shuffle, partition and map.
 //!
-//! For a sort shuffle with key ordering, [`PartitionReader::next_record`]
-//! yields the partition's records in key order: it receives and checks every
-//! block first, then k-way merges the sorted runs (one per writer run of every
-//! map). That holds the partition's records in memory while it is read.
+//! A reader opens its stream on its first call: [`PartitionReader::next_block`]
+//! reads the partition in the order the server sends it;
+//! [`PartitionReader::next_record`] reads it in key order when the shuffle is
+//! a sort shuffle with key ordering, merging the sorted runs as a stream
+//! with a bounded amount of each in memory (see [`crate::merge`]), and in
+//! arrival order otherwise.
 
 use std::{
-    cmp::Reverse,
-    collections::{BinaryHeap, HashMap, VecDeque},
+    collections::{HashMap, VecDeque},
     sync::Arc,
+};
+
+use bytes::Bytes;
+use shuffle_protocol::{
+    AttemptId, Block, BlockHeader, Frame, FrameKind, MapCommit, MapId, PartitionId, PartitionTotals, RecordIter,
+    Request, Response, ShuffleId, ShuffleSpec,
+};
+
+use crate::{
+    ClientError,
+    merge::KeyMerge,
+    transport::{FrameReader, Link, open_request},
 };
 
 /// Largest file range a direct read accepts: the server sends ranges of at
@@ -22,13 +35,10 @@ use std::{
 /// hostile server can make the reader allocate.
 const MAX_RANGE_LEN: u64 = 32 << 20;
 
-use bytes::Bytes;
-use shuffle_protocol::{
-    AttemptId, Block, Frame, FrameKind, MapCommit, MapId, PartitionId, PartitionTotals, RecordIter, Response,
-    ShuffleId, ShuffleSpec, key_prefix,
-};
-
-use crate::{ClientError, transport::FrameReader};
+/// Memory a key-ordered read may hold for its runs unless told otherwise
+/// ([`PartitionReader::set_merge_memory`]), 32 MiB: as much as one writer's
+/// sort buffer, so a partition of up to ~500 runs merges with a block each.
+pub const DEFAULT_MERGE_MEMORY: usize = 32 << 20;
 
 /// One record: key and value share the buffer of the block they came in.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -77,12 +87,27 @@ impl RecordBlock {
         // out (`Block::into_records`), so the iterator yields no error.
         RecordIter::new(&self.raw).map_while(Result::ok)
     }
+
+    /// The framed records, for callers that keep a block's bytes (a
+    /// record slice taken with [`Bytes::slice_ref`] shares them).
+    pub fn raw(&self) -> &Bytes {
+        &self.raw
+    }
+}
+
+/// Where the reader's stream comes from, until it is opened.
+struct Opener {
+    link: Link,
+    /// Whether to take blocks in files as files (the Unix socket).
+    direct: bool,
 }
 
 /// Reads one partition of a shuffle.
 pub struct PartitionReader {
-    /// The stream carrying the partition.
-    reader: FrameReader,
+    /// Set until the first call opens the stream.
+    opener: Option<Opener>,
+    /// The stream carrying the partition (arrival-order reads).
+    reader: Option<FrameReader>,
     shuffle: ShuffleId,
     partition: PartitionId,
     /// Per (map, attempt): the totals of its blocks so far. Outside hybrid
@@ -94,22 +119,26 @@ pub struct PartitionReader {
     finished: bool,
     /// The shuffle's spec, from the server's `PartitionOpened`.
     spec: Option<ShuffleSpec>,
-    /// Key-ordered reads: the merge of all runs, once every block has arrived.
-    merge: Option<RunMerge>,
+    /// Key-ordered reads of a key-ordered sort shuffle: the merge of its runs.
+    merge: Option<KeyMerge>,
+    /// What the merge may hold.
+    merge_memory: usize,
     /// Direct reads: the files the server passed, by their number in this read.
     files: HashMap<u32, Arc<std::fs::File>>,
     /// Direct reads: checked blocks read from a file range, not yet handed out.
     from_files: VecDeque<RecordBlock>,
-    /// A cluster's reader: how to move to another copy of the partition.
+    /// Cluster reads: how to resume at another copy if this one fails.
     failover: Option<Box<crate::cluster::Failover>>,
 }
 
 impl PartitionReader {
-    pub(crate) fn new(reader: FrameReader, shuffle: ShuffleId, partition: PartitionId) -> Self {
+    /// A reader of `partition` that opens its stream on `link` on its first call.
+    pub(crate) fn new(link: Link, direct: bool, shuffle: ShuffleId, partition: PartitionId) -> Self {
         Self {
+            opener: Some(Opener { link, direct }),
+            reader: None,
             files: HashMap::new(),
             from_files: VecDeque::new(),
-            reader,
             shuffle,
             partition,
             received: HashMap::new(),
@@ -117,15 +146,43 @@ impl PartitionReader {
             finished: false,
             spec: None,
             merge: None,
+            merge_memory: DEFAULT_MERGE_MEMORY,
             failover: None,
         }
     }
 
-    /// A reader that moves to another copy of the partition when the one
-    /// it reads fails, asking for only the blocks it does not have yet.
-    pub(crate) fn with_failover(mut self, failover: Box<crate::cluster::Failover>) -> Self {
-        self.failover = Some(failover);
-        self
+    /// A cluster reader: reads the stream a worker already opened (its
+    /// `PartitionOpened` not read yet) and moves to another copy of the
+    /// partition when the one it reads fails, asking for only the blocks it
+    /// does not have yet.
+    pub(crate) fn with_failover(
+        reader: FrameReader,
+        failover: Box<crate::cluster::Failover>,
+        shuffle: ShuffleId,
+        partition: PartitionId,
+    ) -> Self {
+        let mut this = Self::new_unopened(shuffle, partition);
+        this.reader = Some(reader);
+        this.failover = Some(failover);
+        this
+    }
+
+    fn new_unopened(shuffle: ShuffleId, partition: PartitionId) -> Self {
+        Self {
+            opener: None,
+            reader: None,
+            files: HashMap::new(),
+            from_files: VecDeque::new(),
+            shuffle,
+            partition,
+            received: HashMap::new(),
+            current: None,
+            finished: false,
+            spec: None,
+            merge: None,
+            merge_memory: DEFAULT_MERGE_MEMORY,
+            failover: None,
+        }
     }
 
     /// What this reader has of each attempt, for a read resumed at another copy.
@@ -134,6 +191,20 @@ impl PartitionReader {
             .iter()
             .map(|((map, attempt), t)| shuffle_protocol::ResumePoint { map: *map, attempt: *attempt, blocks: t.blocks })
             .collect()
+    }
+
+    /// Bounds what a key-ordered read holds of the partition's runs at once
+    /// (default [`DEFAULT_MERGE_MEMORY`]); set it before the first call.
+    /// The merge asks the server for chunks of `bytes / runs` of each run,
+    /// and fails with [`ClientError::MergeMemory`] if that is less than one
+    /// block of 64 KiB per run.
+    pub fn set_merge_memory(&mut self, bytes: usize) {
+        self.merge_memory = bytes;
+    }
+
+    /// The most bytes of blocks the key-ordered merge held at once (0 for other reads).
+    pub fn peak_merge_bytes(&self) -> usize {
+        self.merge.as_ref().map_or(0, KeyMerge::peak_bytes)
     }
 
     /// The shuffle's spec, once the server has opened the partition (after the first read call).
@@ -145,10 +216,47 @@ impl PartitionReader {
         ClientError::Integrity { shuffle: self.shuffle, partition: self.partition, map, detail }
     }
 
-    /// The next block of records, in the order the server sends them (for a
-    /// key-ordered shuffle use [`PartitionReader::next_record`] to get key
-    /// order); `None` once the partition is complete and checked.
+    /// Opens the stream on the first call: a key-ordered read asks for the
+    /// runs (`OpenPartitionByKey`), any other the partition as it comes.
+    async fn open(&mut self, by_key: bool) -> Result<(), ClientError> {
+        let Some(Opener { link, direct }) = self.opener.take() else { return Ok(()) };
+        let (shuffle, partition) = (self.shuffle, self.partition);
+        let request = match (by_key, direct) {
+            (true, _) => Request::OpenPartitionByKey { shuffle, partition, direct },
+            (false, true) => Request::OpenPartitionDirect { shuffle, partition },
+            (false, false) => Request::OpenPartition { shuffle, partition },
+        };
+        // A key-ordered read keeps its side open to ask for chunks.
+        let (send, mut reader) = open_request(&link, &request, !by_key).await?;
+        if direct {
+            // Nothing was read from the stream yet: every descriptor the server passes is kept.
+            reader.receive_files();
+        }
+        let spec = match reader.response().await? {
+            Response::PartitionOpened { spec } => spec,
+            other => return Err(ClientError::Protocol(format!("expected PartitionOpened, got {other:?}"))),
+        };
+        self.spec = Some(spec);
+        if by_key && spec.mode == shuffle_protocol::ExchangeMode::Sort && spec.key_ordering {
+            self.merge = Some(KeyMerge::open(send, reader, (shuffle, partition), self.merge_memory).await?);
+        } else {
+            // Nothing more to ask: end our side (plain reads ended it with the request).
+            let mut send = send;
+            send.finish();
+            self.reader = Some(reader);
+        }
+        Ok(())
+    }
+
+    /// The next block of records, in the order the server sends them;
+    /// `None` once the partition is complete and checked. (Key order is
+    /// [`PartitionReader::next_record`]'s; a reader that started with it
+    /// merges runs and has no blocks to give.)
     pub async fn next_block(&mut self) -> Result<Option<RecordBlock>, ClientError> {
+        self.open(false).await?;
+        if self.merge.is_some() {
+            return Err(ClientError::Options("a key-ordered read yields records, not blocks".into()));
+        }
         loop {
             match self.next_block_once().await {
                 Err(e)
@@ -158,10 +266,11 @@ impl PartitionReader {
                         "the copy being read failed; resuming at another copy");
                     let resume = self.resume_points();
                     let failover = self.failover.as_mut().expect("checked above");
-                    self.reader = failover.open(resume).await?;
+                    self.reader = Some(failover.open(resume).await?);
                     // The new stream opens with its own PartitionOpened and file numbers.
                     self.spec = None;
                     self.files.clear();
+                    self.from_files.clear();
                 }
                 other => return other,
             }
@@ -169,120 +278,100 @@ impl PartitionReader {
     }
 
     async fn next_block_once(&mut self) -> Result<Option<RecordBlock>, ClientError> {
-        if let Some(block) = self.from_files.pop_front() {
-            return Ok(Some(block));
-        }
-        if self.finished {
-            return Ok(None);
-        }
-        if self.spec.is_none() {
-            match self.reader.response().await? {
+        if self.spec.is_none() && !self.finished {
+            // A cluster reader's stream: its PartitionOpened comes first.
+            let reader = self.reader.as_mut().expect("opened");
+            match reader.response().await? {
                 Response::PartitionOpened { spec } => self.spec = Some(spec),
                 other => return Err(ClientError::Protocol(format!("expected PartitionOpened, got {other:?}"))),
             }
         }
-        match self.reader.next_frame().await? {
-            Some(Frame { kind: FrameKind::Block, payload }) => self.accept_block(payload).map(Some),
-            Some(Frame { kind: FrameKind::Response, payload }) => {
-                match Response::decode(&payload).map_err(|e| ClientError::Protocol(e.to_string()))? {
-                    Response::PartitionEnd { partition, maps } if partition == self.partition => {
-                        self.check_end(&maps)?;
-                        self.finished = true;
-                        Ok(None)
+        loop {
+            if let Some(block) = self.from_files.pop_front() {
+                return Ok(Some(block));
+            }
+            if self.finished {
+                return Ok(None);
+            }
+            let reader = self.reader.as_mut().expect("opened above");
+            match reader.next_frame().await? {
+                Some(Frame { kind: FrameKind::Block, payload }) => return self.accept_block(payload).map(Some),
+                Some(Frame { kind: FrameKind::Response, payload }) => {
+                    match Response::decode(&payload).map_err(|e| ClientError::Protocol(e.to_string()))? {
+                        Response::PartitionEnd { partition, maps } if partition == self.partition => {
+                            self.check_end(&maps)?;
+                            self.finished = true;
+                        }
+                        Response::Error(e) => return Err(ClientError::Server(e)),
+                        Response::PartitionLost { partition, maps } => {
+                            self.finished = true;
+                            return Err(ClientError::PartitionLost { shuffle: self.shuffle, partition, maps });
+                        }
+                        Response::ProducerFailed { map, attempt, rereadable } => {
+                            self.finished = true;
+                            return Err(ClientError::ProducerFailed { map, attempt, rereadable });
+                        }
+                        Response::FileOpened { file } => {
+                            let fd = reader.take_fd().ok_or_else(|| {
+                                ClientError::Protocol(format!("FileOpened {file} came without a file descriptor"))
+                            })?;
+                            self.files.insert(file, Arc::new(std::fs::File::from(fd)));
+                        }
+                        Response::FileRange { file, offset, len, blocks } => {
+                            let bytes = read_range(&self.files, file, offset, len)
+                                .await
+                                .map_err(|e| self.range_error(e, offset, len))?;
+                            for block in split_range(&bytes, blocks).map_err(|e| self.integrity(None, e))? {
+                                let block = self.accept_block(block)?;
+                                self.from_files.push_back(block);
+                            }
+                        }
+                        other => {
+                            return Err(ClientError::Protocol(format!("unexpected {other:?} on a partition stream")));
+                        }
                     }
-                    Response::Error(e) => Err(ClientError::Server(e)),
-                    Response::PartitionLost { partition, maps } => {
-                        self.finished = true;
-                        Err(ClientError::PartitionLost { shuffle: self.shuffle, partition, maps })
-                    }
-                    Response::ProducerFailed { map, attempt, rereadable } => {
-                        self.finished = true;
-                        Err(ClientError::ProducerFailed { map, attempt, rereadable })
-                    }
-                    Response::FileOpened { file } => {
-                        let fd = self.reader.take_fd().ok_or_else(|| {
-                            ClientError::Protocol(format!("FileOpened {file} came without a file descriptor"))
-                        })?;
-                        self.files.insert(file, Arc::new(std::fs::File::from(fd)));
-                        Box::pin(self.next_block_once()).await
-                    }
-                    Response::FileRange { file, offset, len, blocks } => {
-                        self.read_range(file, offset, len, blocks).await?;
-                        Box::pin(self.next_block_once()).await
-                    }
-                    other => Err(ClientError::Protocol(format!("unexpected {other:?} on a partition stream"))),
+                }
+                Some(frame) => {
+                    return Err(ClientError::Protocol(format!(
+                        "unexpected {:?} frame on a partition stream",
+                        frame.kind
+                    )));
+                }
+                None => {
+                    return Err(ClientError::ConnectionLost(format!(
+                        "partition {} of shuffle {} ended before PartitionEnd",
+                        self.partition, self.shuffle
+                    )));
                 }
             }
-            Some(frame) => {
-                Err(ClientError::Protocol(format!("unexpected {:?} frame on a partition stream", frame.kind)))
-            }
-            None => Err(ClientError::ConnectionLost(format!(
-                "partition {} of shuffle {} ended before PartitionEnd",
-                self.partition, self.shuffle
-            ))),
         }
     }
 
-    /// Direct reads: reads `len` bytes at `offset` of file `file` (a page
-    /// cache read, no copy through the server), and checks the `blocks`
-    /// blocks in them as if they had come as frames.
-    async fn read_range(&mut self, file: u32, offset: u64, len: u64, blocks: u32) -> Result<(), ClientError> {
-        let handle = self
-            .files
-            .get(&file)
-            .cloned()
-            .ok_or_else(|| ClientError::Protocol(format!("FileRange names file {file}, which was never opened")))?;
-        if len > MAX_RANGE_LEN {
-            return Err(ClientError::Protocol(format!(
-                "a FileRange of {len} bytes is over the limit of {MAX_RANGE_LEN}"
-            )));
-        }
-        let bytes = tokio::task::spawn_blocking(move || {
-            // Not zeroed first: the kernel writes every byte the buffer holds.
-            let mut buf = Vec::with_capacity(len as usize);
-            while buf.len() < len as usize {
-                let at = offset + buf.len() as u64;
-                let n = rustix::io::pread(&*handle, rustix::buffer::spare_capacity(&mut buf), at)?;
-                if n == 0 {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        "the file ends before the range",
-                    ));
-                }
+    /// Reads a cluster stream's `PartitionOpened` if it has not been read.
+    async fn next_block_once_spec(&mut self) -> Result<(), ClientError> {
+        if self.spec.is_none() {
+            let reader = self.reader.as_mut().expect("a cluster reader has its stream");
+            match reader.response().await? {
+                Response::PartitionOpened { spec } => self.spec = Some(spec),
+                other => return Err(ClientError::Protocol(format!("expected PartitionOpened, got {other:?}"))),
             }
-            buf.truncate(len as usize);
-            Ok(Bytes::from(buf))
-        })
-        .await
-        .map_err(|e| ClientError::ConnectionLost(format!("reading a shuffle file: {e}")))?
-        .map_err(|e| self.integrity(None, format!("reading {len} bytes at {offset} of a shuffle file: {e}")))?;
-        let mut at = 0;
-        for _ in 0..blocks {
-            let header =
-                shuffle_protocol::BlockHeader::decode(&bytes[at..]).map_err(|e| self.integrity(None, e.to_string()))?;
-            let end = at + shuffle_protocol::BLOCK_HEADER_LEN + header.stored_len as usize;
-            if end > bytes.len() {
-                return Err(self.integrity(Some(header.id.map), "a block runs past the end of its file range".into()));
-            }
-            let block = self.accept_block(bytes.slice(at..end))?;
-            self.from_files.push_back(block);
-            at = end;
-        }
-        if at != bytes.len() {
-            return Err(self.integrity(None, format!("{} bytes of a file range hold no block", bytes.len() - at)));
         }
         Ok(())
     }
 
+    fn range_error(&self, e: RangeError, offset: u64, len: u64) -> ClientError {
+        match e {
+            RangeError::Protocol(detail) => ClientError::Protocol(detail),
+            RangeError::Io(e) => {
+                self.integrity(None, format!("reading {len} bytes at {offset} of a shuffle file: {e}"))
+            }
+        }
+    }
+
     /// Checks one block and returns its records.
     fn accept_block(&mut self, payload: Bytes) -> Result<RecordBlock, ClientError> {
-        let block = Block::parse(payload).map_err(|e| self.integrity(None, e.to_string()))?;
-        let header = block.header;
+        let (header, raw) = check_block(payload, self.partition).map_err(|(map, e)| self.integrity(map, e))?;
         let map = header.id.map;
-        if header.id.partition != self.partition {
-            return Err(self.integrity(Some(map), format!("received a block of partition {}", header.id.partition)));
-        }
-        let raw = block.into_records().map_err(|e| self.integrity(Some(map), e.to_string()))?;
         let attempt = header.id.attempt;
         let hybrid = self.spec.is_some_and(|s| s.mode == shuffle_protocol::ExchangeMode::Hybrid);
         if !hybrid && let Some(((_, other), _)) = self.received.iter().find(|((m, a), _)| *m == map && *a != attempt) {
@@ -334,26 +423,22 @@ impl PartitionReader {
         Ok(())
     }
 
-    /// The next record — in key order for a key-ordered sort shuffle —;
-    /// `None` once the partition is complete and checked.
+    /// The next record — in key order for a key-ordered sort shuffle (see
+    /// [`crate::merge`] for the order of equal keys) —; `None` once the
+    /// partition is complete and checked.
     pub async fn next_record(&mut self) -> Result<Option<Record>, ClientError> {
-        if self.merge.is_none() && self.current.is_none() && !self.finished {
-            // The first call learns the spec (and may already hold a block).
-            let first = self.next_block().await?;
-            if self.spec.is_some_and(|s| s.key_ordering) {
-                let mut runs: HashMap<(MapId, u32), Vec<Bytes>> = HashMap::new();
-                let mut block = first;
-                while let Some(b) = block {
-                    runs.entry((b.map, b.run)).or_default().push(b.raw);
-                    block = self.next_block().await?;
-                }
-                self.merge = Some(RunMerge::new(runs.into_values().collect()));
-            } else if let Some(b) = first {
-                self.current = Some((b.raw, 0));
+        if self.failover.is_some() && self.merge.is_none() && self.current.is_none() && self.received.is_empty() {
+            // A cluster read of a key-ordered shuffle would come in arrival order.
+            self.next_block_once_spec().await?;
+            if self.spec.is_some_and(|s| s.mode == shuffle_protocol::ExchangeMode::Sort && s.key_ordering) {
+                return Err(ClientError::Options(
+                    "key-ordered reads of a sort shuffle are not supported in cluster mode yet".into(),
+                ));
             }
         }
+        self.open(true).await?;
         if let Some(merge) = &mut self.merge {
-            return Ok(merge.next());
+            return merge.next().await;
         }
         loop {
             if let Some((raw, offset)) = &mut self.current {
@@ -373,61 +458,78 @@ impl PartitionReader {
     }
 }
 
-/// Reads the records of one sorted run, block after block.
-struct RunCursor {
-    /// Blocks not yet started.
-    blocks: std::vec::IntoIter<Bytes>,
-    /// The block being read and the offset reached.
-    raw: Bytes,
-    offset: usize,
+/// Parses and checks one block of `partition`: its header, its CRC, its
+/// records. The error names the block's map when the header could be read.
+pub(crate) fn check_block(
+    payload: Bytes,
+    partition: PartitionId,
+) -> Result<(BlockHeader, Bytes), (Option<MapId>, String)> {
+    let block = Block::parse(payload).map_err(|e| (None, e.to_string()))?;
+    let header = block.header;
+    let map = header.id.map;
+    if header.id.partition != partition {
+        return Err((Some(map), format!("received a block of partition {}", header.id.partition)));
+    }
+    let raw = block.into_records().map_err(|e| (Some(map), e.to_string()))?;
+    Ok((header, raw))
 }
 
-impl RunCursor {
-    fn next(&mut self) -> Option<Record> {
-        loop {
-            if self.offset < self.raw.len() {
-                let mut records = RecordIter::new(&self.raw[self.offset..]);
-                // Blocks were validated on receipt, so records parse.
-                let (key, value) = records.next()?.ok()?;
-                let record = Record { key: self.raw.slice_ref(key), value: self.raw.slice_ref(value) };
-                self.offset = self.raw.len() - records.remaining_bytes();
-                return Some(record);
+/// Why a direct read of a file range failed.
+pub(crate) enum RangeError {
+    /// The server named a file it never passed, or a range over the limit.
+    Protocol(String),
+    /// Reading the file failed or it ended before the range.
+    Io(std::io::Error),
+}
+
+/// Direct reads: reads `len` bytes at `offset` of file `file` (a page cache
+/// read, no copy through the server).
+pub(crate) async fn read_range(
+    files: &HashMap<u32, Arc<std::fs::File>>,
+    file: u32,
+    offset: u64,
+    len: u64,
+) -> Result<Bytes, RangeError> {
+    let handle = files
+        .get(&file)
+        .cloned()
+        .ok_or_else(|| RangeError::Protocol(format!("FileRange names file {file}, which was never opened")))?;
+    if len > MAX_RANGE_LEN {
+        return Err(RangeError::Protocol(format!("a FileRange of {len} bytes is over the limit of {MAX_RANGE_LEN}")));
+    }
+    tokio::task::spawn_blocking(move || {
+        // Not zeroed first: the kernel writes every byte the buffer holds.
+        let mut buf = Vec::with_capacity(len as usize);
+        while buf.len() < len as usize {
+            let at = offset + buf.len() as u64;
+            let n = rustix::io::pread(&*handle, rustix::buffer::spare_capacity(&mut buf), at)?;
+            if n == 0 {
+                return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the file ends before the range"));
             }
-            self.raw = self.blocks.next()?;
-            self.offset = 0;
         }
-    }
+        buf.truncate(len as usize);
+        Ok(Bytes::from(buf))
+    })
+    .await
+    .map_err(|e| RangeError::Io(std::io::Error::other(format!("reading a shuffle file: {e}"))))?
+    .map_err(RangeError::Io)
 }
 
-/// The head record of a run in the merge, ordered by key prefix, key, then run.
-type Head = Reverse<(u64, Bytes, usize, Bytes)>;
-
-/// A k-way merge of sorted runs by key (bytewise); ties go to the lower run index.
-struct RunMerge {
-    cursors: Vec<RunCursor>,
-    /// The head record of every run not yet exhausted.
-    heads: BinaryHeap<Head>,
-}
-
-impl RunMerge {
-    fn new(runs: Vec<Vec<Bytes>>) -> Self {
-        let mut cursors: Vec<RunCursor> = runs
-            .into_iter()
-            .map(|blocks| RunCursor { blocks: blocks.into_iter(), raw: Bytes::new(), offset: 0 })
-            .collect();
-        let heads = cursors
-            .iter_mut()
-            .enumerate()
-            .filter_map(|(i, c)| c.next().map(|r| Reverse((key_prefix(&r.key), r.key, i, r.value))))
-            .collect();
-        Self { cursors, heads }
-    }
-
-    fn next(&mut self) -> Option<Record> {
-        let Reverse((_, key, i, value)) = self.heads.pop()?;
-        if let Some(r) = self.cursors[i].next() {
-            self.heads.push(Reverse((key_prefix(&r.key), r.key, i, r.value)));
+/// Cuts a file range into its `blocks` whole blocks, by their headers.
+pub(crate) fn split_range(bytes: &Bytes, blocks: u32) -> Result<Vec<Bytes>, String> {
+    let mut out = Vec::with_capacity(blocks as usize);
+    let mut at = 0;
+    for _ in 0..blocks {
+        let header = BlockHeader::decode(&bytes[at..]).map_err(|e| e.to_string())?;
+        let end = at + shuffle_protocol::BLOCK_HEADER_LEN + header.stored_len as usize;
+        if end > bytes.len() {
+            return Err(format!("a block of map {} runs past the end of its file range", header.id.map));
         }
-        Some(Record { key, value })
+        out.push(bytes.slice(at..end));
+        at = end;
     }
+    if at != bytes.len() {
+        return Err(format!("{} bytes of a file range hold no block", bytes.len() - at));
+    }
+    Ok(out)
 }

@@ -76,16 +76,21 @@ impl SortBuffer {
     }
 
     /// Sorts the records by partition, and by key within a partition when
-    /// the buffer orders keys.
+    /// the buffer orders keys. Records that tie keep the order they were
+    /// pushed in (the arena offset breaks ties), so a run's order, and the
+    /// key-ordered read's order of equal keys, follow what was written.
     pub fn sort(&mut self) {
         let arena = &self.arena;
         let key = |e: &SortEntry| &arena[e.offset as usize..(e.offset + e.key_len) as usize];
         if self.key_ordering {
             self.entries.sort_unstable_by(|a, b| {
-                (a.partition, a.prefix).cmp(&(b.partition, b.prefix)).then_with(|| key(a).cmp(key(b)))
+                (a.partition, a.prefix)
+                    .cmp(&(b.partition, b.prefix))
+                    .then_with(|| key(a).cmp(key(b)))
+                    .then(a.offset.cmp(&b.offset))
             });
         } else {
-            self.entries.sort_unstable_by_key(|e| e.partition);
+            self.entries.sort_unstable_by_key(|e| (e.partition, e.offset));
         }
     }
 
@@ -124,6 +129,24 @@ mod tests {
         let got: Vec<(u32, &[u8])> = (0..b.len()).map(|i| (b.record(i).0, b.record(i).1)).collect();
         let want: Vec<(u32, &[u8])> = vec![(1, b"aaaaaaaaaa"), (1, b"aaaaaaaaab"), (1, b"zz"), (2, b"a"), (2, b"b")];
         assert_eq!(got, want);
+    }
+
+    #[test]
+    fn equal_keys_keep_the_order_they_were_pushed_in() {
+        for key_ordering in [true, false] {
+            let mut b = SortBuffer::new(1 << 20, key_ordering);
+            for i in 0..500u32 {
+                b.push(i % 3, &[(i % 5) as u8], &i.to_be_bytes());
+            }
+            b.sort();
+            let got: Vec<(u32, &[u8], &[u8])> = (0..b.len()).map(|i| b.record(i)).collect();
+            for w in got.windows(2) {
+                let same = if key_ordering { (w[0].0, w[0].1) == (w[1].0, w[1].1) } else { w[0].0 == w[1].0 };
+                if same {
+                    assert!(w[0].2 < w[1].2, "records that tie came out of the order they were pushed in");
+                }
+            }
+        }
     }
 
     #[test]

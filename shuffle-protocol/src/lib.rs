@@ -34,7 +34,7 @@ pub use frame::{FRAME_HEADER_LEN, Frame, FrameDecoder, FrameKind, MAX_FRAME_LEN,
 pub use ids::{AppId, AttemptId, MapId, PartitionId, ShuffleId};
 pub use message::{
     APP_SECRET_BYTES, AppSecret, ErrorKind, ExchangeMode, MAX_MAPS, MAX_PARTITIONS, MapCommit, MapEnd,
-    PROTOCOL_VERSION, Request, Response, ServiceError, ShuffleSpec, SpillStrategy,
+    PROTOCOL_VERSION, Request, Response, RunInfo, ServiceError, ShuffleSpec, SpillStrategy,
 };
 pub use record::{RecordIter, append_record, key_prefix, record_len};
 pub use totals::PartitionTotals;

@@ -23,6 +23,9 @@
 //! with the coordinator (`RegisterWorker`, then `Heartbeat`s), which sends
 //! them commands on streams it opens on the same connection; primaries
 //! forward blocks to replicas over `PeerHello` connections.
+//! - `OpenPartitionByKey` on a key-ordered sort shuffle: `PartitionOpened`,
+//!   `RunIndex`, then for each `ReadRun` the client sends, that chunk's
+//!   blocks and a `RunChunkEnd`; the stream ends when the client ends its side.
 
 use serde::{Deserialize, Serialize};
 
@@ -254,6 +257,35 @@ pub enum Request {
     /// Reads one partition, skipping the blocks a reader already has (it
     /// read them from the other copy); `direct` as `OpenPartitionDirect`.
     OpenPartitionFrom { shuffle: ShuffleId, partition: PartitionId, direct: bool, resume: Vec<ResumePoint> },
+    /// Reads one partition in key order. For a sort shuffle with key
+    /// ordering the server answers `PartitionOpened`, then (once every map
+    /// has committed) `RunIndex`, and then serves `ReadRun` requests the
+    /// reader sends on the same stream, one chunk of one run each, until the
+    /// reader ends its side: the reader merges the runs holding a bounded
+    /// amount of each. For any other shuffle it is `OpenPartition`, or
+    /// `OpenPartitionDirect` when `direct` is set.
+    OpenPartitionByKey { shuffle: ShuffleId, partition: PartitionId, direct: bool },
+    /// On an `OpenPartitionByKey` stream: the blocks of run `run` (its
+    /// position in the `RunIndex`) from its block `from` on, about
+    /// `max_bytes` of them (at least one block; the server may send fewer).
+    ReadRun { run: u32, from: u32, max_bytes: u32 },
+}
+
+/// One sorted run of one committed map attempt within the partition being
+/// read: its blocks are `first_block..first_block + blocks` of the
+/// attempt's blocks for the partition, in sequence order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunInfo {
+    /// The map task.
+    pub map: MapId,
+    /// Its committed attempt.
+    pub attempt: AttemptId,
+    /// The writer's run number.
+    pub run: u32,
+    /// Sequence number of the run's first block in this partition.
+    pub first_block: u32,
+    /// Number of blocks of the run in this partition.
+    pub blocks: u32,
 }
 
 /// The committed attempt of one map, and what it wrote to the partition being read.
@@ -422,6 +454,13 @@ pub enum Response {
     PeerWelcome { worker: String },
     /// The request failed.
     Error(ServiceError),
+    /// Key-ordered reads: the partition's runs, ordered by map and run
+    /// (the order that breaks ties between equal keys), and what each map
+    /// committed to the partition.
+    RunIndex { runs: Vec<RunInfo>, maps: Vec<MapCommit> },
+    /// Key-ordered reads: the chunk of run `run` asked for is complete; it
+    /// held `blocks` blocks.
+    RunChunkEnd { run: u32, blocks: u32 },
 }
 
 impl Request {
@@ -535,15 +574,27 @@ mod tests {
                         .collect(),
                 }
             ),
+            (any::<u32>(), any::<u32>(), any::<bool>()).prop_map(|(s, partition, direct)| {
+                Request::OpenPartitionByKey { shuffle: ShuffleId(s), partition, direct }
+            }),
+            (any::<u32>(), any::<u32>(), any::<u32>()).prop_map(|(run, from, max_bytes)| Request::ReadRun {
+                run,
+                from,
+                max_bytes
+            }),
         ]
     }
 
+    fn run_info() -> impl Strategy<Value = RunInfo> {
+        (any::<u32>(), any::<u32>(), any::<u32>(), any::<u32>(), any::<u32>())
+            .prop_map(|(map, attempt, run, first_block, blocks)| RunInfo { map, attempt, run, first_block, blocks })
+    }
+
+    fn map_commit() -> impl Strategy<Value = MapCommit> {
+        (any::<u32>(), any::<u32>(), totals()).prop_map(|(map, attempt, totals)| MapCommit { map, attempt, totals })
+    }
+
     fn response() -> impl Strategy<Value = Response> {
-        let commit = (any::<u32>(), any::<u32>(), totals()).prop_map(|(map, attempt, totals)| MapCommit {
-            map,
-            attempt,
-            totals,
-        });
         prop_oneof![
             Just(Response::Ok),
             (".{0,20}", "[0-9a-f]{64}", proptest::option::of("/[a-z/]{0,30}")).prop_map(|(v, secret, socket)| {
@@ -562,7 +613,7 @@ mod tests {
             (any::<u32>(), any::<u32>()).prop_map(|(map, attempt)| Response::Committed { map, attempt }),
             (any::<u32>(), any::<u32>(), any::<u32>())
                 .prop_map(|(map, attempt, c)| { Response::AttemptRefused { map, attempt, committed_attempt: c } }),
-            (any::<u32>(), proptest::collection::vec(commit, 0..10))
+            (any::<u32>(), proptest::collection::vec(map_commit(), 0..10))
                 .prop_map(|(partition, maps)| Response::PartitionEnd { partition, maps }),
             ".{0,80}".prop_map(|m| Response::Error(ServiceError::new(ErrorKind::UnknownShuffle, m))),
             any::<u32>().prop_map(|file| Response::FileOpened { file }),
@@ -573,6 +624,9 @@ mod tests {
                 .prop_map(|(partition, maps)| Response::PartitionLost { partition, maps }),
             (any::<u64>(), proptest::collection::vec(any::<u32>(), 0..4))
                 .prop_map(|(v, groups)| Response::Plan(MapPlan::Repair { placement_version: v, groups })),
+            (proptest::collection::vec(run_info(), 0..10), proptest::collection::vec(map_commit(), 0..10))
+                .prop_map(|(runs, maps)| Response::RunIndex { runs, maps }),
+            (any::<u32>(), any::<u32>()).prop_map(|(run, blocks)| Response::RunChunkEnd { run, blocks }),
         ]
     }
 

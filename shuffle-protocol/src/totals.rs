@@ -29,8 +29,14 @@ impl PartitionTotals {
 
     /// Adds the next block in sequence order.
     pub fn add(&mut self, header: &BlockHeader) {
+        self.add_block(header.record_count, header.crc);
+    }
+
+    /// Adds the next block in sequence order, given its record count and
+    /// payload CRC (a reader that received the blocks out of order).
+    pub fn add_block(&mut self, records: u32, crc: u32) {
         self.blocks += 1;
-        self.records += u64::from(header.record_count);
-        self.checksum = crc32c::crc32c_append(self.checksum, &header.crc.to_le_bytes());
+        self.records += u64::from(records);
+        self.checksum = crc32c::crc32c_append(self.checksum, &crc.to_le_bytes());
     }
 }

@@ -16,7 +16,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     auth,
     push::{handle_push, request_name},
-    read::handle_read,
+    read::{handle_read, handle_read_by_key},
     state::{AppSession, ServiceState},
     stats::ServerStats,
     telemetry,
@@ -386,7 +386,11 @@ pub async fn serve_stream<R, W>(
             Request::OpenPartitionDirect { shuffle, partition } if can_pass_files => {
                 handle_read(state, session, (shuffle, partition), &mut writer, &ctx.shutdown, true).await
             }
-            Request::OpenPartitionDirect { .. } => Err(no_files()),
+            Request::OpenPartitionByKey { shuffle, partition, direct } if can_pass_files || !direct => {
+                let streams = (&mut reader, &mut writer);
+                handle_read_by_key(state, session, (shuffle, partition), streams, &ctx.shutdown, direct).await
+            }
+            Request::OpenPartitionDirect { .. } | Request::OpenPartitionByKey { .. } => Err(no_files()),
             Request::OpenPartitionFrom { shuffle, partition, direct, resume } => {
                 if direct && !can_pass_files {
                     return Err(no_files());

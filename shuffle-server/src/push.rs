@@ -205,6 +205,8 @@ pub fn request_name(request: &Request) -> &'static str {
         Request::PeerHello { .. } => "PeerHello",
         Request::ReplicaPush { .. } => "ReplicaPush",
         Request::OpenPartitionFrom { .. } => "OpenPartitionFrom",
+        Request::OpenPartitionByKey { .. } => "OpenPartitionByKey",
+        Request::ReadRun { .. } => "ReadRun",
     }
 }
 

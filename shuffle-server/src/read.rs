@@ -9,6 +9,10 @@
 //! received fails. Blocks in memory go out without copying; blocks on disk
 //! are read into buffers counted in the budget (in sort mode, through the
 //! shuffle's elevator). The reader holds only the batch it is sending.
+//!
+//! `OpenPartitionByKey` serves a key-ordered sort shuffle run by run: the
+//! reader asks for one chunk of one run at a time and merges them itself,
+//! so neither side holds the partition.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -17,8 +21,9 @@ use std::{
 
 use bytes::Bytes;
 use shuffle_protocol::{
-    AttemptId, ErrorKind, ExchangeMode, MapId, PartitionId, Response, ResumePoint, ServiceError, ShuffleId,
+    AttemptId, ErrorKind, ExchangeMode, MapId, PartitionId, Request, Response, ResumePoint, ServiceError, ShuffleId,
 };
+use tokio::io::AsyncRead;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -27,7 +32,7 @@ use crate::{
     state::{AppSession, ServiceState},
     stats::ServerStats,
     storage::{BlockRef, ReadBatch, ReadCursor},
-    transport::{FrameSink, FrameWriter},
+    transport::{FrameReader, FrameSink, FrameWriter},
 };
 
 /// Bytes a reader takes from storage per batch: enough to amortise locks and
@@ -143,6 +148,97 @@ impl Skip {
             out.push(block.clone(), *owner, *position);
         }
         out
+    }
+}
+
+/// Serves a key-ordered read (`OpenPartitionByKey`). For a sort shuffle
+/// with key ordering: `PartitionOpened`, then once every map has committed
+/// the `RunIndex`, then one chunk per `ReadRun` the reader sends, until it
+/// ends its side of the stream. The reader merges the runs holding only the
+/// chunks it asked for; the server holds one chunk's disk reads at a time.
+/// Any other shuffle is read as by `OpenPartition` (`direct`: `…Direct`).
+pub async fn handle_read_by_key<R, W>(
+    state: &ServiceState,
+    session: &AppSession,
+    (shuffle_id, partition): (ShuffleId, PartitionId),
+    (reader, writer): (&mut FrameReader<R>, &mut FrameWriter<W>),
+    shutdown: &CancellationToken,
+    direct: bool,
+) -> Result<(), ServiceError>
+where
+    R: AsyncRead + Unpin + Send,
+    W: FrameSink,
+{
+    let shuffle = state.shuffle(session, shuffle_id)?;
+    let spec = shuffle.spec();
+    if !(spec.mode == ExchangeMode::Sort && spec.key_ordering) {
+        return handle_read(state, session, (shuffle_id, partition), writer, shutdown, direct).await;
+    }
+    shuffle.open_reader(partition)?;
+    let _reading = state.reader_started();
+    writer.response(&Response::PartitionOpened { spec }).await?;
+    tokio::select! {
+        complete = shuffle.wait_complete() => complete?,
+        _ = shutdown.cancelled() => {
+            return Err(ServiceError::new(
+                ErrorKind::ShuttingDown,
+                format!("the server is shutting down before {} completed", shuffle.label()),
+            ));
+        }
+    }
+    let runs = shuffle.runs(partition)?;
+    let maps = shuffle.partition_commits(partition)?;
+    writer.response(&Response::RunIndex { runs: runs.clone(), maps }).await?;
+    let mut opened = HashMap::new();
+    loop {
+        let request = tokio::select! {
+            request = reader.next_request() => request?,
+            _ = shutdown.cancelled() => {
+                return Err(ServiceError::new(ErrorKind::ShuttingDown, "the server is shutting down"));
+            }
+        };
+        let (run, from, max_bytes) = match request {
+            None => return Ok(()), // the reader has all it wants
+            Some(Request::ReadRun { run, from, max_bytes }) => (run, from, max_bytes),
+            Some(other) => {
+                return Err(ServiceError::new(
+                    ErrorKind::UnexpectedMessage,
+                    format!("{} on a key-ordered read (only ReadRun may follow)", crate::push::request_name(&other)),
+                ));
+            }
+        };
+        let info = runs.get(run as usize).ok_or_else(|| {
+            ServiceError::new(
+                ErrorKind::UnexpectedMessage,
+                format!("ReadRun names run {run}; partition {partition} of {} has {}", shuffle.label(), runs.len()),
+            )
+        })?;
+        if from >= info.blocks {
+            return Err(ServiceError::new(
+                ErrorKind::UnexpectedMessage,
+                format!("ReadRun asks for block {from} of run {run}, which has {} blocks", info.blocks),
+            ));
+        }
+        let mut cursor = ReadCursor { map: info.map as usize, index: u64::from(info.first_block + from) };
+        let max_bytes = (max_bytes as usize).clamp(1, READ_BATCH_BYTES);
+        let mut batch = shuffle.read(partition, &mut cursor, max_bytes)?;
+        // The storage reads on past the run (into the map's next run or the next map).
+        let left = (info.blocks - from) as usize;
+        batch.blocks.truncate(left);
+        batch.owners.truncate(left);
+        batch.positions.truncate(left);
+        if batch.is_empty() {
+            return Err(ServiceError::new(
+                ErrorKind::Io,
+                format!("run {run} of {} has no block {from}", shuffle.label()),
+            ));
+        }
+        if direct {
+            send_batch_direct(state, &shuffle, &batch, writer, &mut opened).await?;
+        } else {
+            send_batch(state, &shuffle, &batch, writer).await?;
+        }
+        writer.response(&Response::RunChunkEnd { run, blocks: batch.blocks.len() as u32 }).await?;
     }
 }
 

@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
 use shuffle_protocol::{
-    AppId, AttemptId, BlockHeader, ErrorKind, ExchangeMode, MapCommit, MapEnd, MapId, PartitionId, ServiceError,
-    ShuffleId, ShuffleSpec, SpillStrategy,
+    AppId, AttemptId, BlockHeader, ErrorKind, ExchangeMode, MapCommit, MapEnd, MapId, PartitionId, RunInfo,
+    ServiceError, ShuffleId, ShuffleSpec, SpillStrategy,
 };
 use tokio::sync::watch;
 
@@ -360,6 +360,18 @@ impl Shuffle {
                 self.storage.read(&self.core, partition, cursor, &servable, max_bytes)
             }
         }
+    }
+
+    /// The sorted runs of `partition` by map and run, for key-ordered reads
+    /// (sort mode, once every map has committed).
+    pub fn runs(&self, partition: PartitionId) -> Result<Vec<RunInfo>, ServiceError> {
+        self.core.check_live()?;
+        if self.committed_attempts.get().is_none() {
+            return Err(ServiceError::new(ErrorKind::Io, format!("{} is not complete", self.label())));
+        }
+        self.storage.runs(partition).ok_or_else(|| {
+            ServiceError::new(ErrorKind::UnexpectedMessage, format!("{} is not a sort shuffle", self.label()))
+        })
     }
 
     /// A reader handed `batch` to its stream.

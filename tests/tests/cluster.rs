@@ -466,7 +466,10 @@ fn with_one_copy_the_engine_re_runs_exactly_the_lost_maps_and_ends_exact() {
     let first_of = |m: u32| u64::from(m) * RECORDS / u64::from(MAPS);
     let runs: Arc<Vec<AtomicU32>> = Arc::new((0..MAPS).map(|_| AtomicU32::new(0)).collect());
     let engine =
-        Engine::connect(addr, options.clone(), EngineOptions { batch_task_slots: 1, ..EngineOptions::default() })
+        Engine::builder()
+            .client(options.clone())
+            .options(EngineOptions { batch_task_slots: 1, ..EngineOptions::default() })
+            .connect(addr)
             .unwrap();
     assert_eq!(engine.transport(), "cluster");
 

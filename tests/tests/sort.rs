@@ -202,3 +202,85 @@ proptest! {
         }
     }
 }
+
+/// Key-ordered reads break ties by map, then by the writer's run, then by
+/// the order the writer wrote: the output is one exact sequence, over QUIC
+/// and over the Unix socket with direct reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn equal_keys_come_out_by_map_then_run_then_write_order_on_both_transports() {
+    // A small budget spills the maps' early runs, so both memory and file blocks are merged.
+    let daemon = Daemon::start(&["--memory", "4MiB", "--flush-size", "64KiB"]);
+    for same_host in [false, true] {
+        let mut options = daemon.options(&format!("ties-{same_host}")).same_host(same_host);
+        (options.sort_buffer, options.block_size) = (16 << 10, 2 << 10);
+        let client = ShuffleClient::connect(daemon.addr, options).await.unwrap();
+        assert_eq!(client.unix_socket().is_some(), same_host);
+        client.register_shuffle(ShuffleId(0), ShuffleSpec::sort(3, 2, true)).await.unwrap();
+        // Every map writes keys 0..7 over and over; the value says who wrote it when.
+        let mut written = Vec::new();
+        for map in 0..3u32 {
+            let mut writer = client.writer(ShuffleId(0), map, 0).await.unwrap();
+            for seq in 0..6_000u32 {
+                let key = [(seq.wrapping_mul(2_654_435_761) >> 29) as u8];
+                let value = [map.to_be_bytes(), seq.to_be_bytes()].concat();
+                writer.write(u32::from(key[0] % 2), &key, &value).await.unwrap();
+                written.push((key[0] % 2, key.to_vec(), map, seq, value));
+            }
+            assert!(writer.runs() > 3, "map {map} wrote {} runs", writer.runs());
+            assert_eq!(writer.finish().await.unwrap(), CommitOutcome::Committed);
+        }
+        // Within a map, the runs are in write order, so (map, seq) is (map, run, write order).
+        written.sort_by(|a, b| (a.0, &a.1, a.2, a.3).cmp(&(b.0, &b.1, b.2, b.3)));
+        for p in 0..2u8 {
+            let want: Vec<(Vec<u8>, Vec<u8>)> =
+                written.iter().filter(|w| w.0 == p).map(|w| (w.1.clone(), w.4.clone())).collect();
+            let mut reader = client.reader(ShuffleId(0), u32::from(p)).await.unwrap();
+            let mut got = Vec::new();
+            while let Some(r) = reader.next_record().await.unwrap() {
+                got.push((r.key.to_vec(), r.value.to_vec()));
+            }
+            assert_eq!(got.len(), want.len(), "partition {p}, same_host {same_host}");
+            assert!(got == want, "partition {p}, same_host {same_host}: not in (key, map, run, write) order");
+        }
+        client.unregister_app().await.unwrap();
+    }
+}
+
+/// A reader whose budget cannot hold a block of every run says so, naming
+/// the runs and the budget, instead of reading past its budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_ordered_read_over_its_budget_fails_naming_the_runs_and_the_budget() {
+    let daemon = Daemon::start(&[]);
+    let mut options = daemon.options("tight");
+    options.sort_buffer = 8 << 10;
+    let client = ShuffleClient::connect(daemon.addr, options).await.unwrap();
+    client.register_shuffle(ShuffleId(0), ShuffleSpec::sort(1, 1, true)).await.unwrap();
+    let mut writer = client.writer(ShuffleId(0), 0, 0).await.unwrap();
+    for i in 0..2_000u32 {
+        writer.write(0, &i.to_le_bytes(), &[7; 60]).await.unwrap();
+    }
+    let writer_runs = writer.runs() as usize;
+    writer.finish().await.unwrap();
+    // Every full buffer was a run, and finishing wrote the last one.
+    let runs = writer_runs + 1;
+    assert!(runs >= 10);
+    let mut reader = client.reader(ShuffleId(0), 0).await.unwrap();
+    reader.set_merge_memory(256 << 10);
+    let e = reader.next_record().await.unwrap_err();
+    match &e {
+        shuffle_client::ClientError::MergeMemory { runs: n, budget, .. } => {
+            assert_eq!((*n, *budget), (runs, 256 << 10));
+        }
+        other => panic!("expected MergeMemory, got {other}"),
+    }
+    assert!(e.to_string().contains(&format!("merging the {runs} sorted runs")), "{e}");
+    // With room for a block of each run, the same partition reads in order.
+    let mut reader = client.reader(ShuffleId(0), 0).await.unwrap();
+    reader.set_merge_memory(runs * shuffle_client::MERGE_BLOCK_BYTES);
+    let mut keys = Vec::new();
+    while let Some(r) = reader.next_record().await.unwrap() {
+        keys.push(r.key.to_vec());
+    }
+    assert_eq!(keys.len(), 2_000);
+    assert!(keys.windows(2).all(|w| w[0] <= w[1]));
+}

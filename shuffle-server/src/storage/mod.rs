@@ -28,7 +28,7 @@ use std::{
 
 use bytes::Bytes;
 use shuffle_protocol::{
-    AppId, AttemptId, BlockHeader, ErrorKind, MapId, PartitionId, ServiceError, ShuffleId, ShuffleSpec,
+    AppId, AttemptId, BlockHeader, ErrorKind, MapId, PartitionId, RunInfo, ServiceError, ShuffleId, ShuffleSpec,
 };
 use tokio::sync::watch;
 
@@ -271,6 +271,13 @@ pub trait ModeStorage: Send + Sync {
         servable: Servable<'_>,
         max_bytes: usize,
     ) -> Result<ReadBatch, ServiceError>;
+
+    /// The sorted runs of every committed attempt within `partition`, by
+    /// map and run (sort mode; `None` for modes without runs). Read a run
+    /// with [`ModeStorage::read`] from `ReadCursor { map, index: first_block }`.
+    fn runs(&self, _partition: PartitionId) -> Option<Vec<RunInfo>> {
+        None
+    }
 
     /// A reader has handed `batch` to its stream (selective hybrid frees it).
     fn sent(&self, _core: &ShuffleCore, _partition: PartitionId, _batch: &ReadBatch) {}

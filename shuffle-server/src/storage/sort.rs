@@ -17,7 +17,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use shuffle_protocol::{AttemptId, BlockHeader, ErrorKind, MapId, PartitionId, ServiceError};
+use shuffle_protocol::{AttemptId, BlockHeader, ErrorKind, MapId, PartitionId, RunInfo, ServiceError};
 
 use super::{
     BlockRef, DataFile, ModeStorage, ReadBatch, ReadCursor, Servable, ShuffleCore, SpillTarget, lock,
@@ -249,6 +249,31 @@ impl ModeStorage for SortStorage {
         Ok(batch)
     }
 
+    fn runs(&self, partition: PartitionId) -> Option<Vec<RunInfo>> {
+        let mut runs = Vec::new();
+        for (map, slot) in self.committed.iter().enumerate() {
+            let Some(committed) = lock(slot).clone() else { continue };
+            let range = committed.partition_range(partition);
+            let data = lock(&committed.data);
+            // Within a partition a map's entries are in arrival order, which
+            // is run order and sequence order: index k is block sequence k.
+            for (k, &(_, entry)) in committed.by_partition[range.clone()].iter().enumerate() {
+                let run = data.entries[entry as usize].run;
+                match runs.last_mut() {
+                    Some(RunInfo { map: m, run: r, blocks, .. }) if *m == map as MapId && *r == run => *blocks += 1,
+                    _ => runs.push(RunInfo {
+                        map: map as MapId,
+                        attempt: committed.attempt,
+                        run,
+                        first_block: k as u32,
+                        blocks: 1,
+                    }),
+                }
+            }
+        }
+        Some(runs)
+    }
+
     fn spill_candidate(&self) -> Option<(SpillTarget, usize)> {
         lock(&self.attempts)
             .iter()
@@ -397,6 +422,13 @@ mod tests {
         let got = read(&s, &core, 2, &mut cursor, &|_, _| true);
         let want: Vec<_> = [&map0[1], &map0[2], &map0[3], &map1[0]].iter().map(|b| b.1.clone()).collect();
         assert_eq!(got, want);
+        // The run index: map 0's runs 0 (two blocks) and 1, map 1's run 0.
+        let runs = s.runs(2).unwrap();
+        let index: Vec<_> = runs.iter().map(|r| (r.map, r.run, r.first_block, r.blocks)).collect();
+        assert_eq!(index, [(0, 0, 0, 2), (0, 1, 2, 1), (1, 0, 0, 1)]);
+        // A run read from its first block stops at nothing by itself: the reader truncates.
+        let mut cursor = ReadCursor { map: 0, index: 2 };
+        assert_eq!(read(&s, &core, 2, &mut cursor, &|_, _| true)[0], map0[3].1);
         // Batches never mix memory and disk blocks.
         s.spill(&core, SpillTarget::Attempt(1, 0)).unwrap();
         let mut cursor = ReadCursor::default();
