@@ -5,6 +5,7 @@
 //! Markdown reports with charts ([`report`]).
 
 pub mod baseline;
+pub mod cluster;
 pub mod progress;
 pub mod report;
 pub mod rss;

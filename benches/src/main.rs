@@ -98,9 +98,17 @@ struct Common {
     /// Seed of the record generators.
     #[arg(long, default_value_t = 42)]
     seed: u64,
-    /// `embedded` (a server in this process on a free port) or HOST:PORT of a running daemon.
+    /// `embedded` (a server in this process on a free port), `daemon` (a standalone daemon the
+    /// harness starts as a child process) or HOST:PORT of a running daemon.
     #[arg(long, default_value = "embedded")]
     server: String,
+    /// Run through a coordinator and N workers the harness starts as child processes
+    /// (127.0.0.1 and 127.0.0.2, 127.0.0.3, …), instead of --server.
+    #[arg(long, value_name = "N")]
+    cluster: Option<usize>,
+    /// Copies of each partition in the cluster (1 or 2; with --cluster).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+    replication: u8,
     /// The daemon's certificate (PEM) to trust, with --server HOST:PORT.
     #[arg(long)]
     cert: Option<PathBuf>,
@@ -202,13 +210,25 @@ fn defaults(workload: &str) -> Defaults {
 
 fn params(workload: &str, c: &Common) -> anyhow::Result<Params> {
     let d = defaults(workload);
-    let server = if c.server == "embedded" {
-        ServerChoice::Embedded { memory: c.memory.unwrap_or(d.memory) }
+    let memory = c.memory.unwrap_or(d.memory);
+    anyhow::ensure!(c.replication == 1 || c.cluster.is_some(), "--replication {} needs --cluster N", c.replication);
+    let server = if let Some(workers) = c.cluster {
+        anyhow::ensure!(c.server == "embedded", "--cluster N and --server {} exclude each other", c.server);
+        anyhow::ensure!(
+            usize::from(c.replication) <= workers,
+            "--replication {} needs at least as many workers",
+            c.replication
+        );
+        ServerChoice::Cluster { workers, replication: c.replication, memory }
+    } else if c.server == "embedded" {
+        ServerChoice::Embedded { memory }
+    } else if c.server == "daemon" {
+        ServerChoice::Daemon { memory }
     } else {
         let addr: SocketAddr = c
             .server
             .parse()
-            .map_err(|e| anyhow::anyhow!("--server {}: {e} (expected embedded or HOST:PORT)", c.server))?;
+            .map_err(|e| anyhow::anyhow!("--server {}: {e} (expected embedded, daemon or HOST:PORT)", c.server))?;
         let cert = c
             .cert
             .clone()
@@ -338,6 +358,8 @@ fn suite(args: &SuiteArgs) -> anyhow::Result<()> {
             keys: None,
             seed: 42,
             server: "embedded".into(),
+            cluster: None,
+            replication: 1,
             cert: None,
             auth_token: None,
             memory: Some(ByteSize(d.memory.0 / scale)),

@@ -67,12 +67,12 @@ pub fn table(reports: &[RunReport], baseline: Option<&Baseline>) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "| workload | via | mode | N | M | R | median s | min s | max s | MB/s | peak RSS MiB (anon) | verified |{}",
+        "| workload | via | mode | N | M | R | median s | min s | max s | MB/s | peak RSS MiB (anon) | verified | server |{}",
         if baseline.is_some() { " of limit |" } else { "" }
     );
     let _ = writeln!(
         out,
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |{}",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |{}",
         if baseline.is_some() { " ---: |" } else { "" }
     );
     for r in reports {
@@ -80,7 +80,7 @@ pub fn table(reports: &[RunReport], baseline: Option<&Baseline>) -> String {
         let max = r.seconds.iter().copied().fold(0.0, f64::max);
         let _ = write!(
             out,
-            "| {} | {:?} | {} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.1} | {} ({}) | {} |",
+            "| {} | {:?} | {} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.1} | {} ({}) | {} | {} |",
             r.workload,
             r.via,
             r.mode,
@@ -93,7 +93,8 @@ pub fn table(reports: &[RunReport], baseline: Option<&Baseline>) -> String {
             r.mb_per_s,
             r.client_peak_rss_bytes >> 20,
             r.peak_anon_rss_bytes >> 20,
-            if r.verified { "yes" } else { "NO" }
+            if r.verified { "yes" } else { "NO" },
+            r.server
         );
         if let Some(b) = baseline {
             let (limit, _) = relevant_limit(r, b);
@@ -104,7 +105,7 @@ pub fn table(reports: &[RunReport], baseline: Option<&Baseline>) -> String {
             let get = |k: &str| r.extra.get(k).and_then(serde_json::Value::as_f64).unwrap_or(f64::NAN);
             let _ = writeln!(
                 out,
-                "|   W4 | max rate with p99 < 100 ms: {:.0} records/s (probes {:.0} s after {:.0} s warm-up); at {:.0} records/s ({:.0} s after {:.0} s): p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms | | | | | | | | | | |{}",
+                "|   W4 | max rate with p99 < 100 ms: {:.0} records/s (probes {:.0} s after {:.0} s warm-up); at {:.0} records/s ({:.0} s after {:.0} s): p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms | | | | | | | | | | | |{}",
                 get("max_rate"),
                 get("probe_seconds"),
                 get("probe_warmup_seconds"),
