@@ -123,6 +123,11 @@ impl DaemonProcess {
         Ok(Self { child, addr, admin_addr })
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGKILLs the process and reaps it.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -182,7 +187,7 @@ impl LocalServers {
         anyhow::ensure!((1..=250).contains(&workers), "--cluster takes 1 to 250 workers (127.0.0.2 to 127.0.0.251)");
         let dir = tempfile::tempdir()?;
         let (cert, key) = Self::write_cert(dir.path())?;
-        let common = vec![
+        let common = [
             "--cert".to_string(),
             cert,
             "--key".into(),
@@ -261,18 +266,6 @@ impl LocalServers {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-    }
-
-    /// SIGKILLs worker `i` (id `w{i}`).
-    pub fn kill_worker(&mut self, i: usize) {
-        if let Some(mut worker) = self.workers.get_mut(i).and_then(Option::take) {
-            worker.kill();
-        }
-    }
-
-    /// The worker index of id `w{i}`.
-    pub fn worker_index(id: &str) -> Option<usize> {
-        id.strip_prefix('w')?.parse().ok()
     }
 }
 
