@@ -440,12 +440,39 @@ impl ClusterSink {
     /// to their replicas, which get the blocks not acknowledged yet.
     async fn fail_over(&mut self, key: &DestKey, cause: ClientError) -> Result<(), ClientError> {
         worker_failed(&self.client, &key.worker).await;
-        let Some(mut dest) = self.dests.remove(key) else { return Err(cause) };
-        dest.send.reset();
         if !self.replicated {
+            if let Some(mut dest) = self.dests.remove(key) {
+                dest.send.reset();
+            }
             return Err(cause);
         }
-        for &group in &dest.groups {
+        let (groups, unacked) = match self.dests.remove(key) {
+            Some(mut dest) => {
+                dest.send.reset();
+                (dest.groups, dest.unacked)
+            }
+            // The worker was gone before its stream opened (a sort writer
+            // first pushes when it spills): the groups it is primary of go
+            // to their replicas from now on, with nothing to resend.
+            None if !key.failover => {
+                for group in 0..self.placement.groups.len() as u32 {
+                    if self.routes.contains_key(&group) || !self.route(group).is_ok_and(|r| r.worker == key.worker) {
+                        continue;
+                    }
+                    let g = &self.placement.groups[group as usize];
+                    let Some(other) =
+                        g.copies.iter().filter_map(|c| self.placement.worker(*c)).find(|w| w.id != key.worker)
+                    else {
+                        return Err(cause);
+                    };
+                    tracing::info!(shuffle = %self.shuffle, map = self.map, group, from = %key.worker, to = %other.id, "the primary is unreachable; pushing to the replica");
+                    self.routes.insert(group, DestKey { worker: other.id.clone(), failover: true });
+                }
+                return Ok(());
+            }
+            None => return Err(cause),
+        };
+        for &group in &groups {
             let g = &self.placement.groups[group as usize];
             let other = g.copies.iter().filter_map(|c| self.placement.worker(*c)).find(|w| {
                 w.id != key.worker && !(key.failover && self.routes.get(&group).is_some_and(|r| r.worker == w.id))
@@ -463,7 +490,7 @@ impl ClusterSink {
             self.routes.insert(group, route);
         }
         // The replica keeps what it has and drops what it already holds.
-        for (group, chunks) in std::mem::take(&mut dest.unacked) {
+        for (group, chunks) in unacked {
             let route = self.route(group)?;
             Box::pin(self.send_to(&route, group, chunks)).await.map_err(|e| {
                 tracing::warn!(error = %e, "the replica failed too");
@@ -652,6 +679,11 @@ impl Failover {
             resume: resume.to_vec(),
         };
         client.open_read(&request).await
+    }
+
+    /// The worker being read now.
+    pub fn current(&self) -> Option<&str> {
+        self.current.as_deref()
     }
 
     /// Whether a read that failed with `e` should move to another copy.
