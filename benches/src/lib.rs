@@ -6,6 +6,7 @@
 
 pub mod baseline;
 pub mod cluster;
+pub mod failover;
 pub mod progress;
 pub mod report;
 pub mod rss;

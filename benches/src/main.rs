@@ -6,6 +6,8 @@
 //! ```text
 //! shuffle-bench exchange [--mode hash|sort|hybrid] [--records N] [--repeat K] [--baseline] [--json FILE]
 //! shuffle-bench groupby | sort | spill | stream [--rate R] [--seconds S]
+//! shuffle-bench exchange --cluster 3 [--replication 2]    (or --server daemon | HOST:PORT)
+//! shuffle-bench failover [--records N] [--mode M] [--replication 2,1] [--seed S] [--repeat K]
 //! shuffle-bench baseline
 //! shuffle-bench suite [--quick] --report DIR
 //! ```
@@ -14,8 +16,10 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use engine_adapter::workload::client::ExchangeParams;
 use shuffle_bench::{
     baseline::{self, Baseline},
+    failover::{self, FailoverParams},
     report::{self, Machine},
     workloads::{self, Params, RunReport, ServerChoice, Via},
 };
@@ -49,6 +53,8 @@ enum Command {
     Stream(StreamArgs),
     /// W5: W1 at 50,000,000 records under a 512 MiB server budget, in every mode (or --mode).
     Spill(Common),
+    /// W6: W1 through a coordinator and 3 workers, without and with one worker SIGKILLed at a seeded moment.
+    Failover(FailoverArgs),
     /// Memory, disk and raw-QUIC baselines of this machine.
     Baseline,
     /// Every workload in every mode it supports, with baselines; writes DIR/report.md and charts.
@@ -165,6 +171,43 @@ impl StreamArgs {
             seconds: Duration::from_secs(self.seconds),
         }
     }
+}
+
+#[derive(Args, Clone)]
+struct FailoverArgs {
+    /// Exchange mode (default: all three).
+    #[arg(long, value_enum)]
+    mode: Option<Mode>,
+    /// Records, N.
+    #[arg(long, default_value_t = 10_000_000)]
+    records: u64,
+    /// Map tasks, M.
+    #[arg(long, default_value_t = 4)]
+    maps: u32,
+    /// Partitions, R.
+    #[arg(long, default_value_t = 16)]
+    partitions: u32,
+    /// Seed of the record generators.
+    #[arg(long, default_value_t = 42)]
+    data_seed: u64,
+    /// Seed of the faults (which worker dies, and when); default: from the clock, printed.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Copies of each partition: 2 (the run survives the loss), 1 (the lost maps are named and re-run), or both.
+    #[arg(long, value_delimiter = ',', default_value = "2,1", value_parser = clap::value_parser!(u8).range(1..=2))]
+    replication: Vec<u8>,
+    /// Workers in the cluster.
+    #[arg(long, default_value_t = 3)]
+    workers: usize,
+    /// Memory budget of each worker.
+    #[arg(long, default_value = "1GiB")]
+    memory: ByteSize,
+    /// Pairs of runs (without and with the fault) per mode and replication; medians are reported.
+    #[arg(long, default_value_t = 1)]
+    repeat: u32,
+    /// Append one JSON object per mode and replication to FILE.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Args, Clone)]
@@ -397,6 +440,41 @@ fn suite(args: &SuiteArgs) -> anyhow::Result<()> {
     all_verified(&reports)
 }
 
+/// W6: prints the fault seed first, then the table; fails if a run did not verify.
+fn failover(args: &FailoverArgs) -> anyhow::Result<()> {
+    let fault_seed = args.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+    });
+    println!("fault seed {fault_seed} (run again with --seed {fault_seed})");
+    let params = FailoverParams {
+        exchange: ExchangeParams {
+            records: args.records,
+            maps: args.maps,
+            partitions: args.partitions,
+            seed: args.data_seed,
+            mode: ExchangeMode::Hash,
+        },
+        modes: match args.mode {
+            Some(m) => vec![m.into()],
+            None => vec![ExchangeMode::Hash, ExchangeMode::Sort, ExchangeMode::Hybrid],
+        },
+        replications: args.replication.clone(),
+        workers: args.workers,
+        memory: args.memory,
+        repeat: args.repeat.max(1),
+        fault_seed,
+    };
+    let reports = failover::run(&params)?;
+    if let Some(path) = &args.json {
+        report::append_json(path, &reports)?;
+    }
+    print!("{}", report::failover_table(&reports));
+    let failed: Vec<String> =
+        reports.iter().filter(|r| !r.verified).map(|r| format!("{} replication {}", r.mode, r.replication)).collect();
+    anyhow::ensure!(failed.is_empty(), "runs that did not verify: {}", failed.join(", "));
+    Ok(())
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -409,6 +487,7 @@ fn main() -> ExitCode {
         Command::Sort(c) => single("sort", c, None),
         Command::Spill(c) => single("spill", c, None),
         Command::Stream(s) => single("stream", &s.common, Some(s)),
+        Command::Failover(f) => failover(f),
         Command::Baseline => measure_baseline().map(|b| print!("{}", report::baseline_table(&b))),
         Command::Suite(s) => suite(s),
     };
