@@ -189,8 +189,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Runs W6 as `p` asks; one report per mode and replication.
-pub fn run(p: &FailoverParams) -> anyhow::Result<Vec<FailoverReport>> {
+/// Runs W6 as `p` asks; one report per mode and replication, each handed
+/// to `done` as soon as it is complete (so a long sweep keeps what it measured).
+pub fn run(
+    p: &FailoverParams,
+    mut done: impl FnMut(&FailoverReport) -> anyhow::Result<()>,
+) -> anyhow::Result<Vec<FailoverReport>> {
     ensure!(p.workers >= 2, "W6 needs at least 2 workers (one is killed)");
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let mut reports = Vec::new();
@@ -253,6 +257,7 @@ pub fn run(p: &FailoverParams) -> anyhow::Result<Vec<FailoverReport>> {
                 verified,
                 cluster,
             });
+            done(reports.last().expect("pushed above"))?;
         }
     }
     Ok(reports)
@@ -325,19 +330,24 @@ async fn one_run(
     if let Some(fault) = &fault {
         run.victim = fault.victim.1.clone();
         run.moment = fault.moment;
-        let killed = *progress.killed.get().context("the run ended before its seeded moment: nothing was killed")?;
-        run.killed_after_seconds = killed.duration_since(start).as_secs_f64();
-        let ms = |t: Instant| t.saturating_duration_since(killed).as_secs_f64() * 1e3;
-        run.kill_to_surviving_read_ms = lock(&progress.first_surviving_read).map(ms);
-        let failovers = lock(&progress.failovers);
-        run.readers_failed_over = failovers.len() as u32;
-        run.first_failover_ms = failovers.iter().map(|t| ms(*t)).reduce(f64::min);
-        run.slowest_failover_ms = failovers.iter().map(|t| ms(*t)).reduce(f64::max);
-        run.kill_to_partition_lost_ms = lock(&progress.first_lost).map(ms);
+        // A run that ended (or failed) before its moment killed nothing: it says so below.
+        if let Some(&killed) = progress.killed.get() {
+            run.killed_after_seconds = killed.duration_since(start).as_secs_f64();
+            let ms = |t: Instant| t.saturating_duration_since(killed).as_secs_f64() * 1e3;
+            run.kill_to_surviving_read_ms = lock(&progress.first_surviving_read).map(ms);
+            let failovers = lock(&progress.failovers);
+            run.readers_failed_over = failovers.len() as u32;
+            run.first_failover_ms = failovers.iter().map(|t| ms(*t)).reduce(f64::min);
+            run.slowest_failover_ms = failovers.iter().map(|t| ms(*t)).reduce(f64::max);
+            run.kill_to_partition_lost_ms = lock(&progress.first_lost).map(ms);
+        }
     }
     let check = match outcome {
         Ok(RunOutcome { received, lost }) => {
             let mut problems = Vec::new();
+            if fault.is_some() && progress.killed.get().is_none() {
+                problems.push("the run ended before its seeded moment: nothing was killed".to_string());
+            }
             if progress.misplaced.load(Ordering::Relaxed) {
                 problems.push("a reader saw a record of another partition".to_string());
             }

@@ -464,10 +464,10 @@ fn failover(args: &FailoverArgs) -> anyhow::Result<()> {
         repeat: args.repeat.max(1),
         fault_seed,
     };
-    let reports = failover::run(&params)?;
-    if let Some(path) = &args.json {
-        report::append_json(path, &reports)?;
-    }
+    let reports = failover::run(&params, |r| match &args.json {
+        Some(path) => report::append_json(path, std::slice::from_ref(r)),
+        None => Ok(()),
+    })?;
     print!("{}", report::failover_table(&reports));
     let failed: Vec<String> =
         reports.iter().filter(|r| !r.verified).map(|r| format!("{} replication {}", r.mode, r.replication)).collect();
