@@ -5,6 +5,8 @@
 //! Markdown reports with charts ([`report`]).
 
 pub mod baseline;
+pub mod cluster;
+pub mod failover;
 pub mod progress;
 pub mod report;
 pub mod rss;

@@ -6,6 +6,8 @@
 //! ```text
 //! shuffle-bench exchange [--mode hash|sort|hybrid] [--records N] [--repeat K] [--baseline] [--json FILE]
 //! shuffle-bench groupby | sort | spill | stream [--rate R] [--seconds S]
+//! shuffle-bench exchange --cluster 3 [--replication 2]    (or --server daemon | HOST:PORT)
+//! shuffle-bench failover [--records N] [--mode M] [--replication 2,1] [--seed S] [--repeat K]
 //! shuffle-bench baseline
 //! shuffle-bench suite [--quick] --report DIR
 //! ```
@@ -14,8 +16,10 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use engine_adapter::workload::client::ExchangeParams;
 use shuffle_bench::{
     baseline::{self, Baseline},
+    failover::{self, FailoverParams},
     report::{self, Machine},
     workloads::{self, Params, RunReport, ServerChoice, Via},
 };
@@ -49,6 +53,8 @@ enum Command {
     Stream(StreamArgs),
     /// W5: W1 at 50,000,000 records under a 512 MiB server budget, in every mode (or --mode).
     Spill(Common),
+    /// W6: W1 through a coordinator and 3 workers, without and with one worker SIGKILLed at a seeded moment.
+    Failover(FailoverArgs),
     /// Memory, disk and raw-QUIC baselines of this machine.
     Baseline,
     /// Every workload in every mode it supports, with baselines; writes DIR/report.md and charts.
@@ -98,9 +104,17 @@ struct Common {
     /// Seed of the record generators.
     #[arg(long, default_value_t = 42)]
     seed: u64,
-    /// `embedded` (a server in this process on a free port) or HOST:PORT of a running daemon.
+    /// `embedded` (a server in this process on a free port), `daemon` (a standalone daemon the
+    /// harness starts as a child process) or HOST:PORT of a running daemon.
     #[arg(long, default_value = "embedded")]
     server: String,
+    /// Run through a coordinator and N workers the harness starts as child processes
+    /// (127.0.0.1 and 127.0.0.2, 127.0.0.3, …), instead of --server.
+    #[arg(long, value_name = "N")]
+    cluster: Option<usize>,
+    /// Copies of each partition in the cluster (1 or 2; with --cluster).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+    replication: u8,
     /// The daemon's certificate (PEM) to trust, with --server HOST:PORT.
     #[arg(long)]
     cert: Option<PathBuf>,
@@ -166,6 +180,43 @@ impl StreamArgs {
 }
 
 #[derive(Args, Clone)]
+struct FailoverArgs {
+    /// Exchange mode (default: all three).
+    #[arg(long, value_enum)]
+    mode: Option<Mode>,
+    /// Records, N.
+    #[arg(long, default_value_t = 10_000_000)]
+    records: u64,
+    /// Map tasks, M.
+    #[arg(long, default_value_t = 4)]
+    maps: u32,
+    /// Partitions, R.
+    #[arg(long, default_value_t = 16)]
+    partitions: u32,
+    /// Seed of the record generators.
+    #[arg(long, default_value_t = 42)]
+    data_seed: u64,
+    /// Seed of the faults (which worker dies, and when); default: from the clock, printed.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Copies of each partition: 2 (the run survives the loss), 1 (the lost maps are named and re-run), or both.
+    #[arg(long, value_delimiter = ',', default_value = "2,1", value_parser = clap::value_parser!(u8).range(1..=2))]
+    replication: Vec<u8>,
+    /// Workers in the cluster.
+    #[arg(long, default_value_t = 3)]
+    workers: usize,
+    /// Memory budget of each worker.
+    #[arg(long, default_value = "1GiB")]
+    memory: ByteSize,
+    /// Pairs of runs (without and with the fault) per mode and replication; medians are reported.
+    #[arg(long, default_value_t = 1)]
+    repeat: u32,
+    /// Append one JSON object per mode and replication to FILE.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Args, Clone)]
 struct SuiteArgs {
     /// Directory for report.md and the charts.
     #[arg(long)]
@@ -208,13 +259,25 @@ fn defaults(workload: &str) -> Defaults {
 
 fn params(workload: &str, c: &Common) -> anyhow::Result<Params> {
     let d = defaults(workload);
-    let server = if c.server == "embedded" {
-        ServerChoice::Embedded { memory: c.memory.unwrap_or(d.memory) }
+    let memory = c.memory.unwrap_or(d.memory);
+    anyhow::ensure!(c.replication == 1 || c.cluster.is_some(), "--replication {} needs --cluster N", c.replication);
+    let server = if let Some(workers) = c.cluster {
+        anyhow::ensure!(c.server == "embedded", "--cluster N and --server {} exclude each other", c.server);
+        anyhow::ensure!(
+            usize::from(c.replication) <= workers,
+            "--replication {} needs at least as many workers",
+            c.replication
+        );
+        ServerChoice::Cluster { workers, replication: c.replication, memory }
+    } else if c.server == "embedded" {
+        ServerChoice::Embedded { memory }
+    } else if c.server == "daemon" {
+        ServerChoice::Daemon { memory }
     } else {
         let addr: SocketAddr = c
             .server
             .parse()
-            .map_err(|e| anyhow::anyhow!("--server {}: {e} (expected embedded or HOST:PORT)", c.server))?;
+            .map_err(|e| anyhow::anyhow!("--server {}: {e} (expected embedded, daemon or HOST:PORT)", c.server))?;
         let cert = c
             .cert
             .clone()
@@ -346,6 +409,8 @@ fn suite(args: &SuiteArgs) -> anyhow::Result<()> {
             keys: None,
             seed: 42,
             server: "embedded".into(),
+            cluster: None,
+            replication: 1,
             cert: None,
             auth_token: None,
             memory: Some(ByteSize(d.memory.0 / scale)),
@@ -385,6 +450,41 @@ fn suite(args: &SuiteArgs) -> anyhow::Result<()> {
     all_verified(&reports)
 }
 
+/// W6: prints the fault seed first, then the table; fails if a run did not verify.
+fn failover(args: &FailoverArgs) -> anyhow::Result<()> {
+    let fault_seed = args.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+    });
+    println!("fault seed {fault_seed} (run again with --seed {fault_seed})");
+    let params = FailoverParams {
+        exchange: ExchangeParams {
+            records: args.records,
+            maps: args.maps,
+            partitions: args.partitions,
+            seed: args.data_seed,
+            mode: ExchangeMode::Hash,
+        },
+        modes: match args.mode {
+            Some(m) => vec![m.into()],
+            None => vec![ExchangeMode::Hash, ExchangeMode::Sort, ExchangeMode::Hybrid],
+        },
+        replications: args.replication.clone(),
+        workers: args.workers,
+        memory: args.memory,
+        repeat: args.repeat.max(1),
+        fault_seed,
+    };
+    let reports = failover::run(&params, |r| match &args.json {
+        Some(path) => report::append_json(path, std::slice::from_ref(r)),
+        None => Ok(()),
+    })?;
+    print!("{}", report::failover_table(&reports));
+    let failed: Vec<String> =
+        reports.iter().filter(|r| !r.verified).map(|r| format!("{} replication {}", r.mode, r.replication)).collect();
+    anyhow::ensure!(failed.is_empty(), "runs that did not verify: {}", failed.join(", "));
+    Ok(())
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -397,6 +497,7 @@ fn main() -> ExitCode {
         Command::Sort(c) => single("sort", c, None),
         Command::Spill(c) => single("spill", c, None),
         Command::Stream(s) => single("stream", &s.common, Some(s)),
+        Command::Failover(f) => failover(f),
         Command::Baseline => measure_baseline().map(|b| print!("{}", report::baseline_table(&b))),
         Command::Suite(s) => suite(s),
     };

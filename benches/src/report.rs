@@ -7,7 +7,7 @@ use anyhow::Context;
 use plotters::prelude::*;
 use serde::Serialize;
 
-use crate::{baseline::Baseline, workloads::RunReport};
+use crate::{baseline::Baseline, failover::FailoverReport, workloads::RunReport};
 
 /// The machine a report was measured on.
 #[derive(Clone, Debug, Serialize)]
@@ -67,12 +67,12 @@ pub fn table(reports: &[RunReport], baseline: Option<&Baseline>) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "| workload | via | mode | N | M | R | median s | min s | max s | MB/s | peak RSS MiB (anon) | verified |{}",
+        "| workload | via | mode | N | M | R | median s | min s | max s | MB/s | peak RSS MiB (anon) | verified | server |{}",
         if baseline.is_some() { " of limit |" } else { "" }
     );
     let _ = writeln!(
         out,
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |{}",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |{}",
         if baseline.is_some() { " ---: |" } else { "" }
     );
     for r in reports {
@@ -80,7 +80,7 @@ pub fn table(reports: &[RunReport], baseline: Option<&Baseline>) -> String {
         let max = r.seconds.iter().copied().fold(0.0, f64::max);
         let _ = write!(
             out,
-            "| {} | {:?} | {} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.1} | {} ({}) | {} |",
+            "| {} | {:?} | {} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.1} | {} ({}) | {} | {} |",
             r.workload,
             r.via,
             r.mode,
@@ -93,7 +93,8 @@ pub fn table(reports: &[RunReport], baseline: Option<&Baseline>) -> String {
             r.mb_per_s,
             r.client_peak_rss_bytes >> 20,
             r.peak_anon_rss_bytes >> 20,
-            if r.verified { "yes" } else { "NO" }
+            if r.verified { "yes" } else { "NO" },
+            r.server
         );
         if let Some(b) = baseline {
             let (limit, _) = relevant_limit(r, b);
@@ -104,7 +105,7 @@ pub fn table(reports: &[RunReport], baseline: Option<&Baseline>) -> String {
             let get = |k: &str| r.extra.get(k).and_then(serde_json::Value::as_f64).unwrap_or(f64::NAN);
             let _ = writeln!(
                 out,
-                "|   W4 | max rate with p99 < 100 ms: {:.0} records/s (probes {:.0} s after {:.0} s warm-up); at {:.0} records/s ({:.0} s after {:.0} s): p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms | | | | | | | | | | |{}",
+                "|   W4 | max rate with p99 < 100 ms: {:.0} records/s (probes {:.0} s after {:.0} s warm-up); at {:.0} records/s ({:.0} s after {:.0} s): p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms | | | | | | | | | | | |{}",
                 get("max_rate"),
                 get("probe_seconds"),
                 get("probe_warmup_seconds"),
@@ -138,13 +139,81 @@ pub fn baseline_table(b: &Baseline) -> String {
 }
 
 /// Appends one JSON object per report to `path`.
-pub fn append_json(path: &Path, reports: &[RunReport]) -> anyhow::Result<()> {
+pub fn append_json<T: Serialize>(path: &Path, reports: &[T]) -> anyhow::Result<()> {
     let mut file =
         std::fs::OpenOptions::new().create(true).append(true).open(path).with_context(|| path.display().to_string())?;
     for r in reports {
         writeln!(file, "{}", serde_json::to_string(r)?)?;
     }
     Ok(())
+}
+
+/// W6's table: per mode and replication, the medians without and with the
+/// fault, the time from the kill to the first read from a surviving copy,
+/// and what each faulted run killed and saw.
+pub fn failover_table(reports: &[FailoverReport]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "| workload | mode | replication | N | M | R | runs | without fault s (median) | with fault s (median) | with/without | kill → first block a reader of the killed copy read from the surviving copy, ms (median) | faulted runs | verified |"
+    );
+    let _ = writeln!(out, "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |");
+    let ms = |v: Option<f64>| v.map_or("—".to_string(), |v| format!("{v:.1}"));
+    for r in reports {
+        let runs: Vec<String> = r
+            .faulted
+            .iter()
+            .map(|f| {
+                let mut d = format!(
+                    "{} killed at {:.2} s (moment {:.2}): {:.2} s",
+                    f.victim, f.killed_after_seconds, f.moment, f.seconds
+                );
+                if r.replication >= 2 {
+                    let _ = write!(
+                        d,
+                        ", {} readers moved to the surviving copy (first block there +{} ms, slowest +{} ms), first block of its partitions from another copy +{} ms",
+                        f.readers_failed_over,
+                        ms(f.first_failover_ms),
+                        ms(f.slowest_failover_ms),
+                        ms(f.kill_to_surviving_read_ms)
+                    );
+                } else {
+                    let _ = write!(
+                        d,
+                        ", partitions {:?} lost (first +{} ms), maps {:?} named and re-run",
+                        f.lost_partitions,
+                        ms(f.kill_to_partition_lost_ms),
+                        f.rerun_maps
+                    );
+                }
+                if let Some(failure) = &f.failure {
+                    let _ = write!(d, ", NOT VERIFIED: {failure}");
+                }
+                d
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.2}× | {} | {} | {} |",
+            r.workload,
+            r.mode,
+            r.replication,
+            r.records,
+            r.maps,
+            r.partitions,
+            r.clean_seconds.len(),
+            r.clean_median_seconds,
+            r.faulted_median_seconds,
+            r.faulted_median_seconds / r.clean_median_seconds,
+            ms(r.median_first_failover_ms),
+            runs.join("; "),
+            if r.verified { "yes" } else { "NO" }
+        );
+    }
+    if let Some(r) = reports.first() {
+        let _ = writeln!(out, "\ncluster: {}; fault seed {}", r.cluster, r.fault_seed);
+    }
+    out
 }
 
 /// Where plotters finds a font to draw text with: the first DejaVu or

@@ -27,9 +27,9 @@ use serde::Serialize;
 use shuffle_client::{ClientOptions, CommitOutcome, ExchangeMode, ShuffleClient, ShuffleId, ShuffleSpec};
 use shuffle_server::{ByteSize, ServerConfig, ServerHandle};
 
-use engine_adapter::workload::client::{ExchangeParams, run_exchange, run_sort, verify};
+use engine_adapter::workload::client::{ExchangeParams, run_exchange_as, run_sort, verify};
 
-use crate::{baseline::median, rss};
+use crate::{baseline::median, cluster::LocalServers, rss};
 
 /// Raw client calls or the engine's job.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -46,6 +46,44 @@ pub enum ServerChoice {
     Embedded { memory: ByteSize },
     /// A running daemon; the certificate to trust and the token to present.
     Remote { addr: SocketAddr, cert: PathBuf, token: Option<String> },
+    /// A standalone daemon the harness starts as a child process, with this memory budget.
+    Daemon { memory: ByteSize },
+    /// A coordinator and `workers` workers the harness starts as child
+    /// processes on 127.0.0.1, 127.0.0.2, …, each worker with this memory
+    /// budget; shuffles are registered with `replication` copies.
+    Cluster { workers: usize, replication: u8, memory: ByteSize },
+}
+
+impl ServerChoice {
+    /// Copies of each partition that shuffles are registered with.
+    pub fn replication(&self) -> u8 {
+        match self {
+            ServerChoice::Cluster { replication, .. } => *replication,
+            _ => 1,
+        }
+    }
+
+    /// Starts the daemon or cluster this choice asks the harness to run, if any.
+    fn start_processes(&self) -> anyhow::Result<Option<LocalServers>> {
+        Ok(match self {
+            ServerChoice::Daemon { memory } => Some(LocalServers::standalone(*memory)?),
+            ServerChoice::Cluster { workers, memory, .. } => Some(LocalServers::cluster(*workers, *memory)?),
+            ServerChoice::Embedded { .. } | ServerChoice::Remote { .. } => None,
+        })
+    }
+}
+
+impl std::fmt::Display for ServerChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ServerChoice::Embedded { .. } => write!(f, "embedded"),
+            ServerChoice::Remote { addr, .. } => write!(f, "daemon at {addr}"),
+            ServerChoice::Daemon { .. } => write!(f, "standalone daemon"),
+            ServerChoice::Cluster { workers, replication, .. } => {
+                write!(f, "cluster of {workers} workers, replication {replication}")
+            }
+        }
+    }
 }
 
 /// The parameters common to every workload.
@@ -87,6 +125,8 @@ pub struct RunReport {
     pub verified: bool,
     /// The transport the data crossed: `unix` (the same-host socket) or `quic`.
     pub transport: &'static str,
+    /// Where the server ran: `embedded`, a daemon, or a cluster with its size and replication.
+    pub server: String,
     /// Peak RSS of the server process during the runs (the harness's own
     /// process when the server is embedded); `None` for a remote server.
     pub server_peak_rss_bytes: Option<u64>,
@@ -178,6 +218,7 @@ fn repeated(
         mb_per_s: input_bytes as f64 / 1e6 / median_seconds,
         verified,
         transport,
+        server: params.server.to_string(),
         server_peak_rss_bytes: matches!(params.server, ServerChoice::Embedded { .. }).then_some(peak),
         client_peak_rss_bytes: peak,
         peak_anon_rss_bytes,
@@ -191,16 +232,43 @@ struct ClientSession {
     client: ShuffleClient,
     server: Option<ServerHandle>,
     _data_dir: Option<tempfile::TempDir>,
+    /// The daemon or cluster the harness started for this session (killed on drop).
+    processes: Option<LocalServers>,
+    /// Copies of each partition the session's shuffles are registered with.
+    replication: u8,
 }
 
 impl ClientSession {
-    /// The transport the session's client uses.
+    /// The transport the session's client uses (a cluster client on the
+    /// workers' host reaches them through their Unix sockets).
     fn transport(&self) -> &'static str {
-        if self.client.unix_socket().is_some() { "unix" } else { "quic" }
+        let same_host = self.client.options().same_host;
+        if self.client.unix_socket().is_some() || (self.client.is_cluster() && same_host) { "unix" } else { "quic" }
     }
 
     fn open(server: &ServerChoice, same_host: bool, app: &str) -> anyhow::Result<Self> {
         let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+        let processes = server.start_processes()?;
+        if let Some(processes) = processes {
+            eprintln!("started {processes}");
+            let options = processes.options(app).same_host(same_host);
+            let client = runtime.block_on(ShuffleClient::connect(processes.front.addr, options))?;
+            ensure!(
+                client.is_cluster() == processes.is_cluster(),
+                "the client sees a {}cluster, but the harness started a {}",
+                if client.is_cluster() { "" } else { "non-" },
+                server
+            );
+            let replication = server.replication();
+            return Ok(Self {
+                runtime,
+                client,
+                server: None,
+                _data_dir: None,
+                processes: Some(processes),
+                replication,
+            });
+        }
         let (client, server, data_dir) = runtime.block_on(async {
             match server {
                 ServerChoice::Embedded { memory } => {
@@ -223,20 +291,25 @@ impl ClientSession {
                     options.auth_token = token.clone();
                     anyhow::Ok((ShuffleClient::connect(*addr, options).await?, None, None))
                 }
+                ServerChoice::Daemon { .. } | ServerChoice::Cluster { .. } => unreachable!("started above"),
             }
         })?;
-        Ok(Self { runtime, client, server, _data_dir: data_dir })
+        Ok(Self { runtime, client, server, _data_dir: data_dir, processes: None, replication: 1 })
     }
 
     /// One verified W1 (or, with `sort`, W3) run as shuffle `run`, unregistered after.
     fn w1_or_w3(&self, p: &Params, run: u32, sort: bool) -> anyhow::Result<Duration> {
         let params = exchange_params(p);
+        ensure!(
+            !sort || self.replication == 1,
+            "W3 through the client registers its own key-ordered spec, with one copy: use --replication 1"
+        );
         self.runtime.block_on(async {
             let shuffle = ShuffleId(run);
             let outcome = if sort {
                 run_sort(&self.client, shuffle, params).await
             } else {
-                run_exchange(&self.client, shuffle, params).await
+                run_exchange_as(&self.client, shuffle, params, params.spec().replicated(self.replication)).await
             }
             .map_err(anyhow::Error::msg)?;
             self.client.unregister_shuffle(shuffle).await?;
@@ -252,6 +325,7 @@ impl ClientSession {
                 server.shutdown().await;
             }
         });
+        drop(self.processes);
     }
 }
 
@@ -268,13 +342,24 @@ fn client_runs(
     report
 }
 
-/// An engine on the chosen server (an embedded one is always reached through its Unix socket).
-fn engine(p: &Params, mut options: EngineOptions) -> anyhow::Result<Engine> {
+/// An engine on the chosen server (an embedded one is always reached
+/// through its Unix socket), and the processes the harness started for it.
+fn engine(p: &Params, mut options: EngineOptions) -> anyhow::Result<(Option<LocalServers>, Engine)> {
     if let Some(memory) = p.engine_memory {
         options.memory = memory;
     }
     options.checkpoints = p.checkpoint_interval.map(engine_adapter::CheckpointOptions::every);
-    Ok(match &p.server {
+    if let Some(processes) = p.server.start_processes()? {
+        ensure!(
+            p.server.replication() == 1,
+            "the engine registers its shuffles with one copy; --replication 2 runs through --via client"
+        );
+        eprintln!("started {processes}");
+        let client = processes.options("").same_host(p.same_host);
+        let engine = Engine::builder().client(client).options(options).connect(processes.front.addr)?;
+        return Ok((Some(processes), engine));
+    }
+    let engine = match &p.server {
         ServerChoice::Embedded { memory } => {
             ensure!(
                 p.same_host,
@@ -287,7 +372,9 @@ fn engine(p: &Params, mut options: EngineOptions) -> anyhow::Result<Engine> {
             client.auth_token = token.clone();
             Engine::builder().client(client).options(options).connect(*addr)?
         }
-    })
+        ServerChoice::Daemon { .. } | ServerChoice::Cluster { .. } => unreachable!("started above"),
+    };
+    Ok((None, engine))
 }
 
 fn exchange_params(p: &Params) -> ExchangeParams {
@@ -319,7 +406,8 @@ pub fn exchange(workload: &'static str, p: &Params) -> anyhow::Result<RunReport>
     match p.via {
         Via::Client => client_runs(workload, p, input_bytes, |session, run| session.w1_or_w3(p, run, false)),
         Via::Engine => {
-            let engine = engine(p, EngineOptions::default())?;
+            // The engine is dropped before the processes it talks to.
+            let (_processes, engine) = engine(p, EngineOptions::default())?;
             let (seed, partitions) = (p.seed, p.partitions);
             let job = engine
                 .generate(p.records, p.maps, move |i| w1_engine_record(seed, i))
@@ -363,7 +451,8 @@ pub fn sort(p: &Params) -> anyhow::Result<RunReport> {
             client_runs("sort", p, input_bytes, |session, run| session.w1_or_w3(p, run, true))
         }
         Via::Engine => {
-            let engine = engine(p, EngineOptions::default())?;
+            // The engine is dropped before the processes it talks to.
+            let (_processes, engine) = engine(p, EngineOptions::default())?;
             let seed = p.seed;
             repeated("sort", p, input_bytes, engine.transport(), |_| {
                 // A new job every run: each timed run samples its input for the range bounds.
@@ -405,7 +494,8 @@ pub fn groupby(p: &Params) -> anyhow::Result<RunReport> {
     let input_bytes = p.records * 16;
     match p.via {
         Via::Engine => {
-            let engine = engine(p, EngineOptions::default())?;
+            // The engine is dropped before the processes it talks to.
+            let (_processes, engine) = engine(p, EngineOptions::default())?;
             let (seed, keys) = (p.seed, p.keys);
             let job = engine
                 .generate(p.records, p.maps, move |i| w2_record(seed, i, keys))
@@ -437,7 +527,8 @@ async fn groupby_client(
         ExchangeMode::Hash => ShuffleSpec::hash(p.maps, p.partitions),
         ExchangeMode::Sort => ShuffleSpec::sort(p.maps, p.partitions, false),
         ExchangeMode::Hybrid => ShuffleSpec::hybrid(p.maps, p.partitions, shuffle_client::SpillStrategy::Selective),
-    };
+    }
+    .replicated(p.server.replication());
     client.register_shuffle(shuffle, spec).await?;
     let start = Instant::now();
     let (records, maps, partitions, seed, keys) = (p.records, p.maps, p.partitions, p.seed, p.keys);
@@ -595,7 +686,8 @@ pub struct StreamTimes {
 pub fn stream(p: &Params, rate: Option<f64>, times: StreamTimes) -> anyhow::Result<RunReport> {
     let StreamTimes { warmup, seconds, .. } = times;
     ensure!(p.via == Via::Engine, "W4 runs through the engine (--via engine)");
-    let engine = engine(p, EngineOptions::default())?;
+    // The engine is dropped before the processes it talks to.
+    let (_processes, engine) = engine(p, EngineOptions::default())?;
     rss::reset_peak();
     let sampler = rss::AnonSampler::start();
     let start = Instant::now();
@@ -675,6 +767,7 @@ pub fn stream(p: &Params, rate: Option<f64>, times: StreamTimes) -> anyhow::Resu
         mb_per_s: measured.achieved_rate * 16.0 / 1e6,
         verified: probes.iter().all(|probe| probe.verified),
         transport: engine.transport(),
+        server: p.server.to_string(),
         server_peak_rss_bytes: matches!(p.server, ServerChoice::Embedded { .. }).then_some(peak),
         client_peak_rss_bytes: peak,
         peak_anon_rss_bytes,

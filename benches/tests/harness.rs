@@ -119,3 +119,68 @@ fn bad_arguments_fail_with_a_clear_error() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("use --mode sort"));
 }
+
+/// The harness with the daemon it starts itself (the package's own build of it).
+fn bench_with_daemons(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_shuffle-bench"))
+        .args(args)
+        .env("SHUFFLE_SERVER_BIN", env!("CARGO_BIN_EXE_shuffle-bench-server"))
+        .output()
+        .expect("run shuffle-bench")
+}
+
+#[test]
+fn workloads_run_verified_through_a_cluster_of_child_processes_and_a_standalone_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("runs.json");
+    let j = json.to_str().unwrap();
+    for args in [
+        &["exchange", "--records", "50000", "--repeat", "1", "--cluster", "3", "--replication", "2", "--json", j][..],
+        &["exchange", "--records", "50000", "--repeat", "1", "--cluster", "3", "--mode", "sort", "--json", j],
+        &["exchange", "--records", "50000", "--repeat", "1", "--cluster", "3", "--via", "engine", "--json", j],
+        &["groupby", "--records", "50000", "--keys", "1000", "--repeat", "1", "--cluster", "2", "--json", j],
+        &["exchange", "--records", "50000", "--repeat", "1", "--server", "daemon", "--json", j],
+    ] {
+        let out = bench_with_daemons(args);
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let runs = json_lines(&json);
+    assert_eq!(runs.len(), 5);
+    assert!(runs.iter().all(|r| r["verified"] == true), "{runs:?}");
+    assert_eq!(runs[0]["server"], "cluster of 3 workers, replication 2");
+    assert_eq!(runs[3]["server"], "cluster of 2 workers, replication 1");
+    assert_eq!(runs[4]["server"], "standalone daemon");
+    let out = bench_with_daemons(&["exchange", "--replication", "2"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs --cluster"));
+}
+
+#[test]
+fn failover_kills_a_worker_in_every_mode_and_every_run_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("failover.json");
+    let out =
+        bench_with_daemons(&["failover", "--records", "200000", "--seed", "42", "--json", json.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("fault seed 42"), "{stdout}");
+    let reports = json_lines(&json);
+    // Three modes, replication 2 and 1.
+    assert_eq!(reports.len(), 6, "{reports:?}");
+    for r in &reports {
+        assert_eq!(r["verified"], true, "{r}");
+        assert_eq!(r["records"], 200_000);
+        let faulted = r["faulted"].as_array().unwrap();
+        assert_eq!(faulted.len(), 1);
+        for f in faulted {
+            assert_eq!(f["verified"], true, "{f}");
+            assert!(f["victim"].as_str().unwrap().starts_with('w'), "{f}");
+            assert!(f["killed_after_seconds"].as_f64().unwrap() > 0.0, "{f}");
+            if r["replication"] == 1 {
+                // Whatever was lost was named, and exactly those maps ran again.
+                let lost = f["lost_partitions"].as_array().unwrap();
+                assert_eq!(lost.is_empty(), f["rerun_maps"].as_array().unwrap().is_empty(), "{f}");
+            }
+        }
+    }
+    assert!(stdout.contains("| failover | hash | 2 | 200000 |"), "{stdout}");
+}

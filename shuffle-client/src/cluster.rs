@@ -53,7 +53,10 @@ pub(crate) struct ClusterState {
     /// Placements as last seen, by shuffle.
     placements: Mutex<HashMap<ShuffleId, Arc<Placement>>>,
     /// Clients of the workers, by worker id.
-    workers: tokio::sync::Mutex<HashMap<String, ShuffleClient>>,
+    /// One client per worker, connected on first use. Each worker has its
+    /// own cell, so connecting to one that is gone (which waits out the
+    /// connect time-out) holds up no one who uses the others.
+    workers: std::sync::Mutex<HashMap<String, Arc<tokio::sync::OnceCell<ShuffleClient>>>>,
 }
 
 impl ClusterState {
@@ -63,13 +66,13 @@ impl ClusterState {
             endpoint,
             coordinator: tokio::sync::Mutex::new(coordinator),
             placements: Mutex::new(HashMap::new()),
-            workers: tokio::sync::Mutex::new(HashMap::new()),
+            workers: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
     /// Closes the workers' clients.
     pub async fn close_workers(&self) {
-        let workers: Vec<ShuffleClient> = self.workers.lock().await.drain().map(|(_, c)| c).collect();
+        let workers: Vec<ShuffleClient> = lock(&self.workers).drain().filter_map(|(_, c)| c.get().cloned()).collect();
         for w in workers {
             Box::pin(w.close()).await;
         }
@@ -181,22 +184,22 @@ pub(crate) async fn placement(
 /// The client of one worker (connected on first use, with this client's app).
 async fn worker_client(client: &ShuffleClient, worker: &WorkerEndpoint) -> Result<ShuffleClient, ClientError> {
     let state = cluster(client);
-    let mut workers = state.workers.lock().await;
-    if let Some(w) = workers.get(&worker.id) {
-        return Ok(w.clone());
-    }
-    let mut options = client.options().clone();
-    options.app = client.credentials().app.clone();
-    options.secret = Some(client.credentials().secret.clone());
-    let connected = ShuffleClient::connect(worker.addr, options).await?;
-    workers.insert(worker.id.clone(), connected.clone());
-    Ok(connected)
+    let cell = lock(&state.workers).entry(worker.id.clone()).or_default().clone();
+    let connected = cell
+        .get_or_try_init(|| {
+            let mut options = client.options().clone();
+            options.app = client.credentials().app.clone();
+            options.secret = Some(client.credentials().secret.clone());
+            ShuffleClient::connect(worker.addr, options)
+        })
+        .await?;
+    Ok(connected.clone())
 }
 
 /// Forgets a worker's client (it failed), and tells the coordinator.
 async fn worker_failed(client: &ShuffleClient, worker: &str) {
-    let removed = cluster(client).workers.lock().await.remove(worker);
-    if let Some(w) = removed {
+    let removed = lock(&cluster(client).workers).remove(worker);
+    if let Some(w) = removed.and_then(|c| c.get().cloned()) {
         tokio::spawn(w.close());
     }
     let (client, worker) = (client.clone(), worker.to_string());
@@ -440,12 +443,39 @@ impl ClusterSink {
     /// to their replicas, which get the blocks not acknowledged yet.
     async fn fail_over(&mut self, key: &DestKey, cause: ClientError) -> Result<(), ClientError> {
         worker_failed(&self.client, &key.worker).await;
-        let Some(mut dest) = self.dests.remove(key) else { return Err(cause) };
-        dest.send.reset();
         if !self.replicated {
+            if let Some(mut dest) = self.dests.remove(key) {
+                dest.send.reset();
+            }
             return Err(cause);
         }
-        for &group in &dest.groups {
+        let (groups, unacked) = match self.dests.remove(key) {
+            Some(mut dest) => {
+                dest.send.reset();
+                (dest.groups, dest.unacked)
+            }
+            // The worker was gone before its stream opened (a sort writer
+            // first pushes when it spills): the groups it is primary of go
+            // to their replicas from now on, with nothing to resend.
+            None if !key.failover => {
+                for group in 0..self.placement.groups.len() as u32 {
+                    if self.routes.contains_key(&group) || !self.route(group).is_ok_and(|r| r.worker == key.worker) {
+                        continue;
+                    }
+                    let g = &self.placement.groups[group as usize];
+                    let Some(other) =
+                        g.copies.iter().filter_map(|c| self.placement.worker(*c)).find(|w| w.id != key.worker)
+                    else {
+                        return Err(cause);
+                    };
+                    tracing::info!(shuffle = %self.shuffle, map = self.map, group, from = %key.worker, to = %other.id, "the primary is unreachable; pushing to the replica");
+                    self.routes.insert(group, DestKey { worker: other.id.clone(), failover: true });
+                }
+                return Ok(());
+            }
+            None => return Err(cause),
+        };
+        for &group in &groups {
             let g = &self.placement.groups[group as usize];
             let other = g.copies.iter().filter_map(|c| self.placement.worker(*c)).find(|w| {
                 w.id != key.worker && !(key.failover && self.routes.get(&group).is_some_and(|r| r.worker == w.id))
@@ -463,7 +493,7 @@ impl ClusterSink {
             self.routes.insert(group, route);
         }
         // The replica keeps what it has and drops what it already holds.
-        for (group, chunks) in std::mem::take(&mut dest.unacked) {
+        for (group, chunks) in unacked {
             let route = self.route(group)?;
             Box::pin(self.send_to(&route, group, chunks)).await.map_err(|e| {
                 tracing::warn!(error = %e, "the replica failed too");
@@ -652,6 +682,11 @@ impl Failover {
             resume: resume.to_vec(),
         };
         client.open_read(&request).await
+    }
+
+    /// The worker being read now.
+    pub fn current(&self) -> Option<&str> {
+        self.current.as_deref()
     }
 
     /// Whether a read that failed with `e` should move to another copy.

@@ -207,6 +207,12 @@ impl PartitionReader {
         self.merge.as_ref().map_or(0, KeyMerge::peak_bytes)
     }
 
+    /// A cluster's reader: the id of the worker whose copy it reads now
+    /// (`None` for a standalone server's reader, or while it looks for a copy).
+    pub fn worker(&self) -> Option<&str> {
+        self.failover.as_ref().and_then(|f| f.current())
+    }
+
     /// The shuffle's spec, once the server has opened the partition (after the first read call).
     pub fn spec(&self) -> Option<ShuffleSpec> {
         self.spec

@@ -465,12 +465,11 @@ fn with_one_copy_the_engine_re_runs_exactly_the_lost_maps_and_ends_exact() {
         (0..MAPS).map(|m| (0u64..).find(|k| hash_partition(k, PARTITIONS).unwrap() == 2 * m).unwrap()).collect();
     let first_of = |m: u32| u64::from(m) * RECORDS / u64::from(MAPS);
     let runs: Arc<Vec<AtomicU32>> = Arc::new((0..MAPS).map(|_| AtomicU32::new(0)).collect());
-    let engine =
-        Engine::builder()
-            .client(options.clone())
-            .options(EngineOptions { batch_task_slots: 1, ..EngineOptions::default() })
-            .connect(addr)
-            .unwrap();
+    let engine = Engine::builder()
+        .client(options.clone())
+        .options(EngineOptions { batch_task_slots: 1, ..EngineOptions::default() })
+        .connect(addr)
+        .unwrap();
     assert_eq!(engine.transport(), "cluster");
 
     let expected_lost: Arc<Mutex<Option<BTreeSet<u32>>>> = Arc::default();
