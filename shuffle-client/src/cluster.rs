@@ -57,6 +57,10 @@ pub(crate) struct ClusterState {
     /// own cell, so connecting to one that is gone (which waits out the
     /// connect time-out) holds up no one who uses the others.
     workers: std::sync::Mutex<HashMap<String, Arc<tokio::sync::OnceCell<ShuffleClient>>>>,
+    /// Workers a connect failed to reach, and when: others asking within
+    /// [`UNREACHABLE_FOR`] fail at once instead of each waiting out the
+    /// connect time-out in turn.
+    unreachable: std::sync::Mutex<HashMap<String, Instant>>,
 }
 
 impl ClusterState {
@@ -67,6 +71,7 @@ impl ClusterState {
             coordinator: tokio::sync::Mutex::new(coordinator),
             placements: Mutex::new(HashMap::new()),
             workers: std::sync::Mutex::new(HashMap::new()),
+            unreachable: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
@@ -182,15 +187,36 @@ pub(crate) async fn placement(
 }
 
 /// The client of one worker (connected on first use, with this client's app).
+/// How long a worker that could not be reached is taken as unreachable
+/// without trying again (about one connect time-out).
+const UNREACHABLE_FOR: Duration = Duration::from_secs(10);
+
 async fn worker_client(client: &ShuffleClient, worker: &WorkerEndpoint) -> Result<ShuffleClient, ClientError> {
     let state = cluster(client);
     let cell = lock(&state.workers).entry(worker.id.clone()).or_default().clone();
     let connected = cell
-        .get_or_try_init(|| {
+        .get_or_try_init(|| async {
+            let failed = lock(&state.unreachable).get(&worker.id).map(Instant::elapsed);
+            if let Some(ago) = failed.filter(|ago| *ago < UNREACHABLE_FOR) {
+                return Err(ClientError::ConnectionLost(format!(
+                    "worker {} at {} could not be reached {ago:.1?} ago",
+                    worker.id, worker.addr
+                )));
+            }
             let mut options = client.options().clone();
             options.app = client.credentials().app.clone();
             options.secret = Some(client.credentials().secret.clone());
-            ShuffleClient::connect(worker.addr, options)
+            let connected = ShuffleClient::connect(worker.addr, options).await;
+            match &connected {
+                Ok(_) => {
+                    lock(&state.unreachable).remove(&worker.id);
+                }
+                Err(e) if e.is_unreachable() => {
+                    lock(&state.unreachable).insert(worker.id.clone(), Instant::now());
+                }
+                Err(_) => {}
+            }
+            connected
         })
         .await?;
     Ok(connected.clone())
