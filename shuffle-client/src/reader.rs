@@ -134,21 +134,7 @@ pub struct PartitionReader {
 impl PartitionReader {
     /// A reader of `partition` that opens its stream on `link` on its first call.
     pub(crate) fn new(link: Link, direct: bool, shuffle: ShuffleId, partition: PartitionId) -> Self {
-        Self {
-            opener: Some(Opener { link, direct }),
-            reader: None,
-            files: HashMap::new(),
-            from_files: VecDeque::new(),
-            shuffle,
-            partition,
-            received: HashMap::new(),
-            current: None,
-            finished: false,
-            spec: None,
-            merge: None,
-            merge_memory: DEFAULT_MERGE_MEMORY,
-            failover: None,
-        }
+        Self { opener: Some(Opener { link, direct }), ..Self::new_unopened(shuffle, partition) }
     }
 
     /// A cluster reader: reads the stream a worker already opened (its
@@ -284,13 +270,8 @@ impl PartitionReader {
     }
 
     async fn next_block_once(&mut self) -> Result<Option<RecordBlock>, ClientError> {
-        if self.spec.is_none() && !self.finished {
-            // A cluster reader's stream: its PartitionOpened comes first.
-            let reader = self.reader.as_mut().expect("opened");
-            match reader.response().await? {
-                Response::PartitionOpened { spec } => self.spec = Some(spec),
-                other => return Err(ClientError::Protocol(format!("expected PartitionOpened, got {other:?}"))),
-            }
+        if !self.finished {
+            self.read_partition_opened().await?;
         }
         loop {
             if let Some(block) = self.from_files.pop_front() {
@@ -353,8 +334,8 @@ impl PartitionReader {
         }
     }
 
-    /// Reads a cluster stream's `PartitionOpened` if it has not been read.
-    async fn next_block_once_spec(&mut self) -> Result<(), ClientError> {
+    /// Reads a cluster stream's `PartitionOpened` (it comes first) if it has not been read.
+    async fn read_partition_opened(&mut self) -> Result<(), ClientError> {
         if self.spec.is_none() {
             let reader = self.reader.as_mut().expect("a cluster reader has its stream");
             match reader.response().await? {
@@ -435,7 +416,7 @@ impl PartitionReader {
     pub async fn next_record(&mut self) -> Result<Option<Record>, ClientError> {
         if self.failover.is_some() && self.merge.is_none() && self.current.is_none() && self.received.is_empty() {
             // A cluster read of a key-ordered shuffle would come in arrival order.
-            self.next_block_once_spec().await?;
+            self.read_partition_opened().await?;
             if self.spec.is_some_and(|s| s.mode == shuffle_protocol::ExchangeMode::Sort && s.key_ordering) {
                 return Err(ClientError::Options(
                     "key-ordered reads of a sort shuffle are not supported in cluster mode yet".into(),

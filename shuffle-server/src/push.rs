@@ -63,17 +63,8 @@ async fn receive_attempt<R: AsyncRead + Unpin + Send, W: FrameSink>(
         };
         match frame.kind {
             FrameKind::Block => {
-                let block = Block::parse(frame.payload)?;
-                block
-                    .verify()
-                    .map_err(|e| ServiceError::new(ErrorKind::IntegrityMismatch, format!("block from {label}: {e}")))?;
+                let block = pushed_block(frame.payload, (map, attempt), &label)?;
                 let id = block.header.id;
-                if (id.map, id.attempt) != (map, attempt) {
-                    return Err(ServiceError::new(
-                        ErrorKind::UnexpectedMessage,
-                        format!("block of map {} attempt {} on the push stream of {label}", id.map, id.attempt),
-                    ));
-                }
                 shuffle.check_partition(id.partition)?;
                 let totals = received.entry(id.partition).or_insert_with(|| PartitionTotals::new(id.partition));
                 if id.sequence != totals.blocks {
@@ -208,6 +199,25 @@ pub fn request_name(request: &Request) -> &'static str {
         Request::OpenPartitionByKey { .. } => "OpenPartitionByKey",
         Request::ReadRun { .. } => "ReadRun",
     }
+}
+
+/// Parses a block pushed on the stream of `map` `attempt` and checks its
+/// CRC and that it belongs to that attempt.
+pub(crate) fn pushed_block(
+    payload: bytes::Bytes,
+    (map, attempt): (MapId, AttemptId),
+    label: &str,
+) -> Result<Block, ServiceError> {
+    let block = Block::parse(payload)?;
+    block.verify().map_err(|e| ServiceError::new(ErrorKind::IntegrityMismatch, format!("block from {label}: {e}")))?;
+    let id = block.header.id;
+    if (id.map, id.attempt) != (map, attempt) {
+        return Err(ServiceError::new(
+            ErrorKind::UnexpectedMessage,
+            format!("block of map {} attempt {} on the push stream of {label}", id.map, id.attempt),
+        ));
+    }
+    Ok(block)
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ use std::{
 };
 
 use shuffle_protocol::{
-    AttemptId, Block, ErrorKind, FrameKind, MapEnd, MapId, PartitionTotals, Request, Response, ServiceError,
+    AttemptId, ErrorKind, FrameKind, MapEnd, MapId, PartitionTotals, Request, Response, ServiceError,
 };
 use tokio::io::AsyncRead;
 
@@ -124,17 +124,8 @@ async fn receive<R: AsyncRead + Unpin + Send, W: FrameSink>(
         };
         match frame.kind {
             FrameKind::Block => {
-                let block = Block::parse(frame.payload)?;
-                block
-                    .verify()
-                    .map_err(|e| ServiceError::new(ErrorKind::IntegrityMismatch, format!("block from {label}: {e}")))?;
+                let block = crate::push::pushed_block(frame.payload, (map, attempt), label)?;
                 let id = block.header.id;
-                if (id.map, id.attempt) != (map, attempt) {
-                    return Err(ServiceError::new(
-                        ErrorKind::UnexpectedMessage,
-                        format!("block of map {} attempt {} on the push stream of {label}", id.map, id.attempt),
-                    ));
-                }
                 let (group, copy) = hosted.copy_for(id.partition)?;
                 if !targets.contains_key(&group) {
                     if targets.is_empty() {
