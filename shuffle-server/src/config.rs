@@ -164,6 +164,10 @@ pub struct ServerConfig {
     /// Largest UDP payload QUIC probes up to (1452 for Ethernet; 8952 with jumbo frames).
     #[arg(long, value_name = "BYTES", default_value_t = shuffle_protocol::limits::DEFAULT_MAX_UDP_PAYLOAD)]
     pub max_udp_payload: u16,
+    /// How long memory the process freed stays with it for reuse before it goes back to the OS (mimalloc's purge delay).
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub memory_return_delay: Duration,
 }
 
 /// Where the server's Unix socket goes.

@@ -15,6 +15,7 @@
 //!   [`disk`]: the free-space reserve; [`elevator`]: offset-ordered disk reads.
 //! - [`cluster`]: the coordinator and the worker side of cluster mode.
 
+pub mod allocator;
 pub mod auth;
 pub mod cluster;
 pub mod commit;

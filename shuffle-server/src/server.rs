@@ -156,6 +156,7 @@ pub async fn start_with_metrics(
     metrics: Option<PrometheusHandle>,
 ) -> Result<ServerHandle, ServerError> {
     config.validate()?;
+    crate::allocator::set_memory_return_delay(config.memory_return_delay);
     let io = |path: &Path, e: std::io::Error| ServerError::Io(format!("{}: {e}", path.display()));
     std::fs::create_dir_all(&config.data_dir).map_err(|e| io(&config.data_dir, e))?;
     if config.role == Role::Coordinator {
