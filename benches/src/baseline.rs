@@ -3,7 +3,8 @@
 //! memory bandwidth (memcpy), sequential disk write with fsync and read
 //! back on the data dir's filesystem, QUIC over loopback with the service's
 //! own TLS and transport settings (one stream, and the aggregate of several
-//! connections), and a Unix socket (the same-host path).
+//! connections), a Unix socket (the same-host path), and W1's own work
+//! with no exchange at all (the floor no shuffle can go under).
 
 use std::{
     io::{Read, Write},
@@ -33,6 +34,9 @@ pub struct Baseline {
     pub quic_aggregate_mb_per_s: f64,
     /// One Unix-socket stream.
     pub unix_socket_mb_per_s: f64,
+    /// W1's records generated, partitioned and tallied by their reducers on
+    /// every core, with no exchange: see [`w1_compute`].
+    pub w1_compute_mb_per_s: f64,
 }
 
 /// Connections of the aggregate QUIC baseline: as many as a client opens
@@ -223,6 +227,48 @@ pub async fn unix_socket() -> anyhow::Result<f64> {
     Ok(median(&rates))
 }
 
+/// Records of the W1 compute baseline (W1's default N).
+const W1_COMPUTE_RECORDS: u64 = 10_000_000;
+
+/// W1's own work with no exchange: each of the machine's cores generates
+/// its share of the records (as W1's maps do), partitions each one (as the
+/// writer does) and tallies its key into that partition's totals (as the
+/// reducers do); the median of 3 runs, in MB/s of records. A shuffle adds
+/// its own work to this, so no W1 run on this machine can be faster.
+pub fn w1_compute() -> f64 {
+    use engine_adapter::workload::{W1_KEY_LEN, W1_RECORD_LEN, W1_VALUE_LEN, W1Totals, w1_partition, w1_record};
+    const PARTITIONS: u32 = 16;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    let rates: Vec<f64> = (0..3)
+        .map(|_| {
+            let start = Instant::now();
+            let totals: Vec<W1Totals> = std::thread::scope(|scope| {
+                let workers: Vec<_> = (0..threads)
+                    .map(|t| {
+                        scope.spawn(move || {
+                            let mut tallies: Vec<W1Totals> = vec![W1Totals::default(); PARTITIONS as usize];
+                            let (mut key, mut value) = ([0u8; W1_KEY_LEN], [0u8; W1_VALUE_LEN]);
+                            for i in (t..W1_COMPUTE_RECORDS).step_by(threads as usize) {
+                                w1_record(42, i, &mut key, &mut value);
+                                std::hint::black_box(&value);
+                                tallies[w1_partition(&key, PARTITIONS) as usize].add_key(&key);
+                            }
+                            let mut all = W1Totals::default();
+                            tallies.into_iter().for_each(|p| all.merge(p));
+                            all
+                        })
+                    })
+                    .collect();
+                workers.into_iter().map(|w| w.join().expect("W1 compute thread")).collect()
+            });
+            let records: u64 = totals.iter().map(|t| t.records).sum();
+            assert_eq!(records, W1_COMPUTE_RECORDS);
+            (W1_COMPUTE_RECORDS * W1_RECORD_LEN as u64) as f64 / 1e6 / start.elapsed().as_secs_f64()
+        })
+        .collect();
+    median(&rates)
+}
+
 /// All baselines, the disk ones in `dir`.
 pub async fn measure(dir: &Path) -> anyhow::Result<Baseline> {
     let memcpy_mb_per_s = tokio::task::block_in_place(memcpy);
@@ -230,6 +276,7 @@ pub async fn measure(dir: &Path) -> anyhow::Result<Baseline> {
     let quinn_stream_mb_per_s = quic(1).await?;
     let quic_aggregate_mb_per_s = quic(QUIC_CONNECTIONS).await?;
     let unix_socket_mb_per_s = unix_socket().await?;
+    let w1_compute_mb_per_s = tokio::task::block_in_place(w1_compute);
     Ok(Baseline {
         memcpy_mb_per_s,
         disk_write_fsync_mb_per_s,
@@ -237,5 +284,6 @@ pub async fn measure(dir: &Path) -> anyhow::Result<Baseline> {
         quinn_stream_mb_per_s,
         quic_aggregate_mb_per_s,
         unix_socket_mb_per_s,
+        w1_compute_mb_per_s,
     })
 }

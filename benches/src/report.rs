@@ -127,14 +127,15 @@ pub fn baseline_table(b: &Baseline) -> String {
     format!(
         "| baseline | MB/s |\n| --- | ---: |\n| memcpy | {:.0} |\n| disk write + fsync | {:.0} |\n| disk read | {:.0} |\n\
          | QUIC, one stream, loopback (service settings) | {:.0} |\n| QUIC, {} connections, aggregate | {:.0} |\n\
-         | Unix socket, one stream | {:.0} |\n",
+         | Unix socket, one stream | {:.0} |\n| W1's own work, no exchange (generate, partition, tally; all cores) | {:.0} |\n",
         b.memcpy_mb_per_s,
         b.disk_write_fsync_mb_per_s,
         b.disk_read_mb_per_s,
         b.quinn_stream_mb_per_s,
         crate::baseline::QUIC_CONNECTIONS,
         b.quic_aggregate_mb_per_s,
-        b.unix_socket_mb_per_s
+        b.unix_socket_mb_per_s,
+        b.w1_compute_mb_per_s
     )
 }
 
