@@ -27,7 +27,7 @@ use serde::Serialize;
 use shuffle_client::{ClientOptions, CommitOutcome, ExchangeMode, ShuffleClient, ShuffleId, ShuffleSpec};
 use shuffle_server::{ByteSize, ServerConfig, ServerHandle};
 
-use engine_adapter::workload::client::{ExchangeParams, run_exchange_as, run_sort, verify};
+use engine_adapter::workload::client::{ExchangeParams, run_exchange_as, run_sort_as, verify};
 
 use crate::{baseline::median, cluster::LocalServers, rss};
 
@@ -300,14 +300,11 @@ impl ClientSession {
     /// One verified W1 (or, with `sort`, W3) run as shuffle `run`, unregistered after.
     fn w1_or_w3(&self, p: &Params, run: u32, sort: bool) -> anyhow::Result<Duration> {
         let params = exchange_params(p);
-        ensure!(
-            !sort || self.replication == 1,
-            "W3 through the client registers its own key-ordered spec, with one copy: use --replication 1"
-        );
         self.runtime.block_on(async {
             let shuffle = ShuffleId(run);
             let outcome = if sort {
-                run_sort(&self.client, shuffle, params).await
+                let spec = ShuffleSpec::sort(params.maps, params.partitions, true).replicated(self.replication);
+                run_sort_as(&self.client, shuffle, params, spec).await
             } else {
                 run_exchange_as(&self.client, shuffle, params, params.spec().replicated(self.replication)).await
             }
@@ -349,11 +346,8 @@ fn engine(p: &Params, mut options: EngineOptions) -> anyhow::Result<(Option<Loca
         options.memory = memory;
     }
     options.checkpoints = p.checkpoint_interval.map(engine_adapter::CheckpointOptions::every);
+    options.replication = p.server.replication();
     if let Some(processes) = p.server.start_processes()? {
-        ensure!(
-            p.server.replication() == 1,
-            "the engine registers its shuffles with one copy; --replication 2 runs through --via client"
-        );
         eprintln!("started {processes}");
         let client = processes.options("").same_host(p.same_host);
         let engine = Engine::builder().client(client).options(options).connect(processes.front.addr)?;

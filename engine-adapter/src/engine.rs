@@ -86,6 +86,11 @@ pub struct EngineOptions {
     /// Streaming jobs checkpoint and recover from task failures with these
     /// settings (`None`: no checkpoints; a failed task fails the job).
     pub checkpoints: Option<CheckpointOptions>,
+    /// Copies of every block of the job's exchanges (1 or 2). Two need a
+    /// cluster (`Engine::connect` to a coordinator): a worker lost then
+    /// costs no re-run, its readers and writers go on at the other copy. With
+    /// one, the batch executor re-runs the maps whose blocks were lost.
+    pub replication: u8,
 }
 
 impl Default for EngineOptions {
@@ -103,6 +108,7 @@ impl Default for EngineOptions {
             memory: 512 << 20,
             spill_dir: None,
             checkpoints: None,
+            replication: 1,
         }
     }
 }
@@ -190,6 +196,13 @@ impl EngineBuilder {
     /// Checkpoint streaming jobs ([`EngineOptions::checkpoints`]).
     pub fn checkpoints(mut self, checkpoints: CheckpointOptions) -> Self {
         self.options.checkpoints = Some(checkpoints);
+        self
+    }
+
+    /// Copies of every block of the job's exchanges ([`EngineOptions::replication`]):
+    /// `.replication(2)` on a cluster survives the loss of a worker without re-running maps.
+    pub fn replication(mut self, copies: u8) -> Self {
+        self.options.replication = copies;
         self
     }
 
@@ -289,6 +302,18 @@ impl EngineBuilder {
         client: ShuffleClient,
         #[cfg(feature = "embedded")] embedded: Option<EmbeddedServer>,
     ) -> Result<Engine, EngineError> {
+        match self.options.replication {
+            1 => {}
+            2 if client.is_cluster() => {}
+            2 => {
+                return Err(EngineError::Options(
+                    "replication 2 needs a cluster (connect to its coordinator): a standalone server holds one copy \
+                     of every block"
+                        .into(),
+                ));
+            }
+            n => return Err(EngineError::Options(format!("replication {n}: the service keeps 1 or 2 copies"))),
+        }
         let needs_scratch = self.options.spill_dir.is_none() || self.state_backend.is_none();
         let scratch = if needs_scratch {
             Some(

@@ -10,6 +10,9 @@ pub enum EngineError {
     /// The shuffle service refused a request or the connection failed.
     #[error("shuffle service: {0}")]
     Client(#[from] ClientError),
+    /// The engine's options cannot work (replication 2 without a cluster, say).
+    #[error("invalid engine options: {0}")]
+    Options(String),
     /// The embedded shuffle server could not start.
     #[error("embedded shuffle server: {0}")]
     Server(String),

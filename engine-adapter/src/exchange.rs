@@ -94,9 +94,10 @@ pub(crate) struct Stage {
 }
 
 impl Stage {
-    /// The shuffle this stage registers when a job runs in `mode`.
+    /// The shuffle this stage registers when a job runs in `mode`, with the
+    /// engine's replication.
     pub(crate) fn spec(&self, mode: ExecutionMode, options: &EngineOptions) -> ShuffleSpec {
-        match mode {
+        let spec = match mode {
             ExecutionMode::Streaming => ShuffleSpec {
                 spill_quota: options.spill_quota,
                 ..ShuffleSpec::hybrid(self.maps, self.partitions, SpillStrategy::Selective)
@@ -113,7 +114,8 @@ impl Stage {
                     None => ShuffleSpec::hash(self.maps, self.partitions),
                 }
             }
-        }
+        };
+        spec.replicated(options.replication)
     }
 }
 

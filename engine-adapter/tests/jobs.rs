@@ -162,6 +162,18 @@ fn jobs_that_cannot_run_say_why() {
 }
 
 #[test]
+fn two_copies_need_a_cluster_and_an_engine_asking_for_them_elsewhere_says_so() {
+    let err = Engine::builder().replication(2).embedded().err().expect("a standalone server holds one copy");
+    assert!(matches!(err, EngineError::Options(_)) && err.to_string().contains("needs a cluster"), "{err}");
+    let err = Engine::builder().replication(3).embedded().err().expect("the service keeps 1 or 2 copies");
+    assert!(err.to_string().contains("1 or 2 copies"), "{err}");
+    // One copy (the default) runs anywhere.
+    let engine = Engine::builder().replication(1).embedded().unwrap();
+    assert_eq!(engine.options().replication, 1);
+    assert_eq!(engine.generate(10, 2, |i| (i, i)).sort_by_key(2).count(ExecutionMode::Batch).unwrap(), 10);
+}
+
+#[test]
 fn the_embedded_servers_files_are_gone_after_the_engine_is_dropped() {
     let engine = Engine::embedded().unwrap();
     let dir = engine.embedded_data_dir().unwrap().to_path_buf();

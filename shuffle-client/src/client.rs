@@ -240,13 +240,24 @@ impl ShuffleClient {
     }
 
     /// Opens a read stream for `request` (a partition read of any kind).
-    pub(crate) async fn open_read(&self, request: &Request) -> Result<crate::transport::FrameReader, ClientError> {
-        let (_send, mut reader) = open_request(self.next_link(&self.inner.reads), request, true).await?;
-        if matches!(request, Request::OpenPartitionDirect { .. } | Request::OpenPartitionFrom { direct: true, .. }) {
+    /// Our side ends with the request, except for a key-ordered read
+    /// (`OpenPartitionByKey`), which asks for its chunks on it.
+    pub(crate) async fn open_read(
+        &self,
+        request: &Request,
+    ) -> Result<(crate::transport::StreamSend, crate::transport::FrameReader), ClientError> {
+        let by_key = matches!(request, Request::OpenPartitionByKey { .. });
+        let (send, mut reader) = open_request(self.next_link(&self.inner.reads), request, !by_key).await?;
+        if matches!(
+            request,
+            Request::OpenPartitionDirect { .. }
+                | Request::OpenPartitionFrom { direct: true, .. }
+                | Request::OpenPartitionByKey { direct: true, .. }
+        ) {
             // Nothing was read from the stream yet: every descriptor the server passes is kept.
             reader.receive_files();
         }
-        Ok(reader)
+        Ok((send, reader))
     }
 
     /// Whether reads should take the server's files directly.

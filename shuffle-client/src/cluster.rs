@@ -2,8 +2,9 @@
 //! coordinator's address. Registering a shuffle returns its placement;
 //! writers push each partition's blocks to its group's primary and commit
 //! at the coordinator once every worker they pushed to has verified the
-//! attempt (`Prepared`); readers read a partition from either copy of its
-//! group and move to the other one, where they were, when a copy fails.
+//! attempt (`Prepared`); readers (key-ordered ones too) read a partition
+//! from either copy of its group and move to the other one, where they
+//! were, when a copy fails.
 //!
 //! With replication 2 a writer keeps each block until both copies hold it
 //! (`Acked`, bounded by [`crate::ClientOptions::replication_window`]); when
@@ -609,15 +610,33 @@ impl Dest {
 // ---- reading ----
 
 /// Opens a reader of `partition` at a copy of its group, able to move to
-/// the other copy where it was.
+/// the other copy where it was. A reader of a key-ordered sort shuffle
+/// opens on its first call instead, which says whether it reads by key (as
+/// a standalone server's reader does).
 pub(crate) async fn reader(
     client: &ShuffleClient,
     shuffle: ShuffleId,
     partition: PartitionId,
 ) -> Result<PartitionReader, ClientError> {
     let mut failover = Failover { client: client.clone(), shuffle, partition, current: None, tried: BTreeSet::new() };
-    let stream = failover.open(Vec::new()).await?;
+    let spec = placement(client, shuffle, false).await?.spec;
+    let stream = if spec.mode == shuffle_protocol::ExchangeMode::Sort && spec.key_ordering {
+        None
+    } else {
+        Some(failover.open(Vec::new()).await?)
+    };
     Ok(PartitionReader::with_failover(stream, Box::new(failover), shuffle, partition))
+}
+
+/// What a cluster reader asks a copy for.
+enum CopyRead<'a> {
+    /// The partition in arrival order, leaving out the blocks the reader
+    /// already has (`OpenPartitionFrom`).
+    From(&'a [ResumePoint]),
+    /// The partition's runs, for a key-ordered merge (`OpenPartitionByKey`):
+    /// the reader asks for each chunk by run and block, so it needs no resume
+    /// point to go on at another copy.
+    ByKey,
 }
 
 /// Finds a copy of a partition to read, and reopens the read there when the
@@ -637,6 +656,16 @@ impl Failover {
     /// read at a copy that has not failed; waits for the coordinator to
     /// move the group when none is left.
     pub async fn open(&mut self, resume: Vec<ResumePoint>) -> Result<FrameReader, ClientError> {
+        Ok(self.open_read(CopyRead::From(&resume)).await?.1)
+    }
+
+    /// As [`Failover::open`], a key-ordered read (`OpenPartitionByKey`);
+    /// our side of the stream stays open for its `ReadRun`s.
+    pub async fn open_by_key(&mut self) -> Result<(StreamSend, FrameReader), ClientError> {
+        self.open_read(CopyRead::ByKey).await
+    }
+
+    async fn open_read(&mut self, read: CopyRead<'_>) -> Result<(StreamSend, FrameReader), ClientError> {
         if let Some(failed) = self.current.take() {
             worker_failed(&self.client, &failed).await;
             self.tried.insert(failed);
@@ -670,7 +699,7 @@ impl Failover {
                 .cloned()
                 .collect();
             for worker in copies {
-                match self.open_at(&worker, &resume).await {
+                match self.open_at(&worker, &read).await {
                     Ok(stream) => {
                         self.current = Some(worker.id.clone());
                         return Ok(stream);
@@ -698,14 +727,18 @@ impl Failover {
         }
     }
 
-    async fn open_at(&self, worker: &WorkerEndpoint, resume: &[ResumePoint]) -> Result<FrameReader, ClientError> {
+    async fn open_at(
+        &self,
+        worker: &WorkerEndpoint,
+        read: &CopyRead<'_>,
+    ) -> Result<(StreamSend, FrameReader), ClientError> {
         let client = worker_client(&self.client, worker).await?;
-        let direct = client.reads_directly();
-        let request = Request::OpenPartitionFrom {
-            shuffle: self.shuffle,
-            partition: self.partition,
-            direct,
-            resume: resume.to_vec(),
+        let (shuffle, partition, direct) = (self.shuffle, self.partition, client.reads_directly());
+        let request = match read {
+            CopyRead::From(resume) => {
+                Request::OpenPartitionFrom { shuffle, partition, direct, resume: resume.to_vec() }
+            }
+            CopyRead::ByKey => Request::OpenPartitionByKey { shuffle, partition, direct },
         };
         client.open_read(&request).await
     }

@@ -18,6 +18,20 @@
 //! Every block is checked as in an arrival-order read: its CRC, its map,
 //! attempt and run, its place in the run's sequence; at the end each map's
 //! blocks, records and chained checksum must equal what it committed.
+//!
+//! **Going on at another copy.** The whole state of the merge is on this
+//! side: the heads, each run's blocks and how many of them arrived. A
+//! `ReadRun` names its run and first block, so the server keeps no position.
+//! When a cluster's copy fails mid-read, the reader opens the read at the
+//! other copy and hands its stream to the merge ([`KeyMerge::resume`]),
+//! which checks that the copy lists the same runs and commits (both copies
+//! hold the same committed blocks) and asks it for the chunks it does not
+//! have yet: nothing is read twice and nothing yielded is repeated or
+//! skipped. A chunk cut short by the failure keeps the blocks that arrived
+//! whole; the next request starts after them. For this every step of
+//! [`KeyMerge::next`] can be taken again after an error: a run's head is
+//! put back into the heap at the start of the next call, not before the
+//! record taken from it is returned.
 
 use std::{
     cmp::Reverse,
@@ -77,7 +91,11 @@ pub(crate) struct KeyMerge {
     maps: Vec<MapCommit>,
     /// The head record of every run not yet exhausted (once started).
     heads: BinaryHeap<Head>,
-    started: bool,
+    /// Runs whose first record was put into `heads` (runs are started in order).
+    started: usize,
+    /// The run whose head the last call took: its next record goes into
+    /// `heads` before the next one is taken.
+    refill: Option<usize>,
     finished: bool,
     /// Bytes of blocks each run may hold.
     chunk_bytes: usize,
@@ -142,7 +160,8 @@ impl KeyMerge {
             runs,
             maps,
             heads: BinaryHeap::new(),
-            started: false,
+            started: 0,
+            refill: None,
             finished: false,
             chunk_bytes,
             files: HashMap::new(),
@@ -160,15 +179,17 @@ impl KeyMerge {
         ClientError::Integrity { shuffle: self.shuffle, partition: self.partition, map, detail }
     }
 
-    /// The next record in key order; `None` once every run is merged and checked.
+    /// The next record in key order; `None` once every run is merged and
+    /// checked. After an error (the copy being read failed) it may be
+    /// called again, once [`KeyMerge::resume`] gave it another stream.
     pub(crate) async fn next(&mut self) -> Result<Option<Record>, ClientError> {
-        if !self.started {
-            for i in 0..self.runs.len() {
-                if let Some(r) = self.next_of(i).await? {
-                    self.heads.push(Reverse((key_prefix(&r.key), r.key, i, r.value)));
-                }
-            }
-            self.started = true;
+        if let Some(i) = self.refill {
+            self.push_head(i).await?;
+            self.refill = None;
+        }
+        while self.started < self.runs.len() {
+            self.push_head(self.started).await?;
+            self.started += 1;
         }
         let Some(Reverse((_, key, i, value))) = self.heads.pop() else {
             if !self.finished {
@@ -178,10 +199,47 @@ impl KeyMerge {
             }
             return Ok(None);
         };
+        // Run `i`'s next record is no smaller: it may wait for the next call.
+        self.refill = Some(i);
+        Ok(Some(Record { key, value }))
+    }
+
+    /// Puts run `i`'s next record, if it has one, into the heap.
+    async fn push_head(&mut self, i: usize) -> Result<(), ClientError> {
         if let Some(r) = self.next_of(i).await? {
             self.heads.push(Reverse((key_prefix(&r.key), r.key, i, r.value)));
         }
-        Ok(Some(Record { key, value }))
+        Ok(())
+    }
+
+    /// Goes on with the read on another stream, at another copy of the
+    /// partition (its `PartitionOpened` read, its `RunIndex` not yet): the
+    /// copy must list the same runs and commits as the one before, and is
+    /// asked only for the chunks not received yet.
+    pub(crate) async fn resume(&mut self, send: StreamSend, mut stream: FrameReader) -> Result<(), ClientError> {
+        let (runs, maps) = match stream.response().await? {
+            Response::RunIndex { runs, maps } => (runs, maps),
+            other => return Err(ClientError::Protocol(format!("expected RunIndex, got {other:?}"))),
+        };
+        let same_runs = runs.len() == self.runs.len() && runs.iter().zip(&self.runs).all(|(r, c)| *r == c.info);
+        if !same_runs || maps != self.maps {
+            return Err(self.integrity(
+                None,
+                format!(
+                    "the copy read after a failure lists {} runs of {} maps; the copy read before listed {} runs \
+                     of {} maps, or other runs or commits",
+                    runs.len(),
+                    maps.len(),
+                    self.runs.len(),
+                    self.maps.len()
+                ),
+            ));
+        }
+        self.send = send;
+        self.stream = stream;
+        // File numbers are the stream's own.
+        self.files.clear();
+        Ok(())
     }
 
     /// The next record of run `i`, fetching its next chunk when its blocks are used up.

@@ -12,6 +12,12 @@
 //! a sort shuffle with key ordering, merging the sorted runs as a stream
 //! with a bounded amount of each in memory (see [`crate::merge`]), and in
 //! arrival order otherwise.
+//!
+//! A cluster's reader reads at a worker holding the partition (the primary,
+//! or the replica if it cannot) and goes on at the other copy when that
+//! worker fails: in arrival order it names the blocks it has
+//! (`OpenPartitionFrom`); a key-ordered read hands the other copy's stream
+//! to its merge, which asks only for the chunks it lacks.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -96,10 +102,12 @@ impl RecordBlock {
 }
 
 /// Where the reader's stream comes from, until it is opened.
-struct Opener {
-    link: Link,
-    /// Whether to take blocks in files as files (the Unix socket).
-    direct: bool,
+enum Opener {
+    /// A standalone server, on this link; `direct`: take blocks in files as
+    /// files (the Unix socket).
+    Server { link: Link, direct: bool },
+    /// A cluster: the copy of the partition the reader's failover finds.
+    Cluster,
 }
 
 /// Reads one partition of a shuffle.
@@ -134,21 +142,23 @@ pub struct PartitionReader {
 impl PartitionReader {
     /// A reader of `partition` that opens its stream on `link` on its first call.
     pub(crate) fn new(link: Link, direct: bool, shuffle: ShuffleId, partition: PartitionId) -> Self {
-        Self { opener: Some(Opener { link, direct }), ..Self::new_unopened(shuffle, partition) }
+        Self { opener: Some(Opener::Server { link, direct }), ..Self::new_unopened(shuffle, partition) }
     }
 
     /// A cluster reader: reads the stream a worker already opened (its
-    /// `PartitionOpened` not read yet) and moves to another copy of the
-    /// partition when the one it reads fails, asking for only the blocks it
-    /// does not have yet.
+    /// `PartitionOpened` not read yet), or without one opens it on its
+    /// first call, and moves to another copy of the partition when the one
+    /// it reads fails, asking for only the blocks it does not have yet (a
+    /// key-ordered read: the chunks of runs it does not have yet).
     pub(crate) fn with_failover(
-        reader: FrameReader,
+        reader: Option<FrameReader>,
         failover: Box<crate::cluster::Failover>,
         shuffle: ShuffleId,
         partition: PartitionId,
     ) -> Self {
         let mut this = Self::new_unopened(shuffle, partition);
-        this.reader = Some(reader);
+        this.opener = reader.is_none().then_some(Opener::Cluster);
+        this.reader = reader;
         this.failover = Some(failover);
         this
     }
@@ -211,7 +221,17 @@ impl PartitionReader {
     /// Opens the stream on the first call: a key-ordered read asks for the
     /// runs (`OpenPartitionByKey`), any other the partition as it comes.
     async fn open(&mut self, by_key: bool) -> Result<(), ClientError> {
-        let Some(Opener { link, direct }) = self.opener.take() else { return Ok(()) };
+        let (link, direct) = match self.opener.take() {
+            None => return Ok(()),
+            Some(Opener::Server { link, direct }) => (link, direct),
+            Some(Opener::Cluster) if by_key => return self.attach_by_key().await,
+            Some(Opener::Cluster) => {
+                let failover = self.failover.as_mut().expect("a cluster reader has its failover");
+                // Its PartitionOpened is read with the first block.
+                self.reader = Some(failover.open(Vec::new()).await?);
+                return Ok(());
+            }
+        };
         let (shuffle, partition) = (self.shuffle, self.partition);
         let request = match (by_key, direct) {
             (true, _) => Request::OpenPartitionByKey { shuffle, partition, direct },
@@ -224,11 +244,7 @@ impl PartitionReader {
             // Nothing was read from the stream yet: every descriptor the server passes is kept.
             reader.receive_files();
         }
-        let spec = match reader.response().await? {
-            Response::PartitionOpened { spec } => spec,
-            other => return Err(ClientError::Protocol(format!("expected PartitionOpened, got {other:?}"))),
-        };
-        self.spec = Some(spec);
+        let spec = self.partition_opened(&mut reader).await?;
         if by_key && spec.mode == shuffle_protocol::ExchangeMode::Sort && spec.key_ordering {
             self.merge = Some(KeyMerge::open(send, reader, (shuffle, partition), self.merge_memory).await?);
         } else {
@@ -337,13 +353,65 @@ impl PartitionReader {
     /// Reads a cluster stream's `PartitionOpened` (it comes first) if it has not been read.
     async fn read_partition_opened(&mut self) -> Result<(), ClientError> {
         if self.spec.is_none() {
-            let reader = self.reader.as_mut().expect("a cluster reader has its stream");
-            match reader.response().await? {
-                Response::PartitionOpened { spec } => self.spec = Some(spec),
-                other => return Err(ClientError::Protocol(format!("expected PartitionOpened, got {other:?}"))),
-            }
+            let mut reader = self.reader.take().expect("a cluster reader has its stream");
+            let opened = self.partition_opened(&mut reader).await;
+            self.reader = Some(reader);
+            opened?;
         }
         Ok(())
+    }
+
+    /// Reads the `PartitionOpened` that starts a stream and keeps its spec.
+    /// A worker whose group lost maps with every copy answers
+    /// `PartitionLost` instead.
+    async fn partition_opened(&mut self, reader: &mut FrameReader) -> Result<ShuffleSpec, ClientError> {
+        match reader.response().await? {
+            Response::PartitionOpened { spec } => {
+                self.spec = Some(spec);
+                Ok(spec)
+            }
+            Response::PartitionLost { partition, maps } => {
+                Err(ClientError::PartitionLost { shuffle: self.shuffle, partition, maps })
+            }
+            other => Err(ClientError::Protocol(format!("expected PartitionOpened, got {other:?}"))),
+        }
+    }
+
+    /// A cluster's key-ordered read: opens the read by key at a copy of the
+    /// partition and hands the stream to the merge — a new merge on the
+    /// first call; after the copy being read failed, the merge so far,
+    /// which asks the new copy for the chunks it does not have yet. Both
+    /// copies hold the same committed blocks, so the runs are the same and
+    /// the merge goes on without a gap or a repeat (it checks that the new
+    /// copy lists the same runs). A copy that fails before the merge has its
+    /// stream is left for the next.
+    async fn attach_by_key(&mut self) -> Result<(), ClientError> {
+        let (shuffle, partition) = (self.shuffle, self.partition);
+        loop {
+            let failover = self.failover.as_mut().expect("a cluster reader has its failover");
+            let (send, mut stream) = failover.open_by_key().await?;
+            let attached = match self.partition_opened(&mut stream).await {
+                Err(e) => Err(e),
+                Ok(spec) if !(spec.mode == shuffle_protocol::ExchangeMode::Sort && spec.key_ordering) => {
+                    Err(ClientError::Protocol(format!(
+                        "the placement of shuffle {shuffle} is of a key-ordered sort shuffle; its copy of partition \
+                         {partition} is of {spec:?}"
+                    )))
+                }
+                Ok(_) => match &mut self.merge {
+                    Some(merge) => merge.resume(send, stream).await,
+                    None => KeyMerge::open(send, stream, (shuffle, partition), self.merge_memory)
+                        .await
+                        .map(|merge| self.merge = Some(merge)),
+                },
+            };
+            match attached {
+                Err(e) if crate::cluster::Failover::should_fail_over(&e) => {
+                    tracing::info!(%shuffle, partition, error = %e, "a copy failed opening a key-ordered read; trying another");
+                }
+                other => return other,
+            }
+        }
     }
 
     fn range_error(&self, e: RangeError, offset: u64, len: u64) -> ClientError {
@@ -414,18 +482,9 @@ impl PartitionReader {
     /// [`crate::merge`] for the order of equal keys) —; `None` once the
     /// partition is complete and checked.
     pub async fn next_record(&mut self) -> Result<Option<Record>, ClientError> {
-        if self.failover.is_some() && self.merge.is_none() && self.current.is_none() && self.received.is_empty() {
-            // A cluster read of a key-ordered shuffle would come in arrival order.
-            self.read_partition_opened().await?;
-            if self.spec.is_some_and(|s| s.mode == shuffle_protocol::ExchangeMode::Sort && s.key_ordering) {
-                return Err(ClientError::Options(
-                    "key-ordered reads of a sort shuffle are not supported in cluster mode yet".into(),
-                ));
-            }
-        }
         self.open(true).await?;
-        if let Some(merge) = &mut self.merge {
-            return merge.next().await;
+        if self.merge.is_some() {
+            return self.next_merged().await;
         }
         loop {
             if let Some((raw, offset)) = &mut self.current {
@@ -440,6 +499,22 @@ impl PartitionReader {
             match self.next_block().await? {
                 Some(block) => self.current = Some((block.raw, 0)),
                 None => return Ok(None),
+            }
+        }
+    }
+
+    /// The merge's next record; a cluster's merge whose copy fails goes on
+    /// at another copy where it was.
+    async fn next_merged(&mut self) -> Result<Option<Record>, ClientError> {
+        loop {
+            let merge = self.merge.as_mut().expect("a key-ordered read has its merge");
+            match merge.next().await {
+                Err(e) if self.failover.is_some() && crate::cluster::Failover::should_fail_over(&e) => {
+                    tracing::info!(shuffle = %self.shuffle, partition = self.partition, error = %e,
+                        "the copy being read by key failed; going on at another copy");
+                    self.attach_by_key().await?;
+                }
+                other => return other,
             }
         }
     }

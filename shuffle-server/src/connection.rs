@@ -234,7 +234,10 @@ where
     R: AsyncRead + Unpin + Send,
     W: FrameSink,
 {
-    use crate::cluster::{push::PushKind, read::handle_read as read_copy};
+    use crate::cluster::{
+        push::PushKind,
+        read::{handle_read as read_copy, handle_read_by_key as read_copy_by_key},
+    };
     let state = &ctx.state;
     let peers = state.peers.get();
     match request {
@@ -255,7 +258,13 @@ where
             let hosted = state.hosted(session, shuffle)?;
             read_copy(state, hosted, partition, writer, &ctx.shutdown, direct, &resume).await
         }
-        Request::OpenPartitionDirect { .. } | Request::OpenPartitionFrom { .. } => Err(no_files()),
+        Request::OpenPartitionByKey { shuffle, partition, direct } if can_pass_files || !direct => {
+            let hosted = state.hosted(session, shuffle)?;
+            read_copy_by_key(state, hosted, partition, (reader, writer), &ctx.shutdown, direct).await
+        }
+        Request::OpenPartitionDirect { .. }
+        | Request::OpenPartitionFrom { .. }
+        | Request::OpenPartitionByKey { .. } => Err(no_files()),
         other => Err(ServiceError::new(
             ErrorKind::WrongRole,
             format!(

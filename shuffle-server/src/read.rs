@@ -151,17 +151,13 @@ impl Skip {
     }
 }
 
-/// Serves a key-ordered read (`OpenPartitionByKey`). For a sort shuffle
-/// with key ordering: `PartitionOpened`, then once every map has committed
-/// the `RunIndex`, then one chunk per `ReadRun` the reader sends, until it
-/// ends its side of the stream. The reader merges the runs holding only the
-/// chunks it asked for; the server holds one chunk's disk reads at a time.
-/// Any other shuffle is read as by `OpenPartition` (`direct`: `…Direct`).
+/// Serves a key-ordered read (`OpenPartitionByKey`) of a standalone
+/// server's shuffle: see [`serve_partition_by_key`].
 pub async fn handle_read_by_key<R, W>(
     state: &ServiceState,
     session: &AppSession,
     (shuffle_id, partition): (ShuffleId, PartitionId),
-    (reader, writer): (&mut FrameReader<R>, &mut FrameWriter<W>),
+    streams: (&mut FrameReader<R>, &mut FrameWriter<W>),
     shutdown: &CancellationToken,
     direct: bool,
 ) -> Result<(), ServiceError>
@@ -170,9 +166,34 @@ where
     W: FrameSink,
 {
     let shuffle = state.shuffle(session, shuffle_id)?;
+    serve_partition_by_key(state, &shuffle, partition, streams, shutdown, direct).await
+}
+
+/// Serves a key-ordered read of one partition of `shuffle` (a standalone
+/// server's shuffle, or a worker's copy of a group). For a sort shuffle
+/// with key ordering: `PartitionOpened`, then once every map has committed
+/// the `RunIndex`, then one chunk per `ReadRun` the reader sends, until it
+/// ends its side of the stream. The reader merges the runs holding only the
+/// chunks it asked for; the server holds one chunk's disk reads at a time.
+/// A `ReadRun` names its run and first block, so the server keeps no
+/// position: a reader that lost another copy mid-read goes on here from
+/// where it was. Any other shuffle is read as by `OpenPartition`
+/// (`direct`: `…Direct`).
+pub async fn serve_partition_by_key<R, W>(
+    state: &ServiceState,
+    shuffle: &Shuffle,
+    partition: PartitionId,
+    (reader, writer): (&mut FrameReader<R>, &mut FrameWriter<W>),
+    shutdown: &CancellationToken,
+    direct: bool,
+) -> Result<(), ServiceError>
+where
+    R: AsyncRead + Unpin + Send,
+    W: FrameSink,
+{
     let spec = shuffle.spec();
     if !(spec.mode == ExchangeMode::Sort && spec.key_ordering) {
-        return handle_read(state, session, (shuffle_id, partition), writer, shutdown, direct).await;
+        return serve_partition(state, shuffle, partition, writer, shutdown, direct, &[]).await;
     }
     shuffle.open_reader(partition)?;
     let _reading = state.reader_started();
@@ -234,9 +255,9 @@ where
             ));
         }
         if direct {
-            send_batch_direct(state, &shuffle, &batch, writer, &mut opened).await?;
+            send_batch_direct(state, shuffle, &batch, writer, &mut opened).await?;
         } else {
-            send_batch(state, &shuffle, &batch, writer).await?;
+            send_batch(state, shuffle, &batch, writer).await?;
         }
         writer.response(&Response::RunChunkEnd { run, blocks: batch.blocks.len() as u32 }).await?;
     }

@@ -547,3 +547,263 @@ fn with_one_copy_the_engine_re_runs_exactly_the_lost_maps_and_ends_exact() {
     assert_eq!(reruns.len(), 1, "{reruns:?}");
     assert_eq!(reruns[0].maps.iter().copied().collect::<BTreeSet<u32>>(), lost);
 }
+
+// ---- key-ordered reads (W3) across the cluster ----
+
+use shuffle_client::{ClientOptions, PartitionReader};
+use shuffle_tests::{
+    exchange::write_map_with,
+    workload::{W1_RECORD_LEN, w3_partition},
+};
+
+/// One W1 record, key then value.
+type W1Record = [u8; W1_RECORD_LEN];
+
+/// W3's input, as each partition must come out: every record of `params`
+/// (range-partitioned by key), sorted. A W1 key determines its value, so
+/// equal keys are equal records and the sorted order is the only one.
+fn w3_expected(params: ExchangeParams) -> Vec<Vec<W1Record>> {
+    let mut parts = vec![Vec::new(); params.partitions as usize];
+    let (mut key, mut value) = ([0u8; W1_KEY_LEN], [0u8; W1_VALUE_LEN]);
+    for i in 0..params.records {
+        w1_record(params.seed, i, &mut key, &mut value);
+        let mut record = [0u8; W1_RECORD_LEN];
+        record[..W1_KEY_LEN].copy_from_slice(&key);
+        record[W1_KEY_LEN..].copy_from_slice(&value);
+        parts[w3_partition(&key, params.partitions) as usize].push(record);
+    }
+    parts.iter_mut().for_each(|p| p.sort_unstable());
+    parts
+}
+
+/// A reader that stops after `at` records, says where it reads
+/// (`paused`: partition, worker) and waits for `go` before going on.
+struct Pause {
+    at: u64,
+    paused: tokio::sync::mpsc::UnboundedSender<(u32, Option<String>)>,
+    go: tokio::sync::watch::Receiver<bool>,
+}
+
+/// Reads partition `p` in key order, every record as it came; with
+/// `pause`, stops once on the way. Returns the records and the worker read last.
+async fn read_by_key(
+    mut reader: PartitionReader,
+    p: u32,
+    merge_memory: usize,
+    mut pause: Option<Pause>,
+) -> Result<(Vec<W1Record>, Option<String>), String> {
+    reader.set_merge_memory(merge_memory);
+    let mut out = Vec::new();
+    loop {
+        if let Some(Pause { at, paused, go }) = &mut pause
+            && out.len() as u64 == *at
+        {
+            paused.send((p, reader.worker().map(str::to_string))).unwrap();
+            go.wait_for(|go| *go).await.unwrap();
+            pause = None;
+        }
+        let Some(record) = reader.next_record().await.map_err(|e| format!("partition {p}: {e}"))? else { break };
+        let mut r = [0u8; W1_RECORD_LEN];
+        if record.key.len() != W1_KEY_LEN || record.value.len() != W1_VALUE_LEN {
+            return Err(format!("partition {p}: a record of {}+{} bytes", record.key.len(), record.value.len()));
+        }
+        r[..W1_KEY_LEN].copy_from_slice(&record.key);
+        r[W1_KEY_LEN..].copy_from_slice(&record.value);
+        out.push(r);
+    }
+    Ok((out, reader.worker().map(str::to_string)))
+}
+
+/// Checks one partition's records against the input: in key order and
+/// exactly the input's records of the partition, each once.
+fn check_sorted_and_exact(what: &str, p: usize, got: &[W1Record], want: &[W1Record]) {
+    if let Some(i) = got.windows(2).position(|w| w[0][..W1_KEY_LEN] > w[1][..W1_KEY_LEN]) {
+        panic!("{what}: partition {p} is out of key order at record {i}");
+    }
+    assert_eq!(got.len(), want.len(), "{what}: partition {p} has {} records, the input {}", got.len(), want.len());
+    if let Some(i) = got.iter().zip(want).position(|(g, w)| g != w) {
+        panic!("{what}: partition {p} differs from the input at record {i}");
+    }
+}
+
+/// A client of `cluster` whose writers emit small sorted runs (so every
+/// partition merges a few runs of each map).
+async fn connect_with_small_runs(cluster: &Cluster, app: &str, same_host: bool) -> ShuffleClient {
+    let mut options: ClientOptions = cluster.options(app).same_host(same_host);
+    options.sort_buffer = 1 << 20;
+    ShuffleClient::connect(cluster.coordinator_addr, options).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn key_ordered_sort_reads_across_the_cluster_are_sorted_and_exact_with_one_or_two_copies() {
+    let cluster = Cluster::start(3, &[]);
+    // One copy over QUIC to the workers, two over their Unix sockets (direct reads).
+    for (replication, same_host) in [(1u8, false), (2, true)] {
+        let client = connect_with_small_runs(&cluster, &format!("w3-cluster-{replication}"), same_host).await;
+        let params = ExchangeParams {
+            records: 200_000,
+            maps: 4,
+            partitions: 6,
+            seed: 31 + u64::from(replication),
+            mode: ExchangeMode::Sort,
+        };
+        let what = format!("replication {replication}");
+        let shuffle = ShuffleId(1);
+        let spec = ShuffleSpec::sort(params.maps, params.partitions, true).replicated(replication);
+        client.register_shuffle(shuffle, spec).await.unwrap();
+        // Readers start with the maps, as W3's do.
+        let readers: Vec<_> = (0..params.partitions)
+            .map(|p| {
+                let client = client.clone();
+                tokio::spawn(async move {
+                    let reader = client.reader(shuffle, p).await.map_err(|e| e.to_string())?;
+                    read_by_key(reader, p, shuffle_client::DEFAULT_MERGE_MEMORY, None).await
+                })
+            })
+            .collect();
+        for m in 0..params.maps {
+            let outcome = write_map_with(&client, shuffle, params, (m, 0), w3_partition).await.unwrap();
+            assert_eq!(outcome, CommitOutcome::Committed, "{what}: map {m}");
+        }
+        let expected = w3_expected(params);
+        for (p, task) in readers.into_iter().enumerate() {
+            let (got, _) = task.await.unwrap().unwrap_or_else(|e| panic!("{what}: {e}"));
+            check_sorted_and_exact(&what, p, &got, &expected[p]);
+        }
+        let placement = client.placement(shuffle).await.unwrap().unwrap();
+        assert!(placement.groups.iter().all(|g| g.copies.len() == usize::from(replication)), "{placement:?}");
+        client.unregister_shuffle(shuffle).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_two_copies_a_worker_killed_during_key_ordered_reads_loses_and_repeats_nothing() {
+    let seed = seed();
+    let mut cluster = Cluster::start(3, &[]);
+    let client = connect_with_small_runs(&cluster, "w3-kill-reads", true).await;
+    let params = ExchangeParams { records: 200_000, maps: 4, partitions: 6, seed, mode: ExchangeMode::Sort };
+    let shuffle = ShuffleId(1);
+    client
+        .register_shuffle(shuffle, ShuffleSpec::sort(params.maps, params.partitions, true).replicated(2))
+        .await
+        .unwrap();
+    for m in 0..params.maps {
+        let outcome = write_map_with(&client, shuffle, params, (m, 0), w3_partition).await.unwrap();
+        assert_eq!(outcome, CommitOutcome::Committed, "map {m}");
+    }
+    let expected = Arc::new(w3_expected(params));
+    // Each reader stops at a seeded record between a tenth and a half of its
+    // partition. It merges holding about one block of each run, so what is
+    // left comes chunk by chunk from the worker it reads, or after the kill
+    // from the other copy.
+    let (paused_tx, mut paused) = tokio::sync::mpsc::unbounded_channel();
+    let (go_tx, go) = tokio::sync::watch::channel(false);
+    let mut readers = Vec::new();
+    for p in 0..params.partitions {
+        let len = expected[p as usize].len() as u64;
+        let at = len / 10 + splitmix64(seed ^ (0x3ead + u64::from(p))) % (len / 2 - len / 10).max(1);
+        let pause = Pause { at, paused: paused_tx.clone(), go: go.clone() };
+        let client = client.clone();
+        readers.push(tokio::spawn(async move {
+            let reader = client.reader(shuffle, p).await.map_err(|e| e.to_string())?;
+            read_by_key(reader, p, 40 * shuffle_client::MERGE_BLOCK_BYTES, Some(pause)).await
+        }));
+    }
+    let mut reading_at = std::collections::BTreeMap::new();
+    for _ in 0..params.partitions {
+        let (p, worker) = paused.recv().await.unwrap();
+        reading_at.insert(p, worker.expect("a paused key-ordered read reads at a worker"));
+    }
+    // The victim is a worker some readers read at: they must go on at the other copy.
+    let serving: BTreeSet<&String> = reading_at.values().collect();
+    let victim = (*serving.iter().nth((splitmix64(seed) % serving.len() as u64) as usize).unwrap()).clone();
+    let on_victim: BTreeSet<u32> = reading_at.iter().filter(|(_, w)| **w == victim).map(|(p, _)| *p).collect();
+    println!("readers paused at {reading_at:?}; killing {victim}, which partitions {on_victim:?} read from");
+    cluster.kill_worker(victim.trim_start_matches('w').parse().unwrap());
+    go_tx.send(true).unwrap();
+    let mut moved = 0;
+    for (p, task) in readers.into_iter().enumerate() {
+        let (got, last) = task.await.unwrap().unwrap_or_else(|e| panic!("{e}"));
+        check_sorted_and_exact("after the kill", p, &got, &expected[p]);
+        if on_victim.contains(&(p as u32)) && last.as_ref().is_some_and(|w| *w != victim) {
+            moved += 1;
+        }
+    }
+    assert!(moved > 0, "no reader of {victim} went on at another copy");
+}
+
+/// The engine connected to a coordinator, with two copies of every block
+/// (`Engine::builder().replication(2)`): `sort_by_key` reads key-ordered
+/// sort exchanges at the workers, and a worker SIGKILLed while the sorted
+/// partitions are read costs no map re-run and no reducer starting over;
+/// the output is sorted and exact.
+#[test]
+fn the_engine_sort_by_key_on_a_cluster_with_two_copies_is_exact_through_a_worker_kill() {
+    use engine_adapter::{Engine, EngineOptions, ExecutionMode};
+    use std::sync::Mutex;
+
+    const RECORDS: u64 = 300_000;
+    const PARTS: u32 = 4;
+    const PARTITIONS: u32 = 6;
+    let seed = seed();
+    let cluster = Arc::new(Mutex::new(Cluster::start(3, &[])));
+    let (addr, options) = {
+        let c = cluster.lock().unwrap();
+        (c.coordinator_addr, c.options(""))
+    };
+    // Every reducer at once, each merging within a small budget (about two
+    // blocks of each run at a time), so they are mid-read at the kill.
+    let tuning = EngineOptions { memory: 8 << 20, batch_task_slots: PARTITIONS as usize, ..EngineOptions::default() };
+    let engine = Engine::builder().client(options).options(tuning).replication(2).connect(addr).unwrap();
+    assert_eq!(engine.transport(), "cluster");
+    let record = move |i: u64| (splitmix64(seed ^ i) % (RECORDS / 2), format!("value {i}"));
+    let mut expected: Vec<(u64, String)> = (0..RECORDS).map(record).collect();
+    expected.sort();
+
+    // On the first sorted record a reducer sees, the job's shuffles are
+    // checked for two copies and a seeded worker is killed.
+    let victim = (splitmix64(seed ^ 0x50f7) % 3) as usize;
+    let checked: Arc<Mutex<Option<Vec<u64>>>> = Arc::default();
+    let emitted = Arc::new(AtomicU64::new(0));
+    let hook = {
+        let (cluster, checked, emitted) = (cluster.clone(), checked.clone(), emitted.clone());
+        move || {
+            emitted.fetch_add(1, Ordering::Relaxed);
+            let mut checked = checked.lock().unwrap();
+            if checked.is_some() {
+                return;
+            }
+            let mut cluster = cluster.lock().unwrap();
+            let status = cluster.status();
+            let replication: Vec<u64> = status["apps"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .flat_map(|a| a["shuffles"].as_array().unwrap().iter())
+                .map(|s| s["replication"].as_u64().unwrap())
+                .collect();
+            println!("the job's shuffles have {replication:?} copies; killing w{victim}");
+            cluster.kill_worker(victim);
+            *checked = Some(replication);
+        }
+    };
+    let sorted = engine
+        .generate(RECORDS, PARTS, record)
+        .sort_by_key(PARTITIONS)
+        .map(move |r| {
+            hook();
+            r
+        })
+        .collect(ExecutionMode::Batch)
+        .unwrap();
+    let replication = checked.lock().unwrap().clone().expect("the hook ran");
+    assert!(!replication.is_empty() && replication.iter().all(|r| *r == 2), "copies per shuffle: {replication:?}");
+    assert!(sorted.windows(2).all(|w| w[0].0 <= w[1].0), "not in key order");
+    let mut got = sorted;
+    // Records of equal keys may come in any order between maps' runs.
+    got.sort();
+    assert!(got == expected, "the records differ from the input");
+    assert!(engine.map_reruns().is_empty(), "with two copies nothing runs again: {:?}", engine.map_reruns());
+    // A reducer that started over would have passed records through twice.
+    assert_eq!(emitted.load(Ordering::Relaxed), RECORDS, "every reducer read its partition once");
+}

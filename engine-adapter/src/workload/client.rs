@@ -224,10 +224,21 @@ pub async fn run_sort(
     shuffle: ShuffleId,
     params: ExchangeParams,
 ) -> Result<ExchangeOutcome, String> {
-    client
-        .register_shuffle(shuffle, ShuffleSpec::sort(params.maps, params.partitions, true))
-        .await
-        .map_err(|e| e.to_string())?;
+    run_sort_as(client, shuffle, params, ShuffleSpec::sort(params.maps, params.partitions, true)).await
+}
+
+/// As [`run_sort`], registering the shuffle with `spec` (a key-ordered sort
+/// spec with other settings, such as a cluster's replication).
+pub async fn run_sort_as(
+    client: &ShuffleClient,
+    shuffle: ShuffleId,
+    params: ExchangeParams,
+    spec: ShuffleSpec,
+) -> Result<ExchangeOutcome, String> {
+    if !(spec.mode == ExchangeMode::Sort && spec.key_ordering) {
+        return Err(format!("W3 needs a key-ordered sort shuffle, not {spec:?}"));
+    }
+    client.register_shuffle(shuffle, spec).await.map_err(|e| e.to_string())?;
     let start = Instant::now();
     let maps = spawn_maps(client, shuffle, params, w3_partition);
     let reducers: Vec<_> = (0..params.partitions)
