@@ -16,7 +16,7 @@
 //! has; readers take them out of the stream (`exchange_reader.rs`).
 
 use std::{
-    collections::{HashMap, hash_map::Entry},
+    collections::hash_map::Entry,
     hash::Hash,
     sync::{Arc, OnceLock},
     time::Instant,
@@ -29,6 +29,7 @@ use crate::{
     Data, EngineError, ExecutionMode,
     checkpoint::Control,
     engine::EngineOptions,
+    map::FastMap,
     task::{BoxFuture, Event, Item, OpenFn, TaskContext},
 };
 
@@ -279,7 +280,7 @@ pub(crate) fn map_task<K: Key, V: Value>(
                 records: 0,
                 bytes: 0,
             };
-            let mut table: HashMap<K, Combined<V>> = HashMap::new();
+            let mut table: FastMap<K, Combined<V>> = FastMap::default();
             let mut last_push = Instant::now();
             while let Some(item) = records.next().await? {
                 let batch = match item {
@@ -382,7 +383,7 @@ pub(crate) fn snapshot_chain<T>(
 }
 
 async fn drain<K: Key, V: Value>(
-    table: &mut HashMap<K, Combined<V>>,
+    table: &mut FastMap<K, Combined<V>>,
     out: &mut ExchangeOut,
 ) -> Result<(), EngineError> {
     for (key, combined) in table.drain() {

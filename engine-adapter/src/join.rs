@@ -18,11 +18,7 @@
 //!   restart, matches near the retention's edge may differ from those of a
 //!   run without the failure; without retention the result is exact.
 
-use std::{
-    collections::{HashMap, VecDeque},
-    sync::Arc,
-    time::Duration,
-};
+use std::{collections::VecDeque, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use shuffle_client::ExchangeMode;
@@ -35,6 +31,7 @@ use crate::{
     exchange::{Exchange, Key, Partitioner, Value, encode_key, encode_value},
     exchange_reader::{ExchangeReader, Raw, RecordDecoder},
     keyed::{Sorted, new_sorter, push_all},
+    map::FastMap,
     memory::Reservation,
     state::Snapshot,
     task::{BATCH_RECORDS, Batch, BoxFuture, Event, Input, Item, TaskContext, now_us},
@@ -97,7 +94,7 @@ enum BatchJoin<K, V, W> {
     Start(Box<ExchangeReader>, Box<ExchangeReader>),
     /// The left partition is in the table; the right side probes it.
     Probe {
-        table: HashMap<Vec<u8>, Vec<Event<(K, V)>>>,
+        table: FastMap<Vec<u8>, Vec<Event<(K, V)>>>,
         right: Box<ExchangeReader>,
         _memory: Reservation,
     },
@@ -199,14 +196,14 @@ impl Drop for AbortOnDrop {
 
 /// One side of a streaming join: what it delivered, for later matches.
 struct Side<T> {
-    by_key: HashMap<Vec<u8>, VecDeque<Event<T>>>,
+    by_key: FastMap<Vec<u8>, VecDeque<Event<T>>>,
     /// Arrival order: key, creation time, bytes accounted.
     arrivals: VecDeque<(Vec<u8>, u64, usize)>,
 }
 
 impl<T> Default for Side<T> {
     fn default() -> Self {
-        Self { by_key: HashMap::new(), arrivals: VecDeque::new() }
+        Self { by_key: FastMap::default(), arrivals: VecDeque::new() }
     }
 }
 
@@ -241,7 +238,7 @@ type JoinState<K, V, W> = (SideState<(K, V)>, SideState<(K, W)>);
 
 impl<T: Clone> Side<T> {
     fn state(&self) -> SideState<T> {
-        let mut cursor: HashMap<&[u8], usize> = HashMap::new();
+        let mut cursor: FastMap<&[u8], usize> = FastMap::default();
         self.arrivals
             .iter()
             .map(|(key, _, bytes)| {
@@ -423,7 +420,7 @@ impl<K: Key, V: Value, W: Value> JoinInput<K, V, W> {
             return Ok(BatchJoin::Merge(Box::new(MergeJoin::new(left, right, decoder).await?)));
         }
         let mut memory = left.ctx.reservation("join (build side)", true);
-        let mut table: HashMap<Vec<u8>, Vec<Event<(K, V)>>> = HashMap::new();
+        let mut table: FastMap<Vec<u8>, Vec<Event<(K, V)>>> = FastMap::default();
         while let Some(item) = left.next_raw().await? {
             let Raw::Records(raw) = item else { continue };
             let records = keyed::<K, V>(&left.decoder(), &raw)?;

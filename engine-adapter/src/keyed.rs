@@ -19,7 +19,7 @@
 //! - `partition_by_key` passes records on as they arrive.
 
 use std::{
-    collections::{HashMap, hash_map::Entry},
+    collections::hash_map::Entry,
     sync::{Arc, OnceLock},
 };
 
@@ -33,6 +33,7 @@ use crate::{
     exchange::{CombineFn, Exchange, Key, Partitioner, Stage, Value, encode_key, encode_value, map_task},
     exchange_reader::{ExchangeReader, Raw, RecordDecoder},
     executor,
+    map::FastMap,
     memory::Reservation,
     sink::ReservoirSink,
     sorter::{ExternalSorter, SortedStream, merge_runs},
@@ -161,7 +162,7 @@ struct ReduceInput<K, V> {
     from: ExchangeReader,
     op: u64,
     combine: CombineFn<V>,
-    table: HashMap<K, Reduced<V>>,
+    table: FastMap<K, Reduced<V>>,
     /// The table's share of the budget.
     memory: Reservation,
     /// Batch: sorted runs of spilled tables.
@@ -218,7 +219,7 @@ impl<K: Key, V: Value> ReduceInput<K, V> {
             encode_value(&reduced.value.expect("a reduced value is always present"), None, &mut v)?;
             encoded.push((k, v));
         }
-        self.table = HashMap::new();
+        self.table = FastMap::default();
         encoded.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         let mut writer = SpillWriter::create(&self.from.ctx.spill_dir)?;
         for (k, v) in &encoded {
@@ -317,7 +318,7 @@ impl<K: Key, V: Value> Input<(K, V)> for ReduceInput<K, V> {
                 }
                 // Streaming: emit the new value of every key this block touched,
                 // stamped with the oldest creation time that contributed.
-                let mut touched: HashMap<K, u64> = HashMap::new();
+                let mut touched: FastMap<K, u64> = FastMap::default();
                 for event in events {
                     let created_us = event.created_us;
                     let key = event.value.0.clone();
@@ -601,7 +602,7 @@ impl<K: Key, V: Value> Dataset<(K, V)> {
         self.read_after(stage, move |from, op| {
             let streaming = from.timed();
             let mut memory = from.ctx.reservation("reduce_by_key", !streaming);
-            let mut table = HashMap::new();
+            let mut table = FastMap::default();
             if let Some(state) = from.ctx.restored::<ReduceState<K, V>>(op)? {
                 for (k, v, created_us) in state {
                     memory.try_grow(entry_overhead::<K, V>() + std::mem::size_of::<(K, V)>());

@@ -52,6 +52,7 @@ mod executor;
 mod job;
 mod join;
 mod keyed;
+mod map;
 mod memory;
 mod metrics;
 mod sink;
