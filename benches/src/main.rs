@@ -442,7 +442,8 @@ fn suite(args: &SuiteArgs) -> anyhow::Result<()> {
     print!("{}", report::table(&reports, Some(&baseline)));
     print!("\n{}", report::baseline_table(&baseline));
     let command = std::env::args().collect::<Vec<_>>().join(" ");
-    report::write_report(&args.report, &reports, Some(&baseline), &peers, &Machine::detect(), &command)?;
+    let peers_from = if args.peers { None } else { args.peers_file.as_deref() };
+    report::write_report(&args.report, &reports, Some(&baseline), &peers, peers_from, &Machine::detect(), &command)?;
     if !peers.is_empty() {
         print!("\n{}", report::comparison_table(&reports, &peers));
     }

@@ -345,6 +345,7 @@ pub fn write_report(
     reports: &[RunReport],
     baseline: Option<&Baseline>,
     peers: &[PeerRun],
+    peers_from: Option<&Path>,
     machine: &Machine,
     command: &str,
 ) -> anyhow::Result<()> {
@@ -375,10 +376,18 @@ pub fn write_report(
     }
     if !peers.is_empty() {
         let _ = writeln!(md, "\n## Against Spark and Flink\n");
+        let when = match peers_from {
+            None => "in the same session".to_string(),
+            Some(path) => format!(
+                "in an earlier session, not this one: run {} read from `{}`",
+                peers.first().map_or("?", |p| p.label.as_str()),
+                path.display()
+            ),
+        };
         let _ = writeln!(
             md,
-            "The peers ran the same workloads on this machine in the same session (`benches/peers`, warm JVMs, \
-             median of their runs); \"÷ best peer\" is our median over the best peer's.\n"
+            "The peers ran the same workloads on this machine {when} (`benches/peers`, warm JVMs, median of their \
+             runs); \"÷ best peer\" is our median over the best peer's.\n"
         );
         md.push_str(&comparison_table(reports, peers));
         md.push('\n');

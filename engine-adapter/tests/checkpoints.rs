@@ -159,6 +159,12 @@ fn check_recovered(seed: u64, metrics: &JobMetrics, fault: &Fault) {
     assert!(fault.fired(), "seed {seed}: the fault never fired");
     assert_eq!(metrics.restarts.len(), 1, "seed {seed}: one restart, got {:?}", metrics.restarts);
     assert!(metrics.restarts[0].cause.contains("injected fault"), "seed {seed}: {:?}", metrics.restarts[0]);
+    let restart = &metrics.restarts[0];
+    eprintln!(
+        "seed {seed}: recovered in {:.1} ms from {}",
+        restart.restore_duration.as_secs_f64() * 1e3,
+        restart.restored_checkpoint.map_or("the beginning".into(), |n| format!("checkpoint {n}"))
+    );
 }
 
 #[test]

@@ -4,7 +4,7 @@
 //! hands back to the OS must be faulted in and zeroed again by the kernel
 //! when it is next used, and on a virtual machine that returns guest memory
 //! to its host that costs far more than the copy that fills it: W1 through
-//! three workers spent a third of its CPU in the kernel's `clear_page` with
+//! three workers spent a third to a half of its CPU in the kernel's `clear_page` with
 //! mimalloc's default delay. Keeping freed memory for a while costs nothing
 //! while the service is busy and gives it back once it is idle.
 //!
