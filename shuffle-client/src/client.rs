@@ -312,7 +312,7 @@ impl ShuffleClient {
     /// Closes the links gracefully and waits for the server to see it.
     pub async fn close(self) {
         if let Some(cluster) = &self.inner.cluster {
-            cluster.close_workers().await;
+            cluster.close().await;
         }
         for link in self.inner.pushes.iter().chain(&self.inner.reads) {
             link.close();

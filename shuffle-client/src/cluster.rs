@@ -75,12 +75,16 @@ impl ClusterState {
         }
     }
 
-    /// Closes the workers' clients.
-    pub async fn close_workers(&self) {
+    /// Closes the workers' clients and the coordinator connection now (a
+    /// connection made when the coordinator restarted is not among the
+    /// client's links, and left open it would keep the endpoint from ever
+    /// going idle).
+    pub async fn close(&self) {
         let workers: Vec<ShuffleClient> = lock(&self.workers).drain().filter_map(|(_, c)| c.get().cloned()).collect();
         for w in workers {
             Box::pin(w.close()).await;
         }
+        self.coordinator.lock().await.close(0u32.into(), b"client closed");
     }
 }
 

@@ -547,3 +547,24 @@ fn with_one_copy_the_engine_re_runs_exactly_the_lost_maps_and_ends_exact() {
     assert_eq!(reruns.len(), 1, "{reruns:?}");
     assert_eq!(reruns[0].maps.iter().copied().collect::<BTreeSet<u32>>(), lost);
 }
+
+/// A cluster client reconnects to a restarted coordinator on a connection
+/// of its own; `close` closes that one too, so it returns (it used to wait
+/// for the endpoint to go idle, which the keep-alive of the open
+/// connection prevented forever). Found by `shuffle-chaos --cluster --seed 3`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_that_reconnected_to_a_restarted_coordinator_closes_promptly() {
+    let mut cluster = Cluster::start(3, &[]);
+    let client = cluster.connect("close-after-restart").await.unwrap();
+    client.register_shuffle(ShuffleId(1), ShuffleSpec::hash(1, 6)).await.unwrap();
+    cluster.kill_coordinator();
+    cluster.start_coordinator();
+    // A request after the restart makes the client reconnect.
+    client.register_shuffle(ShuffleId(2), ShuffleSpec::hash(1, 6)).await.unwrap();
+    let params = ExchangeParams { records: 10_000, maps: 1, partitions: 6, seed: 4, mode: ExchangeMode::Hash };
+    let outcome = run_exchange_as(&client, ShuffleId(3), params, params.spec()).await.unwrap();
+    verify(params, outcome.received).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), client.close())
+        .await
+        .expect("close returns once its connections, the new coordinator connection included, are closed");
+}
