@@ -568,3 +568,85 @@ async fn a_client_that_reconnected_to_a_restarted_coordinator_closes_promptly() 
         .await
         .expect("close returns once its connections, the new coordinator connection included, are closed");
 }
+
+/// Hybrid, one copy: a reader holds blocks of a map attempt that was
+/// pushing to a worker when it was killed; the group moves, the map runs
+/// again and commits there. The reader, resumed at the new copy, must be
+/// told its producer failed (and read again from the start), not be sent
+/// the new attempt's blocks on top and fail the integrity check. Found by
+/// `shuffle-chaos --cluster --seed 26`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hybrid_reader_resumed_after_its_producer_died_with_the_worker_reads_again() {
+    let mut cluster = Cluster::start(3, &[]);
+    let client = cluster.connect("hybrid-resume").await.unwrap();
+    let (shuffle, partitions) = (ShuffleId(1), 3u32);
+    let spec = ShuffleSpec::hybrid(1, partitions, shuffle_client::SpillStrategy::Full);
+    client.register_shuffle(shuffle, spec).await.unwrap();
+    let placement = client.placement(shuffle).await.unwrap().unwrap();
+    let p = 0;
+    let (_, group) = placement.group_of(p).unwrap();
+    let victim_id = placement.worker(group.copies[0]).unwrap().id.clone();
+    let victim: usize = victim_id.trim_start_matches('w').parse().unwrap();
+    // Partition p's records, written by attempt `attempt` (all of them unless `flush_only`).
+    let records: Vec<([u8; W1_KEY_LEN], [u8; W1_VALUE_LEN])> = (0..200_000u64)
+        .filter_map(|i| {
+            let (mut key, mut value) = ([0u8; W1_KEY_LEN], [0u8; W1_VALUE_LEN]);
+            w1_record(17, i, &mut key, &mut value);
+            (shuffle_tests::workload::w1_partition(&key, partitions) == p).then_some((key, value))
+        })
+        .take(20_000)
+        .collect();
+    let mut first = client.writer(shuffle, 0, 0).await.unwrap();
+    for (key, value) in &records {
+        first.write(p, key, value).await.unwrap();
+    }
+    first.flush().await.unwrap();
+    let mut reader = client.reader(shuffle, p).await.unwrap();
+    assert!(reader.next_block().await.unwrap().is_some(), "attempt 0's blocks stream to the reader");
+    println!("killing {victim_id}, which holds partition {p}, while attempt 0 of map 0 is open");
+    cluster.kill_worker(victim);
+    first.abort();
+    // The map runs again once the coordinator has moved the group.
+    let mut attempt = 1;
+    loop {
+        let run = async {
+            let mut w = client.writer(shuffle, 0, attempt).await?;
+            for (key, value) in &records {
+                w.write(p, key, value).await?;
+            }
+            w.finish().await
+        };
+        match run.await {
+            Ok(outcome) => {
+                assert_eq!(outcome, CommitOutcome::Committed);
+                break;
+            }
+            Err(e)
+                if attempt < 40
+                    && (e.is_unreachable() || e.service_kind() == Some(shuffle_client::ErrorKind::DataLost)) =>
+            {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                attempt += 1;
+            }
+            Err(e) => panic!("attempt {attempt}: {e}"),
+        }
+    }
+    // The reader fails over to the new copy: its producer, attempt 0, failed.
+    let end = loop {
+        match reader.next_block().await {
+            Ok(Some(_)) => continue,
+            other => break other,
+        }
+    };
+    match end {
+        Err(ClientError::ProducerFailed { map: 0, attempt: 0, rereadable: true }) => {}
+        other => panic!("expected ProducerFailed for map 0 attempt 0, got {other:?}"),
+    }
+    // Read again from the start: exactly the committed attempt's records.
+    let mut reader = client.reader(shuffle, p).await.unwrap();
+    let mut got = 0;
+    while let Some(block) = reader.next_block().await.unwrap() {
+        got += block.records().count();
+    }
+    assert_eq!(got, records.len());
+}
