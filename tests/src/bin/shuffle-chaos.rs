@@ -41,6 +41,10 @@ struct Args {
     /// Print every run's plan and outcome.
     #[arg(long)]
     verbose: bool,
+    /// Start no new run after this many minutes (the summary then counts
+    /// the runs that fit).
+    #[arg(long)]
+    time_limit_minutes: Option<u64>,
     /// Run cluster plans (a coordinator and 3 workers; a worker or the
     /// coordinator killed, or a worker restarted, mid-job) instead of single-node ones.
     #[arg(long)]
@@ -73,7 +77,12 @@ async fn main() -> anyhow::Result<ExitCode> {
     }
     let mut summary = Summary::default();
     let started = Instant::now();
+    let limit = args.time_limit_minutes.map(|m| std::time::Duration::from_secs(60 * m));
     for seed in seeds(&args)? {
+        if limit.is_some_and(|l| started.elapsed() >= l) {
+            println!("time limit reached: seeds from {seed} on were not run");
+            break;
+        }
         let run_started = Instant::now();
         let (outcome, plan) = if args.cluster {
             let plan = cluster::ClusterPlan::from_seed(seed);

@@ -98,7 +98,12 @@ impl ClusterFault {
         match self {
             Self::KillWorker { at: Moment::Pushed(_), .. } => "worker SIGKILLed while maps push",
             Self::KillWorker { at: Moment::Read(_), .. } => "worker SIGKILLed while readers read",
-            Self::KillCoordinator { .. } => "coordinator SIGKILLed and restarted",
+            Self::KillCoordinator { at: Moment::Pushed(_), .. } => {
+                "coordinator SIGKILLed and restarted while maps push"
+            }
+            Self::KillCoordinator { at: Moment::Read(_), .. } => {
+                "coordinator SIGKILLed and restarted while readers read"
+            }
             Self::RestartWorker { .. } => "worker restarted gracefully (rolling)",
         }
     }
@@ -764,10 +769,10 @@ async fn run_map(job: &Job, map: u32) -> Result<MapDone, ClientError> {
     let mut push = |attempt, (before, r)| results.push((attempt, before, r));
     match plan.map_fault(map) {
         Some(Fault::KillMapMidPush { after, .. }) => {
-            let (_, abandoned) = write_map(job, map, 0, Some(after), None).await;
+            let (before, abandoned) = write_map(job, map, 0, Some(after), None).await;
             if let Ok(outcome) = abandoned {
                 // The records ran out before the kill point: it ended normally.
-                push(0, (true, Ok(outcome)));
+                push(0, (before, Ok(outcome)));
             }
             push(1, write_map(job, map, 1, None, None).await);
         }
@@ -797,7 +802,29 @@ async fn run_map(job: &Job, map: u32) -> Result<MapDone, ClientError> {
             let early = write_map(job, map, 21, None, None).await;
             let late = late.await.map_err(|e| ClientError::Protocol(e.to_string()))?;
             let strict = !early.1.as_ref().is_err_and(fault_error) && !late.1.as_ref().is_err_and(fault_error);
-            if strict {
+            // While the coordinator is down both commits wait, and the first
+            // to reach it when it is back wins: then either order is right.
+            let coordinator_down =
+                matches!(plan.fault, ClusterFault::KillCoordinator { .. }) && job.progress.has_fired();
+            if strict && coordinator_down {
+                let one_each = match (&early.1, &late.1) {
+                    (Ok(CommitOutcome::Committed), r) => {
+                        r.is_err() && lost_the_race(r)
+                            || matches!(r, Ok(CommitOutcome::Refused { committed_attempt: 21 }))
+                    }
+                    (r, Ok(CommitOutcome::Committed)) => {
+                        r.is_err() && lost_the_race(r)
+                            || matches!(r, Ok(CommitOutcome::Refused { committed_attempt: 20 }))
+                    }
+                    _ => false,
+                };
+                if !one_each {
+                    return Err(ClientError::Protocol(format!(
+                        "attempts 21 and 20 did not end with one commit: {:?} / {:?}",
+                        early.1, late.1
+                    )));
+                }
+            } else if strict {
                 if !matches!(early.1, Ok(CommitOutcome::Committed)) {
                     return Err(ClientError::Protocol(format!("the later attempt ended {:?}", early.1)));
                 }
