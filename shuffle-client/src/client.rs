@@ -214,6 +214,11 @@ impl ShuffleClient {
         &links[n % links.len()]
     }
 
+    /// Whether one of the client's links was closed (see [`Link::is_closed`]).
+    pub(crate) fn is_closed(&self) -> bool {
+        self.inner.pushes.iter().chain(&self.inner.reads).any(Link::is_closed)
+    }
+
     /// Whether this client talks to the server through its Unix socket.
     pub(crate) fn same_host(&self) -> bool {
         self.inner.pushes[0].is_unix()

@@ -197,7 +197,15 @@ const UNREACHABLE_FOR: Duration = Duration::from_secs(10);
 
 async fn worker_client(client: &ShuffleClient, worker: &WorkerEndpoint) -> Result<ShuffleClient, ClientError> {
     let state = cluster(client);
-    let cell = lock(&state.workers).entry(worker.id.clone()).or_default().clone();
+    let cell = {
+        let mut workers = lock(&state.workers);
+        // A worker restarted (a rolling restart) closed the connection this
+        // client kept: connect again rather than fail on the old one.
+        if workers.get(&worker.id).and_then(|c| c.get()).is_some_and(ShuffleClient::is_closed) {
+            workers.remove(&worker.id);
+        }
+        workers.entry(worker.id.clone()).or_default().clone()
+    };
     let connected = cell
         .get_or_try_init(|| async {
             let failed = lock(&state.unreachable).get(&worker.id).map(Instant::elapsed);

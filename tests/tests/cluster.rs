@@ -650,3 +650,34 @@ async fn a_hybrid_reader_resumed_after_its_producer_died_with_the_worker_reads_a
     }
     assert_eq!(got, records.len());
 }
+
+/// A rolling restart as `a_rolling_restart_of_a_worker_keeps_its_committed_shuffles`,
+/// with the client on QUIC (not the workers' Unix sockets): the connection it
+/// kept to a restarted worker is closed, and it must connect again instead
+/// of giving up on the worker's only copy. Found by `shuffle-chaos --cluster --seed 48`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn after_a_rolling_restart_a_quic_client_reconnects_to_the_worker_and_reads_exactly() {
+    let mut cluster = Cluster::start_with_timeout(3, &[], "10s");
+    let client = ShuffleClient::connect(cluster.coordinator_addr, cluster.options("rolling-quic").same_host(false))
+        .await
+        .unwrap();
+    let params = ExchangeParams { records: 200_000, maps: 3, partitions: 9, seed: 6, mode: ExchangeMode::Sort };
+    let shuffle = ShuffleId(1);
+    client.register_shuffle(shuffle, params.spec()).await.unwrap();
+    let committed = Arc::new(AtomicU64::new(0));
+    for task in spawn_maps(&client, shuffle, params, &committed) {
+        assert_eq!(task.await.unwrap().unwrap(), CommitOutcome::Committed);
+    }
+    for i in 0..3 {
+        assert_eq!(cluster.stop_worker(i), Some(0), "SIGTERM drains and exits 0");
+        cluster.start_worker(i);
+        let id = format!("w{i}");
+        cluster.wait_until(Duration::from_secs(30), &format!("{id} registered again"), |c| {
+            c.status()["workers"].as_array().is_some_and(|ws| {
+                ws.iter().any(|w| w["id"] == id.as_str() && w["state"] == "Live" && w["connected"] == true)
+            })
+        });
+    }
+    let blocks = Arc::new(AtomicU64::new(0));
+    verify(params, read_all(&client, shuffle, params, &blocks).await).unwrap();
+}
