@@ -802,11 +802,11 @@ async fn run_map(job: &Job, map: u32) -> Result<MapDone, ClientError> {
             let early = write_map(job, map, 21, None, None).await;
             let late = late.await.map_err(|e| ClientError::Protocol(e.to_string()))?;
             let strict = !early.1.as_ref().is_err_and(fault_error) && !late.1.as_ref().is_err_and(fault_error);
-            // While the coordinator is down both commits wait, and the first
-            // to reach it when it is back wins: then either order is right.
-            let coordinator_down =
-                matches!(plan.fault, ClusterFault::KillCoordinator { .. }) && job.progress.has_fired();
-            if strict && coordinator_down {
+            // A process fault can hold up either attempt (its commit waits for
+            // the coordinator to come back, its pushes fail over to a replica),
+            // and the first to commit wins: then either order is right.
+            let held_up = job.progress.has_fired();
+            if strict && held_up {
                 let one_each = match (&early.1, &late.1) {
                     (Ok(CommitOutcome::Committed), r) => {
                         r.is_err() && lost_the_race(r)
