@@ -214,6 +214,11 @@ impl ShuffleClient {
         &links[n % links.len()]
     }
 
+    /// Whether one of the client's links was closed (see [`Link::is_closed`]).
+    pub(crate) fn is_closed(&self) -> bool {
+        self.inner.pushes.iter().chain(&self.inner.reads).any(Link::is_closed)
+    }
+
     /// Whether this client talks to the server through its Unix socket.
     pub(crate) fn same_host(&self) -> bool {
         self.inner.pushes[0].is_unix()
@@ -323,7 +328,7 @@ impl ShuffleClient {
     /// Closes the links gracefully and waits for the server to see it.
     pub async fn close(self) {
         if let Some(cluster) = &self.inner.cluster {
-            cluster.close_workers().await;
+            cluster.close().await;
         }
         for link in self.inner.pushes.iter().chain(&self.inner.reads) {
             link.close();

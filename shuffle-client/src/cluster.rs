@@ -76,12 +76,16 @@ impl ClusterState {
         }
     }
 
-    /// Closes the workers' clients.
-    pub async fn close_workers(&self) {
+    /// Closes the workers' clients and the coordinator connection now (a
+    /// connection made when the coordinator restarted is not among the
+    /// client's links, and left open it would keep the endpoint from ever
+    /// going idle).
+    pub async fn close(&self) {
         let workers: Vec<ShuffleClient> = lock(&self.workers).drain().filter_map(|(_, c)| c.get().cloned()).collect();
         for w in workers {
             Box::pin(w.close()).await;
         }
+        self.coordinator.lock().await.close(0u32.into(), b"client closed");
     }
 }
 
@@ -194,7 +198,15 @@ const UNREACHABLE_FOR: Duration = Duration::from_secs(10);
 
 async fn worker_client(client: &ShuffleClient, worker: &WorkerEndpoint) -> Result<ShuffleClient, ClientError> {
     let state = cluster(client);
-    let cell = lock(&state.workers).entry(worker.id.clone()).or_default().clone();
+    let cell = {
+        let mut workers = lock(&state.workers);
+        // A worker restarted (a rolling restart) closed the connection this
+        // client kept: connect again rather than fail on the old one.
+        if workers.get(&worker.id).and_then(|c| c.get()).is_some_and(ShuffleClient::is_closed) {
+            workers.remove(&worker.id);
+        }
+        workers.entry(worker.id.clone()).or_default().clone()
+    };
     let connected = cell
         .get_or_try_init(|| async {
             let failed = lock(&state.unreachable).get(&worker.id).map(Instant::elapsed);

@@ -179,6 +179,16 @@ impl Link {
         }
     }
 
+    /// Whether the link can carry no more streams: its QUIC connection was
+    /// closed (by the server restarting, say). A Unix link connects each
+    /// stream anew, so it never is.
+    pub fn is_closed(&self) -> bool {
+        match self {
+            Self::Quic(connection) => connection.close_reason().is_some(),
+            Self::Unix(_) => false,
+        }
+    }
+
     /// Whether this link is the same-host Unix socket.
     pub fn is_unix(&self) -> bool {
         matches!(self, Self::Unix(_))

@@ -82,14 +82,26 @@ pub async fn serve_partition<W: FrameSink>(
     }
     let mut cursor = ReadCursor::default();
     let mut skip = Skip::new(resume);
-    let mut delivered = HashSet::new();
+    // Attempts whose blocks the reader holds: those sent here, and (a
+    // resumed hybrid read) those another copy sent, which this copy may
+    // never have seen: a group that moved after losing its only copy gets
+    // none of the attempts that pushed there, and they never commit.
+    let mut delivered: HashSet<(MapId, AttemptId)> = HashSet::new();
+    if hybrid {
+        delivered.extend(resume.iter().filter(|p| p.blocks > 0).map(|p| (p.map, p.attempt)));
+    }
+    let producer_failed = |delivered: &HashSet<(MapId, AttemptId)>| {
+        delivered.iter().copied().find(|&(m, a)| {
+            shuffle.attempt_failed(m, a) || shuffle.committed_attempt(m).is_some_and(|committed| committed != a)
+        })
+    };
     let mut opened = HashMap::new();
     loop {
         let mut changed = shuffle.subscribe(partition);
         if let Some(changed) = &mut changed {
             changed.borrow_and_update();
         }
-        if let Some(&(map, attempt)) = delivered.iter().find(|(m, a)| shuffle.attempt_failed(*m, *a)) {
+        if let Some((map, attempt)) = producer_failed(&delivered) {
             let rereadable = shuffle.rereadable();
             return writer.response(&Response::ProducerFailed { map, attempt, rereadable }).await;
         }
@@ -109,6 +121,11 @@ pub async fn serve_partition<W: FrameSink>(
             continue;
         }
         if complete || !hybrid {
+            // An attempt the reader holds blocks of may have lost since the check above.
+            if let Some((map, attempt)) = producer_failed(&delivered) {
+                let rereadable = shuffle.rereadable();
+                return writer.response(&Response::ProducerFailed { map, attempt, rereadable }).await;
+            }
             let maps = shuffle.partition_commits(partition)?;
             return writer.response(&Response::PartitionEnd { partition, maps }).await;
         }

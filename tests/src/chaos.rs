@@ -6,6 +6,9 @@
 //! hit), a clear error naming the cause — and then the server still serves
 //! a job of another app exactly. A run prints its seed, so `shuffle-chaos
 //! --seed S` reproduces it.
+//!
+//! [`cluster`] holds the cluster plans: a coordinator and three workers,
+//! with a worker or the coordinator killed, or a worker restarted, mid-job.
 
 use std::{
     collections::BTreeMap,
@@ -18,6 +21,8 @@ use shuffle_client::{
     AppCredentials, ClientError, ClientOptions, CommitOutcome, ErrorKind, ExchangeMode, ShuffleClient, ShuffleId,
     ShuffleSpec, SpillStrategy,
 };
+
+pub mod cluster;
 
 use crate::{
     daemon::Daemon,
@@ -659,19 +664,43 @@ pub struct Summary {
     pub faults: BTreeMap<&'static str, u64>,
     pub lost: u64,
     pub duplicated: u64,
+    /// What cluster runs recovered from (partitions reported lost, maps re-run, …).
+    pub recovery: BTreeMap<&'static str, u64>,
 }
 
 impl Summary {
     pub fn add(&mut self, plan: &Plan, outcome: &Outcome) {
+        self.record(plan.seed, plan.faults.iter().map(Fault::kind), outcome);
+    }
+
+    /// Adds a cluster run: its process fault (if its moment came) and task faults.
+    pub fn add_cluster(&mut self, plan: &cluster::ClusterPlan, run: &cluster::ClusterRun) {
+        let process = run.recovery.injected.then(|| plan.fault.kind());
+        self.record(plan.seed, process.into_iter().chain(plan.task_faults.iter().map(Fault::kind)), &run.outcome);
+        if !run.recovery.injected {
+            *self.recovery.entry("process fault not injected (the job ended before its moment)").or_default() += 1;
+        }
+        for (what, n) in [
+            ("partitions reported lost (PartitionLost named exactly the lost maps)", run.recovery.partitions_lost),
+            ("lost maps re-run as new attempts", run.recovery.maps_repaired),
+            ("map attempts re-run after failing on a process fault", run.recovery.attempts_retried),
+        ] {
+            if n > 0 {
+                *self.recovery.entry(what).or_default() += n;
+            }
+        }
+    }
+
+    fn record(&mut self, seed: u64, kinds: impl Iterator<Item = &'static str>, outcome: &Outcome) {
         self.runs += 1;
-        for f in &plan.faults {
-            *self.faults.entry(f.kind()).or_default() += 1;
+        for kind in kinds {
+            *self.faults.entry(kind).or_default() += 1;
         }
         match outcome {
             Outcome::Exact => self.exact += 1,
             Outcome::Detected(_) => self.detected += 1,
             Outcome::Failed { reason, lost, duplicated } => {
-                self.failed.push((plan.seed, reason.clone()));
+                self.failed.push((seed, reason.clone()));
                 self.lost += lost;
                 self.duplicated += duplicated;
             }
@@ -693,6 +722,12 @@ impl fmt::Display for Summary {
         )?;
         for (kind, n) in &self.faults {
             writeln!(f, "  {n:5} × {kind}")?;
+        }
+        if !self.recovery.is_empty() {
+            writeln!(f, "recovery:")?;
+        }
+        for (what, n) in &self.recovery {
+            writeln!(f, "  {n:5} × {what}")?;
         }
         for (seed, reason) in &self.failed {
             writeln!(f, "  FAILED seed {seed}: {reason}")?;

@@ -807,3 +807,137 @@ fn the_engine_sort_by_key_on_a_cluster_with_two_copies_is_exact_through_a_worker
     // A reducer that started over would have passed records through twice.
     assert_eq!(emitted.load(Ordering::Relaxed), RECORDS, "every reducer read its partition once");
 }
+
+/// A cluster client reconnects to a restarted coordinator on a connection
+/// of its own; `close` closes that one too, so it returns (it used to wait
+/// for the endpoint to go idle, which the keep-alive of the open
+/// connection prevented forever). Found by `shuffle-chaos --cluster --seed 3`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_that_reconnected_to_a_restarted_coordinator_closes_promptly() {
+    let mut cluster = Cluster::start(3, &[]);
+    let client = cluster.connect("close-after-restart").await.unwrap();
+    client.register_shuffle(ShuffleId(1), ShuffleSpec::hash(1, 6)).await.unwrap();
+    cluster.kill_coordinator();
+    cluster.start_coordinator();
+    // A request after the restart makes the client reconnect.
+    client.register_shuffle(ShuffleId(2), ShuffleSpec::hash(1, 6)).await.unwrap();
+    let params = ExchangeParams { records: 10_000, maps: 1, partitions: 6, seed: 4, mode: ExchangeMode::Hash };
+    let outcome = run_exchange_as(&client, ShuffleId(3), params, params.spec()).await.unwrap();
+    verify(params, outcome.received).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), client.close())
+        .await
+        .expect("close returns once its connections, the new coordinator connection included, are closed");
+}
+
+/// Hybrid, one copy: a reader holds blocks of a map attempt that was
+/// pushing to a worker when it was killed; the group moves, the map runs
+/// again and commits there. The reader, resumed at the new copy, must be
+/// told its producer failed (and read again from the start), not be sent
+/// the new attempt's blocks on top and fail the integrity check. Found by
+/// `shuffle-chaos --cluster --seed 26`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hybrid_reader_resumed_after_its_producer_died_with_the_worker_reads_again() {
+    let mut cluster = Cluster::start(3, &[]);
+    let client = cluster.connect("hybrid-resume").await.unwrap();
+    let (shuffle, partitions) = (ShuffleId(1), 3u32);
+    let spec = ShuffleSpec::hybrid(1, partitions, shuffle_client::SpillStrategy::Full);
+    client.register_shuffle(shuffle, spec).await.unwrap();
+    let placement = client.placement(shuffle).await.unwrap().unwrap();
+    let p = 0;
+    let (_, group) = placement.group_of(p).unwrap();
+    let victim_id = placement.worker(group.copies[0]).unwrap().id.clone();
+    let victim: usize = victim_id.trim_start_matches('w').parse().unwrap();
+    // Partition p's records, written by attempt `attempt` (all of them unless `flush_only`).
+    let records: Vec<([u8; W1_KEY_LEN], [u8; W1_VALUE_LEN])> = (0..200_000u64)
+        .filter_map(|i| {
+            let (mut key, mut value) = ([0u8; W1_KEY_LEN], [0u8; W1_VALUE_LEN]);
+            w1_record(17, i, &mut key, &mut value);
+            (shuffle_tests::workload::w1_partition(&key, partitions) == p).then_some((key, value))
+        })
+        .take(20_000)
+        .collect();
+    let mut first = client.writer(shuffle, 0, 0).await.unwrap();
+    for (key, value) in &records {
+        first.write(p, key, value).await.unwrap();
+    }
+    first.flush().await.unwrap();
+    let mut reader = client.reader(shuffle, p).await.unwrap();
+    assert!(reader.next_block().await.unwrap().is_some(), "attempt 0's blocks stream to the reader");
+    println!("killing {victim_id}, which holds partition {p}, while attempt 0 of map 0 is open");
+    cluster.kill_worker(victim);
+    first.abort();
+    // The map runs again once the coordinator has moved the group.
+    let mut attempt = 1;
+    loop {
+        let run = async {
+            let mut w = client.writer(shuffle, 0, attempt).await?;
+            for (key, value) in &records {
+                w.write(p, key, value).await?;
+            }
+            w.finish().await
+        };
+        match run.await {
+            Ok(outcome) => {
+                assert_eq!(outcome, CommitOutcome::Committed);
+                break;
+            }
+            Err(e)
+                if attempt < 40
+                    && (e.is_unreachable() || e.service_kind() == Some(shuffle_client::ErrorKind::DataLost)) =>
+            {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                attempt += 1;
+            }
+            Err(e) => panic!("attempt {attempt}: {e}"),
+        }
+    }
+    // The reader fails over to the new copy: its producer, attempt 0, failed.
+    let end = loop {
+        match reader.next_block().await {
+            Ok(Some(_)) => continue,
+            other => break other,
+        }
+    };
+    match end {
+        Err(ClientError::ProducerFailed { map: 0, attempt: 0, rereadable: true }) => {}
+        other => panic!("expected ProducerFailed for map 0 attempt 0, got {other:?}"),
+    }
+    // Read again from the start: exactly the committed attempt's records.
+    let mut reader = client.reader(shuffle, p).await.unwrap();
+    let mut got = 0;
+    while let Some(block) = reader.next_block().await.unwrap() {
+        got += block.records().count();
+    }
+    assert_eq!(got, records.len());
+}
+
+/// A rolling restart as `a_rolling_restart_of_a_worker_keeps_its_committed_shuffles`,
+/// with the client on QUIC (not the workers' Unix sockets): the connection it
+/// kept to a restarted worker is closed, and it must connect again instead
+/// of giving up on the worker's only copy. Found by `shuffle-chaos --cluster --seed 48`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn after_a_rolling_restart_a_quic_client_reconnects_to_the_worker_and_reads_exactly() {
+    let mut cluster = Cluster::start_with_timeout(3, &[], "10s");
+    let client = ShuffleClient::connect(cluster.coordinator_addr, cluster.options("rolling-quic").same_host(false))
+        .await
+        .unwrap();
+    let params = ExchangeParams { records: 200_000, maps: 3, partitions: 9, seed: 6, mode: ExchangeMode::Sort };
+    let shuffle = ShuffleId(1);
+    client.register_shuffle(shuffle, params.spec()).await.unwrap();
+    let committed = Arc::new(AtomicU64::new(0));
+    for task in spawn_maps(&client, shuffle, params, &committed) {
+        assert_eq!(task.await.unwrap().unwrap(), CommitOutcome::Committed);
+    }
+    for i in 0..3 {
+        assert_eq!(cluster.stop_worker(i), Some(0), "SIGTERM drains and exits 0");
+        cluster.start_worker(i);
+        let id = format!("w{i}");
+        cluster.wait_until(Duration::from_secs(30), &format!("{id} registered again"), |c| {
+            c.status()["workers"].as_array().is_some_and(|ws| {
+                ws.iter().any(|w| w["id"] == id.as_str() && w["state"] == "Live" && w["connected"] == true)
+            })
+        });
+    }
+    let blocks = Arc::new(AtomicU64::new(0));
+    verify(params, read_all(&client, shuffle, params, &blocks).await).unwrap();
+}
