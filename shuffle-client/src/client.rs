@@ -12,12 +12,13 @@ use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     sync::Arc,
+    time::{Duration, Instant},
 };
 
 use rustls::pki_types::{CertificateDer, pem::PemObject};
 use shuffle_protocol::{
-    AppId, AppSecret, AttemptId, Codec, MapId, PROTOCOL_VERSION, PartitionId, Request, Response, ServerRole, ShuffleId,
-    ShuffleSpec,
+    AppId, AppSecret, AttemptId, Codec, ErrorKind, MapId, PROTOCOL_VERSION, PartitionId, Request, Response, ServerRole,
+    ShuffleId, ShuffleSpec,
 };
 
 use crate::{
@@ -77,7 +78,7 @@ impl ShuffleClient {
         let bind: SocketAddr = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().expect("valid literal");
         let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| connect_err(e.to_string()))?;
         endpoint.set_default_client_config(config);
-        let (control, welcome) = open_connection(&endpoint, addr, &options, &app, options.secret.clone()).await?;
+        let (control, welcome) = join_or_create(&endpoint, addr, &options, &app).await?;
         let secret = welcome.secret.clone();
         if welcome.role == ServerRole::Coordinator {
             // Control goes to the coordinator; pushes and reads to the workers of each placement.
@@ -335,6 +336,37 @@ impl ShuffleClient {
         }
         if let Some(endpoint) = &self.inner.endpoint {
             endpoint.wait_idle().await;
+        }
+    }
+}
+
+/// How often a joining client tries again while the server is away.
+const JOIN_RETRY: Duration = Duration::from_millis(250);
+
+/// The first connection of a client: creates `app` (no secret in the
+/// options) or joins it. A joining client (a task started mid-job) waits
+/// out a server that is away or says to retry (a coordinator restarting,
+/// which learns its apps from its workers' reports) for up to
+/// [`ClientOptions::coordinator_wait`], as an open client's requests do; a
+/// creating client fails at once.
+async fn join_or_create(
+    endpoint: &quinn::Endpoint,
+    addr: SocketAddr,
+    options: &ClientOptions,
+    app: &AppId,
+) -> Result<(quinn::Connection, Welcomed), ClientError> {
+    let deadline = Instant::now() + options.coordinator_wait;
+    loop {
+        match open_connection(endpoint, addr, options, app, options.secret.clone()).await {
+            Err(e)
+                if options.secret.is_some()
+                    && (e.is_unreachable() || e.service_kind() == Some(ErrorKind::Unavailable))
+                    && Instant::now() < deadline =>
+            {
+                tracing::info!(%addr, %app, error = %e, "cannot join the app yet; retrying");
+                tokio::time::sleep(JOIN_RETRY).await;
+            }
+            other => return other,
         }
     }
 }

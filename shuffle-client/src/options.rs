@@ -96,7 +96,9 @@ pub struct ClientOptions {
     /// is lost; past it the writer waits for acknowledgements.
     pub replication_window: usize,
     /// Cluster: how long to keep retrying while the coordinator is away
-    /// (restarting) before a request fails.
+    /// (restarting) before a request fails. A client joining an app (with
+    /// its secret) also waits this long when it connects, for a server
+    /// that is away or restarting.
     pub coordinator_wait: Duration,
     /// Cluster: how long a reader whose copies are all unreachable waits
     /// for the coordinator to declare the worker lost.

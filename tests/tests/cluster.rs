@@ -346,14 +346,23 @@ async fn a_coordinator_killed_and_restarted_mid_job_loses_no_commit() {
         wait_for(&committed, after).await;
         println!("replication {replication}: killing the coordinator after {after} maps committed");
         cluster.kill_coordinator();
+        // A task started while the coordinator is down joins the app: it
+        // waits until the coordinator is back and has learnt the app from
+        // its workers, then reads everything.
+        let options = cluster.options("coordinator-restart").secret(client.credentials().secret.clone());
+        let joining = tokio::spawn(ShuffleClient::connect(cluster.coordinator_addr, options));
         let down = Duration::from_millis(200 + splitmix64(seed) % 800);
         tokio::time::sleep(down).await;
+        assert!(!joining.is_finished(), "a joining client waits for the coordinator");
         cluster.start_coordinator();
         for task in maps {
             assert_eq!(task.await.unwrap().unwrap(), CommitOutcome::Committed);
         }
         let blocks = Arc::new(AtomicU64::new(0));
         verify(params, read_all(&client, shuffle, params, &blocks).await).unwrap();
+        let joined = joining.await.unwrap().expect("the task joins once the coordinator is back");
+        verify(params, read_all(&joined, shuffle, params, &blocks).await).unwrap();
+        joined.close().await;
     }
 }
 

@@ -182,12 +182,24 @@ impl Coordinator {
         secret: Option<&AppSecret>,
         now: Instant,
     ) -> Result<(AppSecret, u64), ServiceError> {
+        let (since_start, window) = (now.duration_since(self.started), self.recovery_window());
         match (self.apps.get_mut(app), secret) {
             (Some(entry), Some(presented)) if auth::secrets_match(&entry.secret.0, &presented.0) => {
                 entry.connections += 1;
                 entry.idle_since = now;
                 Ok((entry.secret.clone(), entry.generation))
             }
+            // A restarted coordinator learns its apps from the workers'
+            // reports: until its recovery window has passed, a secret it
+            // cannot check yet is "retry", whatever the app (so the answer
+            // says nothing about which apps exist).
+            (_, Some(_)) if since_start < window => Err(ServiceError::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "app {app} cannot be joined yet: the coordinator started {since_start:.1?} ago and learns its \
+                     apps from the workers' reports for up to {window:?}; retry"
+                ),
+            )),
             (Some(_), None) => Err(ServiceError::new(
                 ErrorKind::AppExists,
                 format!("app {app} cannot be created: the name is taken; present the app's secret to join it"),
@@ -1372,7 +1384,14 @@ mod tests {
         let (mut c, app, _) = cluster(1, now);
         assert_eq!(c.open_app(&app, None, now).unwrap_err().kind, ErrorKind::AppExists);
         let wrong = AppSecret("00".repeat(32));
-        assert_eq!(c.open_app(&app, Some(&wrong), now).unwrap_err().kind, ErrorKind::UnknownApp);
+        let later = now + c.recovery_window();
+        assert_eq!(c.open_app(&app, Some(&wrong), later).unwrap_err().kind, ErrorKind::UnknownApp);
+        let stranger = AppId::new("stranger").unwrap();
+        assert_eq!(c.open_app(&stranger, Some(&wrong), later).unwrap_err().kind, ErrorKind::UnknownApp);
+        // Within the recovery window a secret that cannot be checked yet is
+        // "retry", for a known app and an unknown one alike.
+        assert_eq!(c.open_app(&app, Some(&wrong), now).unwrap_err().kind, ErrorKind::Unavailable);
+        assert_eq!(c.open_app(&stranger, Some(&wrong), now).unwrap_err().kind, ErrorKind::Unavailable);
         let secret = c.apps[&app].secret.clone();
         let (_, g) = c.open_app(&app, Some(&secret), now).unwrap();
         // Idle apps expire, and their workers are told.

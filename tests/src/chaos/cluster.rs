@@ -994,27 +994,12 @@ async fn read_with_faults(job: &Job, p: u32) -> Result<Read, ClientError> {
     read_partition(job, &job.client, p, None, stall).await.map(|r| r.unwrap_or(Read::Whole(Totals::default())))
 }
 
-/// A new client of the job's app, as a task started mid-job connects.
-/// Connecting is not retried by the client (only an open client's requests
-/// wait out a coordinator that is away): while the coordinator is down, or
-/// back but not yet told of the app by the workers (`UnknownApp`), the
-/// connect fails, and is tried again here as an engine retries a task, for
-/// as long as the client would wait for the coordinator.
+/// A new client of the job's app, as a task started mid-job connects. The
+/// client itself waits out a coordinator that is down, or back but not yet
+/// told of the app by the workers (it says `Unavailable` until then), for
+/// up to `coordinator_wait`.
 async fn join_app(job: &Job) -> Result<ShuffleClient, ClientError> {
-    let deadline = std::time::Instant::now() + job.join.coordinator_wait;
-    loop {
-        match ShuffleClient::connect(job.coordinator, job.join.clone()).await {
-            Err(e)
-                if std::time::Instant::now() < deadline
-                    && (e.is_unreachable()
-                        || matches!(e.service_kind(), Some(ErrorKind::UnknownApp | ErrorKind::Unavailable))) =>
-            {
-                tracing::info!(error = %e, "cannot join the app now; retrying");
-                tokio::time::sleep(RETRY_PAUSE).await;
-            }
-            other => return other,
-        }
-    }
+    ShuffleClient::connect(job.coordinator, job.join.clone()).await
 }
 
 /// Reads partition `p`; a hybrid reader told of a failed producer reads
