@@ -126,18 +126,66 @@ pub(crate) enum Partitioner {
     /// `xxhash64(key bytes) mod R`.
     Hash { partitions: u32 },
     /// Partition `r` holds keys between bounds `r-1` and `r`; filled by sampling before the stage runs.
-    Range { bounds: Arc<OnceLock<Vec<Vec<u8>>>> },
+    Range { bounds: Arc<OnceLock<RangeBounds>> },
 }
 
 impl Partitioner {
     pub(crate) fn partition(&self, key: &[u8]) -> u32 {
         match self {
             Self::Hash { partitions } => (xxhash_rust::xxh64::xxh64(key, 0) % u64::from(*partitions)) as u32,
-            Self::Range { bounds } => {
-                let bounds = bounds.get().map_or(&[][..], Vec::as_slice);
-                bounds.partition_point(|b| b.as_slice() <= key) as u32
+            Self::Range { bounds } => bounds.get().map_or(0, |bounds| bounds.partition(key)),
+        }
+    }
+}
+
+/// The sorted encoded keys that split a range exchange's partitions, each
+/// with its first 8 bytes as a number, so most comparisons with a key are
+/// one integer comparison rather than a byte-string one.
+#[derive(Debug, Default)]
+pub(crate) struct RangeBounds {
+    bounds: Vec<Vec<u8>>,
+    /// `prefix(bound)` of every bound.
+    prefixes: Vec<u64>,
+}
+
+/// The first 8 bytes of `bytes`, zero-padded, big-endian. Two byte strings
+/// whose prefixes differ compare as their prefixes do (a string that ends
+/// within them is padded with zeros, which no longer string's byte there
+/// is below); equal prefixes say nothing, and the bytes decide.
+fn prefix(bytes: &[u8]) -> u64 {
+    let mut first = [0u8; 8];
+    let n = bytes.len().min(8);
+    first[..n].copy_from_slice(&bytes[..n]);
+    u64::from_be_bytes(first)
+}
+
+impl RangeBounds {
+    /// Bounds in ascending bytewise order.
+    pub(crate) fn new(bounds: Vec<Vec<u8>>) -> Self {
+        debug_assert!(bounds.windows(2).all(|w| w[0] <= w[1]), "range bounds are sorted");
+        let prefixes = bounds.iter().map(|b| prefix(b)).collect();
+        Self { bounds, prefixes }
+    }
+
+    /// The partition of `key`: the number of bounds at or below it.
+    pub(crate) fn partition(&self, key: &[u8]) -> u32 {
+        let key_prefix = prefix(key);
+        let at_or_below = |i: usize| match self.prefixes[i].cmp(&key_prefix) {
+            std::cmp::Ordering::Less => true,
+            std::cmp::Ordering::Greater => false,
+            std::cmp::Ordering::Equal => self.bounds[i].as_slice() <= key,
+        };
+        // Binary search for the first bound above the key.
+        let (mut low, mut high) = (0, self.bounds.len());
+        while low < high {
+            let mid = low + (high - low) / 2;
+            if at_or_below(mid) {
+                low = mid + 1;
+            } else {
+                high = mid;
             }
         }
+        low as u32
     }
 }
 
@@ -433,8 +481,30 @@ mod tests {
     #[test]
     fn range_partitions_follow_the_bounds() {
         let bounds = Arc::new(OnceLock::new());
-        bounds.set(vec![vec![10], vec![20]]).unwrap();
+        bounds.set(RangeBounds::new(vec![vec![10], vec![20]])).unwrap();
         let p = Partitioner::Range { bounds };
         assert_eq!([p.partition(&[5]), p.partition(&[10]), p.partition(&[15]), p.partition(&[25])], [0, 1, 1, 2]);
+        let unset = Partitioner::Range { bounds: Arc::new(OnceLock::new()) };
+        assert_eq!(unset.partition(&[25]), 0);
+    }
+
+    /// Short keys over few byte values, so prefixes tie and strings end inside them.
+    fn short_key() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+        proptest::collection::vec(proptest::sample::select(vec![0u8, 1, 7, 255]), 0..12)
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn range_partitions_by_prefix_equal_a_bytewise_search(
+            mut bounds in proptest::collection::vec(short_key(), 0..20),
+            keys in proptest::collection::vec(short_key(), 1..50),
+        ) {
+            bounds.sort();
+            let range = RangeBounds::new(bounds.clone());
+            for key in &keys {
+                let bytewise = bounds.partition_point(|b| b.as_slice() <= key.as_slice()) as u32;
+                proptest::prop_assert_eq!(range.partition(key), bytewise, "key {:?}", key);
+            }
+        }
     }
 }

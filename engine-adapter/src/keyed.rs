@@ -30,7 +30,7 @@ use shuffle_protocol::RecordIter;
 
 use crate::{
     Data, Dataset, EngineError, ExecutionMode,
-    exchange::{CombineFn, Exchange, Key, Partitioner, Stage, Value, encode_key, encode_value, map_task},
+    exchange::{CombineFn, Exchange, Key, Partitioner, RangeBounds, Stage, Value, encode_key, encode_value, map_task},
     exchange_reader::{ExchangeReader, Raw, RecordDecoder},
     executor,
     map::FastMap,
@@ -137,6 +137,42 @@ impl Sorted {
             }
             Self::Local(stream) => stream.next_record(),
         }
+    }
+
+    /// Reads up to `max` records in key order into `each`, in one call (the
+    /// task's metrics counted once); fewer than `max` means the partition
+    /// ended.
+    pub(crate) async fn next_batch(
+        &mut self,
+        max: usize,
+        mut each: impl FnMut(&[u8], &[u8]) -> Result<(), EngineError>,
+    ) -> Result<usize, EngineError> {
+        let mut read = 0;
+        match self {
+            Self::Exchange { reader, first, uncounted, .. } => {
+                let (mut records, mut bytes) = std::mem::take(uncounted);
+                if max > 0
+                    && let Some((k, v)) = first.take()
+                {
+                    each(&k, &v)?;
+                    (read, records, bytes) = (1, records + 1, bytes + k.len() + v.len());
+                }
+                while read < max {
+                    let Some((k, v)) = reader.next_sorted().await? else { break };
+                    each(&k, &v)?;
+                    (read, records, bytes) = (read + 1, records + 1, bytes + k.len() + v.len());
+                }
+                reader.ctx.stats.add_in(records, bytes);
+            }
+            Self::Local(stream) => {
+                while read < max {
+                    let Some((k, v)) = stream.next_record()? else { break };
+                    each(&k, &v)?;
+                    read += 1;
+                }
+            }
+        }
+        Ok(read)
     }
 }
 
@@ -459,6 +495,29 @@ impl KeyOrder {
         self.head.as_ref().map(|(k, _)| k)
     }
 
+    /// Up to `max` records in key order (the one read ahead first) into
+    /// `each`, read as a batch; fewer than `max` means the input ended.
+    async fn next_batch(
+        &mut self,
+        max: usize,
+        mut each: impl FnMut(&[u8], &[u8]) -> Result<(), EngineError>,
+    ) -> Result<usize, EngineError> {
+        let mut read = 0;
+        if max > 0
+            && let Some((k, v)) = self.head.take()
+        {
+            each(&k, &v)?;
+            read = 1;
+        }
+        if let Phase::Emitting(sorted) = &mut self.phase {
+            read += sorted.next_batch(max - read, each).await?;
+        }
+        if read < max {
+            self.phase = Phase::Done;
+        }
+        Ok(read)
+    }
+
     fn decode<K: Key, V: Value>(&self, key: &[u8], value: &[u8], now: u64) -> Result<Event<(K, V)>, EngineError> {
         self.decoder.decode(key, value, now)
     }
@@ -523,11 +582,14 @@ impl<K: Key + Ord, V: Value> Input<(K, V)> for SortInput<K, V> {
                 Step::Ready => {}
             }
             let now = now_us();
-            let mut batch = Vec::new();
-            while batch.len() < BATCH_RECORDS {
-                let Some((key, value)) = self.order.next_record().await? else { break };
-                batch.push(self.order.decode::<K, V>(&key, &value, now)?);
-            }
+            let decoder = self.order.decoder;
+            let mut batch = Vec::with_capacity(BATCH_RECORDS);
+            self.order
+                .next_batch(BATCH_RECORDS, |key, value| {
+                    batch.push(decoder.decode::<K, V>(key, value, now)?);
+                    Ok(())
+                })
+                .await?;
             debug_assert!(batch.windows(2).all(|w| w[0].value.0 <= w[1].value.0));
             Ok((!batch.is_empty()).then_some(Item::Batch(batch)))
         })
@@ -668,7 +730,7 @@ impl<K: Key, V: Value> Dataset<(K, V)> {
     {
         let exchange = exchange.into();
         let partitions = exchange.partitions.max(1);
-        let bounds: Arc<OnceLock<Vec<Vec<u8>>>> = Arc::new(OnceLock::new());
+        let bounds: Arc<OnceLock<RangeBounds>> = Arc::new(OnceLock::new());
         let sample_input = self.clone();
         let sample_bounds = bounds.clone();
         let prepare: crate::exchange::PrepareFn = Arc::new(move || {
@@ -676,7 +738,7 @@ impl<K: Key, V: Value> Dataset<(K, V)> {
             Box::pin(async move {
                 if bounds.get().is_none() {
                     let computed = sample_bounds_of(&input, partitions).await?;
-                    let _ = bounds.set(computed);
+                    let _ = bounds.set(RangeBounds::new(computed));
                 }
                 Ok(())
             })

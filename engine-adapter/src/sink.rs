@@ -381,12 +381,22 @@ impl<T: Display> PartSink<T> for TextPart {
     }
 }
 
-/// Keeps a uniform sample of at most `capacity` records' encoded keys
-/// (reservoir sampling with a generator seeded by the part, so a job's
-/// sample is reproducible). Batch only.
+/// Keeps a uniform sample of at most `capacity` records' encoded keys.
+/// Reservoir sampling with geometric skips (Li's Algorithm L): once the
+/// reservoir is full, the number of records to pass over before the next
+/// one replaces a sampled key is drawn at once, so records between two
+/// replacements cost nothing (a part of n records draws about
+/// `capacity * ln(n / capacity)` numbers, not n). The generator is seeded by
+/// the part, so a job's sample is reproducible. Batch only.
 pub(crate) struct ReservoirSink<T, E> {
     capacity: usize,
+    /// Records seen so far.
     seen: u64,
+    /// Once the reservoir is full: the index (among the part's records) of the next one that enters it.
+    next: u64,
+    /// Algorithm L's `W`: the largest of `capacity` uniform draws, the
+    /// threshold a record's draw must beat to enter.
+    threshold: f64,
     rng: u64,
     sample: Vec<Vec<u8>>,
     encode: E,
@@ -396,7 +406,42 @@ pub(crate) struct ReservoirSink<T, E> {
 
 impl<T, E> ReservoirSink<T, E> {
     pub(crate) fn new(part: u32, capacity: usize, results: Arc<Mutex<Vec<Vec<u8>>>>, encode: E) -> Self {
-        Self { capacity, seen: 0, rng: u64::from(part), sample: Vec::new(), encode, results, _records: PhantomData }
+        Self {
+            capacity,
+            seen: 0,
+            next: 0,
+            threshold: 0.0,
+            // A well-mixed start per part: parts draw unrelated sequences.
+            rng: splitmix64(u64::from(part)),
+            sample: Vec::new(),
+            encode,
+            results,
+            _records: PhantomData,
+        }
+    }
+
+    /// The next number of the part's generator (SplitMix64).
+    fn next_u64(&mut self) -> u64 {
+        self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        splitmix64(self.rng)
+    }
+
+    /// A uniform draw in (0, 1), never 0 (its logarithm is taken).
+    fn uniform(&mut self) -> f64 {
+        ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    }
+
+    /// A uniform slot of the full reservoir.
+    fn slot(&mut self) -> usize {
+        ((u128::from(self.next_u64()) * self.capacity as u128) >> 64) as usize
+    }
+
+    /// Lowers the threshold as one more record entered, and draws how far the next one is.
+    fn draw_next(&mut self, after: u64) {
+        self.threshold *= (self.uniform().ln() / self.capacity as f64).exp();
+        let skip = (self.uniform().ln() / (-self.threshold).ln_1p()).floor();
+        // `as` saturates: a skip past u64::MAX means no record of the part enters any more.
+        self.next = after.saturating_add(skip as u64).saturating_add(1);
     }
 }
 
@@ -405,20 +450,28 @@ where
     E: Fn(&T, &mut Vec<u8>) -> Result<(), EngineError> + Send,
 {
     fn write(&mut self, batch: Batch<T>) -> Result<(), EngineError> {
-        for event in batch {
-            self.seen += 1;
-            let slot = if self.sample.len() < self.capacity {
-                self.sample.push(Vec::new());
-                self.sample.len() - 1
-            } else {
-                self.rng = self.rng.wrapping_add(1);
-                let j = (splitmix64(self.rng) % self.seen) as usize;
-                if j >= self.capacity {
-                    continue;
-                }
-                j
-            };
-            (self.encode)(&event.value, &mut self.sample[slot])?;
+        let first = self.seen;
+        self.seen += batch.len() as u64;
+        if self.capacity == 0 {
+            return Ok(());
+        }
+        let mut records = batch.iter();
+        while self.sample.len() < self.capacity {
+            let Some(event) = records.next() else { return Ok(()) };
+            let mut key = Vec::new();
+            (self.encode)(&event.value, &mut key)?;
+            self.sample.push(key);
+            if self.sample.len() == self.capacity {
+                let filled_at = self.seen - records.len() as u64 - 1;
+                self.threshold = 1.0;
+                self.draw_next(filled_at);
+            }
+        }
+        while self.next < self.seen {
+            let at = self.next;
+            let slot = self.slot();
+            (self.encode)(&batch[(at - first) as usize].value, &mut self.sample[slot])?;
+            self.draw_next(at);
         }
         Ok(())
     }
@@ -527,6 +580,20 @@ fn collect_sink<T: Value>(parts: u32) -> (CollectSlots<T>, SinkFactory<T>) {
     (results, factory)
 }
 
+/// The parts' records one after the other, in one allocation of the total
+/// size (a part's own vector when it is the only one with records).
+fn concat_parts<T>(parts: Vec<Option<Vec<T>>>) -> Vec<T> {
+    let mut parts: Vec<Vec<T>> = parts.into_iter().flatten().filter(|p| !p.is_empty()).collect();
+    if parts.len() <= 1 {
+        return parts.pop().unwrap_or_default();
+    }
+    let mut all = Vec::with_capacity(parts.iter().map(Vec::len).sum());
+    for part in parts {
+        all.extend(part);
+    }
+    all
+}
+
 impl<T: Value> Dataset<T> {
     /// Runs the job and returns every record of its final dataset, part by
     /// part in order (so the output of `sort_by_key` comes out sorted). In
@@ -535,16 +602,14 @@ impl<T: Value> Dataset<T> {
     pub fn collect(&self, mode: ExecutionMode) -> Result<Vec<T>, EngineError> {
         let (results, factory) = collect_sink(self.parts);
         self.run_factory(mode, factory)?;
-        let parts = std::mem::take(&mut *lock(&results));
-        Ok(parts.into_iter().flatten().flatten().collect())
+        Ok(concat_parts(std::mem::take(&mut *lock(&results))))
     }
 
     /// [`Dataset::collect`] from async code (for example inside a tokio application).
     pub async fn collect_async(&self, mode: ExecutionMode) -> Result<Vec<T>, EngineError> {
         let (results, factory) = collect_sink(self.parts);
         self.start_factory(mode, factory)?.wait_async().await?;
-        let parts = std::mem::take(&mut *lock(&results));
-        Ok(parts.into_iter().flatten().flatten().collect())
+        Ok(concat_parts(std::mem::take(&mut *lock(&results))))
     }
 }
 
@@ -579,5 +644,67 @@ impl<K: Key, V: Value> Dataset<(K, V)> {
         let (results, factory) = latest_sink(self.parts);
         self.start_factory(mode, factory)?.wait_async().await?;
         Ok(merge_latest(&results))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::{PartSink, ReservoirSink, concat_parts};
+    use crate::task::Event;
+
+    /// Samples `records` numbers of part `part` fed in batches of `batch`, as big-endian keys.
+    fn sample(part: u32, capacity: usize, records: u64, batch: u64) -> Vec<u64> {
+        let results = Arc::new(Mutex::new(Vec::new()));
+        let mut sink = ReservoirSink::new(part, capacity, results.clone(), |v: &u64, buf: &mut Vec<u8>| {
+            buf.clear();
+            buf.extend_from_slice(&v.to_be_bytes());
+            Ok(())
+        });
+        let mut from = 0;
+        while from < records {
+            let to = (from + batch).min(records);
+            sink.write((from..to).map(|value| Event { value, created_us: 0 }).collect()).unwrap();
+            from = to;
+        }
+        Box::new(sink).finish().unwrap();
+        let keys = std::mem::take(&mut *results.lock().unwrap());
+        keys.iter().map(|k| u64::from_be_bytes(k.as_slice().try_into().unwrap())).collect()
+    }
+
+    #[test]
+    fn a_reservoir_keeps_every_record_of_a_part_smaller_than_it() {
+        let mut got = sample(3, 100, 60, 7);
+        got.sort_unstable();
+        assert_eq!(got, (0..60).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_reservoir_sample_is_distinct_reproducible_and_even_across_the_input() {
+        let (records, capacity) = (200_000u64, 100usize);
+        let mut deciles = [0u32; 10];
+        for part in 0..20 {
+            let got = sample(part, capacity, records, 4096);
+            assert_eq!(got.len(), capacity);
+            let mut distinct = got.clone();
+            distinct.sort_unstable();
+            distinct.dedup();
+            assert_eq!(distinct.len(), capacity, "part {part} sampled a record twice");
+            // The batch size does not change which records a part samples.
+            assert_eq!(got, sample(part, capacity, records, 1000), "part {part}");
+            for v in got {
+                deciles[(v * 10 / records) as usize] += 1;
+            }
+        }
+        // 2,000 draws, 200 expected per decile; the seeds are fixed, so this is not flaky.
+        assert!(deciles.iter().all(|&n| (150..=250).contains(&n)), "{deciles:?}");
+    }
+
+    #[test]
+    fn parts_concatenate_in_order() {
+        assert_eq!(concat_parts::<u8>(vec![]), Vec::<u8>::new());
+        assert_eq!(concat_parts(vec![None, Some(vec![1]), Some(vec![])]), vec![1]);
+        assert_eq!(concat_parts(vec![Some(vec![1, 2]), None, Some(vec![3]), Some(vec![4, 5])]), vec![1, 2, 3, 4, 5]);
     }
 }

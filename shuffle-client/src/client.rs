@@ -12,7 +12,7 @@ use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     sync::Arc,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use rustls::pki_types::{CertificateDer, pem::PemObject};
@@ -72,13 +72,28 @@ impl ShuffleClient {
     /// `options.app`: creates the app (no secret in the options) or joins
     /// it. Moves to the server's Unix socket when it is on this host.
     pub async fn connect(addr: SocketAddr, options: ClientOptions) -> Result<Self, ClientError> {
+        Self::connect_to(addr, options, true).await
+    }
+
+    /// [`Self::connect`]; `wait_to_join`: a joining client waits out a
+    /// server that is away. A cluster client's link to one of its workers
+    /// does not: a dead worker is failed over, not waited for.
+    pub(crate) async fn connect_to(
+        addr: SocketAddr,
+        options: ClientOptions,
+        wait_to_join: bool,
+    ) -> Result<Self, ClientError> {
         let app = AppId::new(options.app.clone()).map_err(|e| ClientError::Options(e.to_string()))?;
         let connect_err = |reason: String| ClientError::Connect { addr, reason };
         let config = quic_client_config(&options)?;
         let bind: SocketAddr = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().expect("valid literal");
         let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| connect_err(e.to_string()))?;
         endpoint.set_default_client_config(config);
-        let (control, welcome) = join_or_create(&endpoint, addr, &options, &app).await?;
+        let (control, welcome) = if wait_to_join {
+            join_or_create(&endpoint, addr, &options, &app).await?
+        } else {
+            open_connection(&endpoint, addr, &options, &app, options.secret.clone()).await?
+        };
         let secret = welcome.secret.clone();
         if welcome.role == ServerRole::Coordinator {
             // Control goes to the coordinator; pushes and reads to the workers of each placement.
@@ -355,13 +370,14 @@ async fn join_or_create(
     options: &ClientOptions,
     app: &AppId,
 ) -> Result<(quinn::Connection, Welcomed), ClientError> {
-    let deadline = Instant::now() + options.coordinator_wait;
+    // tokio's clock: the same as std's, but a test can pause it.
+    let deadline = tokio::time::Instant::now() + options.coordinator_wait;
     loop {
         match open_connection(endpoint, addr, options, app, options.secret.clone()).await {
             Err(e)
                 if options.secret.is_some()
                     && (e.is_unreachable() || e.service_kind() == Some(ErrorKind::Unavailable))
-                    && Instant::now() < deadline =>
+                    && tokio::time::Instant::now() < deadline =>
             {
                 tracing::info!(%addr, %app, error = %e, "cannot join the app yet; retrying");
                 tokio::time::sleep(JOIN_RETRY).await;
@@ -438,4 +454,49 @@ fn client_crypto(options: &ClientOptions) -> Result<quinn::crypto::rustls::QuicC
         .with_no_client_auth();
     tls.alpn_protocols = vec![ALPN.to_vec()];
     quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| ClientError::Options(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use shuffle_protocol::AppSecret;
+
+    use super::ShuffleClient;
+    use crate::ClientOptions;
+
+    /// A client joining an app waits for its server up to `coordinator_wait`;
+    /// a cluster client's link to one of its workers gives up after one
+    /// connect time-out, so a dead worker is failed over, not waited for.
+    /// The clock is tokio's paused one: the durations are virtual.
+    #[tokio::test(start_paused = true)]
+    async fn a_link_to_a_dead_worker_fails_after_one_attempt_while_a_joining_client_waits() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("certificate");
+        let cert_path = dir.path().join("cert.pem");
+        std::fs::write(&cert_path, cert.cert.pem()).expect("write certificate");
+        // A port nothing listens on: bound, then closed.
+        let dead = std::net::UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).expect("free port");
+        let mut options = ClientOptions::new("app").trusted_cert(&cert_path).secret(AppSecret("0".repeat(64)));
+        options.connect_timeout = Duration::from_millis(100);
+        options.coordinator_wait = Duration::from_secs(5);
+
+        let start = tokio::time::Instant::now();
+        let err = ShuffleClient::connect_to(dead, options.clone(), false).await.err().expect("nothing listens there");
+        let link_waited = start.elapsed();
+        assert!(err.is_unreachable(), "a link to a dead worker reports it unreachable: {err}");
+        assert!(
+            link_waited < Duration::from_secs(1),
+            "a link to a dead worker gave up after {link_waited:?}, not after one connect time-out"
+        );
+
+        let start = tokio::time::Instant::now();
+        let err = ShuffleClient::connect(dead, options.clone()).await.err().expect("nothing listens there");
+        let joiner_waited = start.elapsed();
+        assert!(err.is_unreachable(), "{err}");
+        assert!(
+            joiner_waited >= options.coordinator_wait,
+            "a joining client gave up after {joiner_waited:?}, before coordinator_wait"
+        );
+    }
 }

@@ -219,7 +219,7 @@ async fn worker_client(client: &ShuffleClient, worker: &WorkerEndpoint) -> Resul
             let mut options = client.options().clone();
             options.app = client.credentials().app.clone();
             options.secret = Some(client.credentials().secret.clone());
-            let connected = ShuffleClient::connect(worker.addr, options).await;
+            let connected = ShuffleClient::connect_to(worker.addr, options, false).await;
             match &connected {
                 Ok(_) => {
                     lock(&state.unreachable).remove(&worker.id);
