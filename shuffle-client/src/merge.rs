@@ -316,6 +316,9 @@ impl KeyMerge {
                             })?;
                             self.files.insert(file, Arc::new(std::fs::File::from(fd)));
                         }
+                        Response::FileClosed { file } => {
+                            self.files.remove(&file);
+                        }
                         Response::FileRange { file, offset, len, blocks: n } => {
                             let bytes = read_range(&self.files, file, offset, len).await.map_err(|e| match e {
                                 RangeError::Protocol(detail) => ClientError::Protocol(detail),

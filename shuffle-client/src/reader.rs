@@ -320,6 +320,9 @@ impl PartitionReader {
                             })?;
                             self.files.insert(file, Arc::new(std::fs::File::from(fd)));
                         }
+                        Response::FileClosed { file } => {
+                            self.files.remove(&file);
+                        }
                         Response::FileRange { file, offset, len, blocks } => {
                             let bytes = read_range(&self.files, file, offset, len)
                                 .await

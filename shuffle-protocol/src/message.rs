@@ -35,7 +35,7 @@ use crate::{
 };
 
 /// Version of this message set; a server refuses a `Hello` with another.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// Most map tasks of one shuffle, 200,000: above the largest Spark jobs'
 /// map counts seen in practice, and small enough that a `PartitionEnd`
@@ -461,6 +461,9 @@ pub enum Response {
     /// Key-ordered reads: the chunk of run `run` asked for is complete; it
     /// held `blocks` blocks.
     RunChunkEnd { run: u32, blocks: u32 },
+    /// Direct reads: file `file` of this read was deleted and no more of
+    /// its blocks will be served; the reader closes its descriptor.
+    FileClosed { file: u32 },
 }
 
 impl Request {
@@ -617,6 +620,7 @@ mod tests {
                 .prop_map(|(partition, maps)| Response::PartitionEnd { partition, maps }),
             ".{0,80}".prop_map(|m| Response::Error(ServiceError::new(ErrorKind::UnknownShuffle, m))),
             any::<u32>().prop_map(|file| Response::FileOpened { file }),
+            any::<u32>().prop_map(|file| Response::FileClosed { file }),
             (any::<u32>(), any::<u64>(), any::<u64>(), any::<u32>())
                 .prop_map(|(file, offset, len, blocks)| Response::FileRange { file, offset, len, blocks }),
             any::<u64>().prop_map(|blocks| Response::Acked { blocks }),

@@ -17,6 +17,7 @@
 use std::{
     collections::{HashMap, HashSet},
     os::fd::AsFd,
+    sync::Arc,
 };
 
 use bytes::Bytes;
@@ -31,7 +32,7 @@ use crate::{
     shuffle::Shuffle,
     state::{AppSession, ServiceState},
     stats::ServerStats,
-    storage::{BlockRef, ReadBatch, ReadCursor},
+    storage::{BlockRef, DataFile, ReadBatch, ReadCursor},
     transport::{FrameReader, FrameSink, FrameWriter},
 };
 
@@ -95,7 +96,7 @@ pub async fn serve_partition<W: FrameSink>(
             shuffle.attempt_failed(m, a) || shuffle.committed_attempt(m).is_some_and(|committed| committed != a)
         })
     };
-    let mut opened = HashMap::new();
+    let mut opened = OpenedFiles::default();
     loop {
         let mut changed = shuffle.subscribe(partition);
         if let Some(changed) = &mut changed {
@@ -118,6 +119,8 @@ pub async fn serve_partition<W: FrameSink>(
             }
             shuffle.sent(partition, &batch);
             delivered.extend(batch.owners.iter().copied());
+            // Reading may have emptied segments: the reader lets go of their files.
+            opened.close_deleted(writer).await?;
             continue;
         }
         if complete || !hybrid {
@@ -227,7 +230,7 @@ where
     let runs = shuffle.runs(partition)?;
     let maps = shuffle.partition_commits(partition)?;
     writer.response(&Response::RunIndex { runs: runs.clone(), maps }).await?;
-    let mut opened = HashMap::new();
+    let mut opened = OpenedFiles::default();
     loop {
         let request = tokio::select! {
             request = reader.next_request() => request?,
@@ -332,6 +335,32 @@ async fn send_batch<W: FrameSink>(
     Ok(())
 }
 
+/// The files a direct read has passed to its reader, by file key: the
+/// number the reader knows each by, and the file.
+#[derive(Default)]
+struct OpenedFiles {
+    files: HashMap<u64, (u32, Arc<DataFile>)>,
+    /// The number the next file passed gets (numbers are never reused).
+    next: u32,
+}
+
+impl OpenedFiles {
+    /// Tells the reader to close the files the server has deleted (a
+    /// selective stream's read segments, the segments of failed attempts):
+    /// no block of theirs is served any more, and a descriptor the reader
+    /// kept would hold the disk space of an unlinked file, and one more
+    /// descriptor, for as long as an unbounded stream runs.
+    async fn close_deleted<W: FrameSink>(&mut self, writer: &mut FrameWriter<W>) -> Result<(), ServiceError> {
+        let deleted: Vec<u64> = self.files.iter().filter(|(_, (_, f))| f.is_deleted()).map(|(k, _)| *k).collect();
+        for key in deleted {
+            if let Some((file, _)) = self.files.remove(&key) {
+                writer.response(&Response::FileClosed { file }).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Sends a batch to a same-host reader: memory blocks as block frames, runs
 /// of disk blocks that lie back to back in one file as a `FileRange` (the
 /// file itself passed once per read, with `FileOpened`). Nothing on disk is
@@ -341,7 +370,7 @@ async fn send_batch_direct<W: FrameSink>(
     shuffle: &Shuffle,
     batch: &ReadBatch,
     writer: &mut FrameWriter<W>,
-    opened: &mut HashMap<u64, u32>,
+    opened: &mut OpenedFiles,
 ) -> Result<(), ServiceError> {
     let mut memory: Vec<Bytes> = Vec::new();
     let mut i = 0;
@@ -363,15 +392,14 @@ async fn send_batch_direct<W: FrameSink>(
                     end += u64::from(*len);
                     count += 1;
                 }
-                let next_index = opened.len() as u32;
-                let index = match opened.get(&file.key()) {
-                    Some(index) => *index,
+                let index = match opened.files.get(&file.key()) {
+                    Some((index, _)) => *index,
                     None => {
-                        writer
-                            .response_with_fd(&Response::FileOpened { file: next_index }, file.file().as_fd())
-                            .await?;
-                        opened.insert(file.key(), next_index);
-                        next_index
+                        let index = opened.next;
+                        writer.response_with_fd(&Response::FileOpened { file: index }, file.file().as_fd()).await?;
+                        opened.files.insert(file.key(), (index, file.clone()));
+                        opened.next += 1;
+                        index
                     }
                 };
                 writer

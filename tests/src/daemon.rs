@@ -190,6 +190,21 @@ impl Daemon {
     }
 }
 
+/// How many of process `pid`'s open descriptors are of shuffle data files
+/// (`.data`) that were deleted: each holds the disk space of an unlinked file.
+pub fn deleted_data_files_open(pid: u32) -> usize {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return 0;
+    };
+    fds.filter_map(Result::ok)
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .filter(|target| {
+            let target = target.to_string_lossy();
+            target.ends_with(".data (deleted)")
+        })
+        .count()
+}
+
 /// A `kB` field of `/proc/<pid>/status`.
 pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();

@@ -132,6 +132,11 @@ impl DataFile {
         self.file.sync_data().map_err(|e| disk::io_error(&self.path, "syncing", e))
     }
 
+    /// Whether the file was deleted.
+    pub fn is_deleted(&self) -> bool {
+        self.deleted.load(Ordering::Acquire)
+    }
+
     /// Unlinks the file; handles already open keep reading it.
     pub fn delete(&self) {
         if !self.deleted.swap(true, Ordering::AcqRel) {

@@ -12,10 +12,10 @@
 //!   of each map's committed attempt; a block of any other attempt is freed
 //!   as soon as its attempt loses or is abandoned;
 //! - hybrid, selective spilling: readers follow the log as it grows; a block
-//!   is freed once read (in memory or on disk: its bytes leave the spill
-//!   quota, and a segment whose blocks are all read is deleted), so a
-//!   partition is read once; spilling takes the newest unread blocks, those
-//!   furthest from being read;
+//!   is freed once read (in memory at once; on disk when every block of its
+//!   segment is read: the segment file is deleted and its bytes leave the
+//!   spill quota), so a partition is read once; spilling takes the newest
+//!   unread blocks, those furthest from being read;
 //! - hybrid, full spilling: every block is also written to disk in order
 //!   (whenever a partition has a flush size of unwritten blocks, and under
 //!   pressure), after which its memory is freed, so any reader can read the
@@ -24,6 +24,10 @@
 //! Dead entries (read, or of failed attempts) at the front of a log are
 //! dropped, so an unbounded selective stream runs in memory and disk
 //! proportional to what is unread, not to what has passed through.
+//!
+//! The spill quota bounds the bytes of the shuffle's segment files: a
+//! segment's bytes count from their write until the file is deleted, read
+//! or not, so the shuffle's files never hold more than the quota.
 
 use std::{
     collections::{BTreeMap, HashSet, VecDeque},
@@ -47,9 +51,9 @@ use crate::memory::Reservation;
 
 /// Bytes of one segment file before the next is started: large enough that a
 /// partition of a few GB has a handful of files. A selective stream with a
-/// spill quota uses a quarter of its quota (at least 1 MiB), so that the
-/// disk held by read blocks waiting for their segment to be deleted stays a
-/// fraction of the quota.
+/// spill quota uses a quarter of its quota (at least 1 MiB): read blocks
+/// keep their segment's bytes in the quota until the whole segment is read,
+/// so segments small against the quota keep it free for new spills.
 pub const SEGMENT_BYTES: u64 = 64 << 20;
 
 /// Most blocks handed to a reader at once.
@@ -113,8 +117,8 @@ impl PartitionLog {
         self.entries.get_mut(i as usize)
     }
 
-    /// Marks an entry dead: frees its memory and its place on disk.
-    /// Returns the bytes it held on disk (for the spill quota).
+    /// Marks an entry dead: frees its memory and its place in its segment.
+    /// Returns the bytes of the segment files this deleted (for the spill quota).
     fn kill(&mut self, position: u64) -> u64 {
         let Some(entry) = self.entry_mut(position) else { return 0 };
         if entry.dead {
@@ -130,25 +134,32 @@ impl PartitionLog {
                 self.unflushed = self.unflushed.saturating_sub(len);
             }
         }
-        let mut on_disk = 0;
-        if let Some(segment) = disk {
-            on_disk = len as u64;
-            self.release_segment(segment);
+        match disk {
+            Some(segment) => {
+                if let Some(s) = self.segments.get_mut(&segment) {
+                    s.live -= 1;
+                }
+                self.delete_if_dead(segment)
+            }
+            None => 0,
         }
-        on_disk
     }
 
-    fn release_segment(&mut self, segment: u32) {
-        let emptied = match self.segments.get_mut(&segment) {
-            Some(s) => {
-                s.live -= 1;
-                s.live == 0 && self.current != Some(segment)
-            }
-            None => false,
-        };
-        if emptied && let Some(s) = self.segments.remove(&segment) {
-            s.file.delete();
+    /// Deletes `segment` if none of its entries is live and no spill is
+    /// writing to it (the current segment too: the next spill starts a new
+    /// one). Returns the bytes of the file deleted.
+    fn delete_if_dead(&mut self, segment: u32) -> u64 {
+        let dead = self.segments.get(&segment).is_some_and(|s| s.live == 0)
+            && !(self.flushing && self.current == Some(segment));
+        if !dead {
+            return 0;
         }
+        let Some(s) = self.segments.remove(&segment) else { return 0 };
+        if self.current == Some(segment) {
+            self.current = None;
+        }
+        s.file.delete();
+        s.file.len()
     }
 
     /// Drops dead entries from the front of the log.
@@ -238,8 +249,10 @@ impl LogStorage {
                 disk: Some((segment, block.offset)),
                 dead: false,
             });
-            storage.on_disk.fetch_add(u64::from(block.len), Ordering::AcqRel);
         }
+        // The quota counts the files' bytes (only files that hold blocks are kept).
+        let used: u64 = segment_ids.iter().zip(&files).filter(|(id, _)| id.is_some()).map(|(_, f)| f.len()).sum();
+        storage.on_disk.store(used, Ordering::Release);
         Ok(storage)
     }
 
@@ -276,8 +289,9 @@ impl LogStorage {
         self.quota.map_or(u64::MAX, |q| q.saturating_sub(self.on_disk.load(Ordering::Acquire)))
     }
 
-    /// Which in-memory entries of `log` a spill writes, in log order (positions).
-    fn choose(&self, log: &PartitionLog, flush_size: usize) -> Vec<u64> {
+    /// Which in-memory entries of `log` a spill writes, in log order
+    /// (positions), and their bytes, which this takes from the quota.
+    fn choose(&self, log: &PartitionLog, flush_size: usize) -> (Vec<u64>, u64) {
         let in_memory = |e: &Entry| !e.dead && e.memory.is_some() && e.disk.is_none();
         let positions = log.entries.iter().enumerate().filter(|(_, e)| in_memory(e));
         let mut chosen: Vec<u64> = match self.mode {
@@ -299,17 +313,18 @@ impl LogStorage {
             }
         };
         // Within the quota: Full keeps the oldest (order on disk matters), Selective the newest.
-        let left = self.quota_left();
         let len = |p: &u64| u64::from(log.entries[(p - log.base) as usize].len);
         let mut total: u64 = chosen.iter().map(len).sum();
-        while total > left && !chosen.is_empty() {
+        let granted = self.take_quota(total);
+        while total > granted && !chosen.is_empty() {
             let dropped = match self.mode {
                 LogMode::Selective => chosen.remove(0),
                 _ => chosen.pop().expect("not empty"),
             };
             total -= len(&dropped);
         }
-        chosen
+        self.return_quota(granted - total);
+        (chosen, total)
     }
 }
 
@@ -483,12 +498,12 @@ impl ModeStorage for LogStorage {
     fn spill(&self, core: &ShuffleCore, target: SpillTarget) -> Result<u64, ServiceError> {
         let SpillTarget::Partition(partition) = target else { return Ok(0) };
         let slot = &self.partitions[partition as usize];
-        let (chosen, chunks, segment, file) = {
+        let (chosen, chunks, segment, file, total) = {
             let mut log = lock(slot);
             if log.flushing || core.is_removed() {
                 return Ok(0);
             }
-            let chosen = self.choose(&log, core.env.flush_size);
+            let (chosen, total) = self.choose(&log, core.env.flush_size);
             if chosen.is_empty() {
                 // Full spilling must write every block: blocks left unwritten mean the quota is too small.
                 if self.mode == LogMode::Full && log.unflushed > 0 {
@@ -517,23 +532,26 @@ impl ModeStorage for LogStorage {
             };
             if needs_new {
                 let id = log.next_segment;
-                let file = core.create_file(&format!("partition-{partition:06}-{id:04}.data"))?;
+                let file = match core.create_file(&format!("partition-{partition:06}-{id:04}.data")) {
+                    Ok(file) => file,
+                    Err(e) => {
+                        drop(log);
+                        self.return_quota(total);
+                        return Err(e);
+                    }
+                };
                 log.next_segment += 1;
                 log.segments.insert(id, Segment { file, live: 0 });
-                if let Some(old) = log.current.replace(id)
-                    && log.segments.get(&old).is_some_and(|s| s.live == 0)
-                    && let Some(s) = log.segments.remove(&old)
-                {
-                    s.file.delete();
+                if let Some(old) = log.current.replace(id) {
+                    let freed = log.delete_if_dead(old);
+                    self.return_quota(freed);
                 }
             }
             let segment = log.current.expect("set above");
             let file = log.segments[&segment].file.clone();
             log.flushing = true;
-            (chosen, chunks, segment, file)
+            (chosen, chunks, segment, file, total)
         };
-        let total: u64 = chunks.iter().map(|c| c.len() as u64).sum();
-        self.take_quota(total);
         let written = file.append(&chunks, core.env.reserve());
         let mut log = lock(slot);
         log.flushing = false;
@@ -548,17 +566,13 @@ impl ModeStorage for LogStorage {
             return Ok(0);
         }
         let mut at = start;
-        let mut reclaimed = 0;
         for (position, chunk) in chosen.iter().zip(&chunks) {
             let len = chunk.len() as u64;
             let offset = at;
             at += len;
-            let Some(e) = log.entry_mut(*position) else {
-                reclaimed += len; // read and dropped meanwhile
-                continue;
-            };
+            // An entry read (and perhaps dropped) meanwhile stays in the file, dead.
+            let Some(e) = log.entry_mut(*position) else { continue };
             if e.dead {
-                reclaimed += len;
                 continue;
             }
             e.disk = Some((segment, offset));
@@ -569,6 +583,8 @@ impl ModeStorage for LogStorage {
             }
             log.segments.get_mut(&segment).expect("current segment").live += 1;
         }
+        // Every entry written may have been read meanwhile.
+        let reclaimed = log.delete_if_dead(segment);
         drop(log);
         self.return_quota(reclaimed);
         Ok(total)
@@ -693,6 +709,45 @@ mod tests {
         assert!(log.spill(&core, SpillTarget::Partition(0)).unwrap() > 0);
         let files: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
         assert!(files.len() <= 1, "{files:?}");
+    }
+
+    #[test]
+    fn the_quota_counts_a_segment_until_every_block_in_it_is_read() {
+        let spec = ShuffleSpec { spill_quota: Some(10_000), ..ShuffleSpec::hybrid(1, 1, SpillStrategy::Selective) };
+        let (dir, core) = core(spec, env(1 << 20, 1));
+        let file_bytes =
+            || std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum::<u64>();
+        let log = LogStorage::new(&spec);
+        log.open_reader(&core, 0).unwrap();
+        for s in 0..8 {
+            append(&log, &core, &block(0, 0, 0, 0, s, 1000));
+        }
+        let written = log.spill(&core, SpillTarget::Partition(0)).unwrap();
+        assert!(written > 0);
+        assert_eq!((log.usage().1, file_bytes()), (written, written));
+        // Read one block at a time up to the first on disk.
+        let mut cursor = ReadCursor::default();
+        loop {
+            let batch = log.read(&core, 0, &mut cursor, &|_, _| true, 1).unwrap();
+            assert_eq!(batch.blocks.len(), 1);
+            let on_disk = matches!(batch.blocks[0], BlockRef::Disk { .. });
+            log.sent(&core, 0, &batch);
+            if on_disk {
+                break;
+            }
+        }
+        assert_eq!(log.usage().1, written, "a read block's bytes stay in the quota while its segment lives");
+        assert_eq!(file_bytes(), written);
+        // More spills fill the quota and no more: the files never exceed it.
+        for s in 8..40 {
+            append(&log, &core, &block(0, 0, 0, 0, s, 1000));
+        }
+        while log.spill(&core, SpillTarget::Partition(0)).unwrap() > 0 {}
+        assert!(file_bytes() <= 10_000 && file_bytes() > written, "{} bytes of files", file_bytes());
+        assert_eq!(log.usage().1, file_bytes());
+        read(&log, &core, 0, &mut cursor, &|_, _| true);
+        assert_eq!(log.usage(), (0, 0));
+        assert_eq!(file_bytes(), 0, "a segment whose blocks are all read is deleted, the current one too");
     }
 
     #[test]
