@@ -450,8 +450,9 @@ pub enum Response {
     WorkerRegistered { heartbeat_interval_ms: u64 },
     /// The map was already decided otherwise on this worker.
     Conflict { map: MapId, attempt: AttemptId },
-    /// The worker at the other end of a `PeerHello`.
-    PeerWelcome { worker: String },
+    /// The worker at the other end of a `PeerHello`, and its Unix socket
+    /// if it listens on one: a peer on the same host forwards there.
+    PeerWelcome { worker: String, unix_socket: Option<String> },
     /// The request failed.
     Error(ServiceError),
     /// Key-ordered reads: the partition's runs, ordered by map and run

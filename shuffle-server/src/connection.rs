@@ -144,7 +144,9 @@ pub async fn serve_unix_stream(ctx: ServerContext, stream: tokio::net::UnixStrea
     let session = match hello(&ctx.state, &mut reader, &mut writer, || Ok(())).await {
         Ok((Binding::App(session), ())) => session,
         Ok((Binding::Peer(peer), ())) => {
-            tracing::info!(%peer, "a peer tried the Unix socket; workers forward over QUIC");
+            // A worker on this host forwarding one attempt's blocks.
+            reader.after_hello(&ctx.state.receive_buffers, MAX_FRAME_LEN);
+            serve_peer_stream(&ctx, &peer, reader, writer).await;
             return;
         }
         Err(e) => {
@@ -201,7 +203,8 @@ where
             Ok((Binding::App(session), admitted))
         }
         Ok((Binding::Peer(peer), admitted)) => {
-            writer.response(&Response::PeerWelcome { worker: state.worker_id.clone() }).await?;
+            let unix_socket = crate::storage::lock(&state.unix_socket).as_ref().map(|p| p.display().to_string());
+            writer.response(&Response::PeerWelcome { worker: state.worker_id.clone(), unix_socket }).await?;
             Ok((Binding::Peer(peer), admitted))
         }
         Err(e) => {
@@ -288,40 +291,53 @@ async fn serve_peer_connection(ctx: &ServerContext, connection: quinn::Connectio
         let ctx = ctx.clone();
         let peer = peer.to_string();
         ctx.requests.clone().spawn(async move {
-            let state = &ctx.state;
-            let mut reader = FrameReader::new(recv, &state.receive_buffers, MAX_FRAME_LEN);
-            let mut writer = FrameWriter::new(send);
-            let result = async {
-                match reader.next_request().await? {
-                    Some(Request::ReplicaPush { app, shuffle, map, attempt }) => {
-                        let hosted = state.hosted_by_app(&app, shuffle)?;
-                        crate::cluster::push::handle_push(
-                            state,
-                            state.peers.get(),
-                            hosted,
-                            (map, attempt),
-                            crate::cluster::push::PushKind::Replica,
-                            &mut reader,
-                            &mut writer,
-                        )
-                        .await
-                    }
-                    Some(other) => Err(ServiceError::new(
-                        ErrorKind::UnexpectedMessage,
-                        format!("a peer may forward pushes, not send {}", request_name(&other)),
-                    )),
-                    None => Ok(()),
-                }
-            }
-            .await;
-            if let Err(e) = result {
-                tracing::debug!(%peer, error = %e, "forwarded push failed");
-                ServerStats::add(&state.stats.errors, 1);
-                let _ = writer.response(&Response::Error(e)).await;
-            }
-            writer.finish();
+            let reader = FrameReader::new(recv, &ctx.state.receive_buffers, MAX_FRAME_LEN);
+            serve_peer_stream(&ctx, &peer, reader, FrameWriter::new(send)).await;
         });
     }
+}
+
+/// Serves one stream of another worker (on its QUIC connection, or on this
+/// worker's Unix socket when they share a host): a forwarded push.
+async fn serve_peer_stream<R, W>(
+    ctx: &ServerContext,
+    peer: &str,
+    mut reader: FrameReader<R>,
+    mut writer: FrameWriter<W>,
+) where
+    R: AsyncRead + Unpin + Send,
+    W: FrameSink,
+{
+    let state = &ctx.state;
+    let result = async {
+        match reader.next_request().await? {
+            Some(Request::ReplicaPush { app, shuffle, map, attempt }) => {
+                let hosted = state.hosted_by_app(&app, shuffle)?;
+                crate::cluster::push::handle_push(
+                    state,
+                    state.peers.get(),
+                    hosted,
+                    (map, attempt),
+                    crate::cluster::push::PushKind::Replica,
+                    &mut reader,
+                    &mut writer,
+                )
+                .await
+            }
+            Some(other) => Err(ServiceError::new(
+                ErrorKind::UnexpectedMessage,
+                format!("a peer may forward pushes, not send {}", request_name(&other)),
+            )),
+            None => Ok(()),
+        }
+    }
+    .await;
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "forwarded push failed");
+        ServerStats::add(&state.stats.errors, 1);
+        let _ = writer.response(&Response::Error(e)).await;
+    }
+    writer.finish();
 }
 
 fn check_version(protocol_version: u16) -> Result<(), ServiceError> {

@@ -160,6 +160,11 @@ pub fn status(state: &ServiceState) -> serde_json::Value {
         "role": format!("{:?}", state.config.role).to_lowercase(),
         "worker_id": if state.worker_id.is_empty() { None } else { Some(state.worker_id.clone()) },
         "decommissioning": state.decommissioning.load(std::sync::atomic::Ordering::Acquire),
+        // A worker's forwarding streams to replicas, by transport (same-host replicas: the Unix socket).
+        "replica_streams": state.peers.get().map(|p| serde_json::json!({
+            "unix": p.forwards_unix.load(std::sync::atomic::Ordering::Relaxed),
+            "quic": p.forwards_quic.load(std::sync::atomic::Ordering::Relaxed),
+        })),
         "apps": apps,
     })
 }

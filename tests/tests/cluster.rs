@@ -53,6 +53,15 @@ async fn w1_across_a_coordinator_and_three_workers_is_exact_in_every_mode_with_o
     for w in status["workers"].as_array().unwrap() {
         assert!(w["shuffles_held"].as_u64().unwrap() > 0, "{w}");
     }
+    // The workers share a host: primaries forwarded to their replicas on the replicas' Unix sockets.
+    let (mut unix, mut quic) = (0, 0);
+    for i in 0..3 {
+        let status: serde_json::Value = serde_json::from_str(&cluster.worker(i).http_get("/status")).unwrap();
+        unix += status["replica_streams"]["unix"].as_u64().unwrap();
+        quic += status["replica_streams"]["quic"].as_u64().unwrap();
+    }
+    // Three modes, six maps, each map's attempt forwarded for every replicated group it pushed to.
+    assert!(unix >= 3 * 6 && quic == 0, "forwarding streams: {unix} on Unix sockets, {quic} over QUIC");
 }
 
 use std::{
@@ -949,4 +958,22 @@ async fn after_a_rolling_restart_a_quic_client_reconnects_to_the_worker_and_read
     }
     let blocks = Arc::new(AtomicU64::new(0));
     verify(params, read_all(&client, shuffle, params, &blocks).await).unwrap();
+}
+
+/// Workers without Unix sockets (`--unix-socket off`, as on separate hosts)
+/// forward to their replicas over QUIC, and the result is exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn workers_without_unix_sockets_forward_to_replicas_over_quic() {
+    let cluster = Cluster::start(2, &["--unix-socket", "off"]);
+    let client = cluster.connect("forward-quic").await.unwrap();
+    let params = ExchangeParams { records: 100_000, maps: 4, partitions: 6, seed: 5, mode: ExchangeMode::Hash };
+    let outcome = run_exchange_as(&client, ShuffleId(1), params, params.spec().replicated(2)).await.unwrap();
+    verify(params, outcome.received).unwrap();
+    let (mut unix, mut quic) = (0, 0);
+    for i in 0..2 {
+        let status: serde_json::Value = serde_json::from_str(&cluster.worker(i).http_get("/status")).unwrap();
+        unix += status["replica_streams"]["unix"].as_u64().unwrap();
+        quic += status["replica_streams"]["quic"].as_u64().unwrap();
+    }
+    assert!(quic >= 4 && unix == 0, "forwarding streams: {unix} on Unix sockets, {quic} over QUIC");
 }

@@ -5,9 +5,21 @@
 //!
 //! [`Forward`] is one map attempt's blocks of one group on their way from
 //! the primary to the replica: blocks out, cumulative `Acked` counts and
-//! the replica's `Prepared` back.
+//! the replica's `Prepared` back. A replica on the primary's own host is
+//! reached on its Unix socket, as same-host clients reach a worker: its
+//! `PeerWelcome` names the socket, and a stream there says `PeerHello`
+//! first and goes on only if the worker answering is that replica.
 
-use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use bytes::Bytes;
 use rustls::pki_types::{CertificateDer, pem::PemObject};
@@ -21,7 +33,7 @@ use crate::{
     ServerConfig, ServerError,
     memory::Consumer,
     tls::ALPN,
-    transport::{FrameReader, FrameWriter, apply_mtu},
+    transport::{FrameReader, FrameSink, FrameWriter, StreamSink, apply_mtu},
 };
 
 /// How long a connection attempt to a peer may take.
@@ -77,9 +89,23 @@ pub struct Peers {
     /// This process's id (a worker's id; "coordinator" otherwise).
     me: String,
     /// Peer connections with their `PeerHello` done, by address.
-    connections: tokio::sync::Mutex<HashMap<SocketAddr, quinn::Connection>>,
+    connections: tokio::sync::Mutex<HashMap<SocketAddr, PeerLink>>,
     /// Accounts the buffers of frames read from peers.
     buffers: Arc<Consumer>,
+    /// Forwarding streams opened on replicas' Unix sockets.
+    pub forwards_unix: AtomicU64,
+    /// Forwarding streams opened over QUIC.
+    pub forwards_quic: AtomicU64,
+}
+
+/// A connection to a peer and what its `PeerWelcome` said.
+#[derive(Clone)]
+struct PeerLink {
+    connection: quinn::Connection,
+    /// The peer's worker id.
+    worker: String,
+    /// The peer's Unix socket, if it has one and the path exists here.
+    unix: Option<PathBuf>,
 }
 
 impl Peers {
@@ -96,6 +122,8 @@ impl Peers {
             me,
             connections: tokio::sync::Mutex::new(HashMap::new()),
             buffers,
+            forwards_unix: AtomicU64::new(0),
+            forwards_quic: AtomicU64::new(0),
         })
     }
 
@@ -121,24 +149,67 @@ impl Peers {
     /// The connection to the worker at `addr`, opened (with `PeerHello`) if
     /// there is none alive.
     pub async fn peer(&self, addr: SocketAddr) -> Result<quinn::Connection, ServiceError> {
+        self.link(addr).await.map(|link| link.connection)
+    }
+
+    /// The link to the worker at `addr`, opened if there is none alive.
+    async fn link(&self, addr: SocketAddr) -> Result<PeerLink, ServiceError> {
         let mut connections = self.connections.lock().await;
-        if let Some(c) = connections.get(&addr)
-            && c.close_reason().is_none()
+        if let Some(link) = connections.get(&addr)
+            && link.connection.close_reason().is_none()
         {
-            return Ok(c.clone());
+            return Ok(link.clone());
         }
         let connection = self.connect(addr).await?;
-        let hello = Request::PeerHello {
+        let link = match self.call(&connection, &self.hello()).await? {
+            Response::PeerWelcome { worker, unix_socket } => {
+                let unix = unix_socket.map(PathBuf::from).filter(|path| path.exists());
+                PeerLink { connection, worker, unix }
+            }
+            other => return Err(peer_error(addr, format!("expected PeerWelcome, got {other:?}"))),
+        };
+        connections.insert(addr, link.clone());
+        Ok(link)
+    }
+
+    fn hello(&self) -> Request {
+        Request::PeerHello {
             protocol_version: PROTOCOL_VERSION,
             cluster_secret: self.secret.clone(),
             worker: self.me.clone(),
-        };
-        match self.call(&connection, &hello).await? {
-            Response::PeerWelcome { .. } => {}
-            other => return Err(peer_error(addr, format!("expected PeerWelcome, got {other:?}"))),
         }
-        connections.insert(addr, connection.clone());
-        Ok(connection)
+    }
+
+    /// A stream to `worker` on the Unix socket at `path`, `PeerHello` done:
+    /// refused unless the worker answering there is `worker` (a socket at
+    /// the same path on another host's worker, or this worker's own, is not
+    /// the peer's).
+    async fn open_unix(
+        &self,
+        path: &Path,
+        worker: &str,
+    ) -> Result<(FrameReader<tokio::net::unix::OwnedReadHalf>, FrameWriter<PeerSink>), ServiceError> {
+        let unix_error = |what: &dyn std::fmt::Display| {
+            ServiceError::new(ErrorKind::Io, format!("cluster peer {worker} on unix://{}: {what}", path.display()))
+        };
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::UnixStream::connect(path))
+            .await
+            .map_err(|_| unix_error(&"no connection within the time-out"))?
+            .map_err(|e| unix_error(&e))?;
+        let (read, write) = stream.into_split();
+        let mut writer = FrameWriter::new(PeerSink::Unix(StreamSink(write)));
+        writer.request(&self.hello()).await?;
+        let mut reader = FrameReader::new(read, &self.buffers, MAX_FRAME_LEN);
+        match tokio::time::timeout(CALL_TIMEOUT, reader.next_response()).await {
+            Ok(Ok(Some(Response::PeerWelcome { worker: answered, .. }))) if answered == worker => Ok((reader, writer)),
+            Ok(Ok(Some(Response::PeerWelcome { worker: answered, .. }))) => {
+                Err(unix_error(&format!("worker {answered} answers there, not {worker}")))
+            }
+            Ok(Ok(Some(Response::Error(e)))) => Err(e),
+            Ok(Ok(other)) => Err(unix_error(&format!("expected PeerWelcome, got {other:?}"))),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(unix_error(&"no PeerWelcome within the time-out")),
+        }
     }
 
     /// Sends one request on a new stream of `connection` and reads its one response.
@@ -167,11 +238,42 @@ impl Peers {
     }
 }
 
+/// The sending half of a forwarding stream.
+pub enum PeerSink {
+    /// A stream of the QUIC connection to the replica.
+    Quic(quinn::SendStream),
+    /// The replica's Unix socket (same host).
+    Unix(StreamSink<tokio::net::unix::OwnedWriteHalf>),
+}
+
+impl FrameSink for PeerSink {
+    async fn write_chunks(&mut self, chunks: &mut [Bytes]) -> std::io::Result<()> {
+        match self {
+            Self::Quic(send) => FrameSink::write_chunks(send, chunks).await,
+            Self::Unix(send) => FrameSink::write_chunks(send, chunks).await,
+        }
+    }
+
+    fn finish(&mut self) {
+        match self {
+            Self::Quic(send) => FrameSink::finish(send),
+            Self::Unix(send) => send.finish(),
+        }
+    }
+
+    async fn flushed(&mut self, timeout: Duration) {
+        match self {
+            Self::Quic(send) => FrameSink::flushed(send, timeout).await,
+            Self::Unix(send) => FrameSink::flushed(send, timeout).await,
+        }
+    }
+}
+
 /// One attempt's blocks of one group, forwarded from the primary to the replica.
 pub struct Forward {
     /// The replica's address, for messages.
     pub replica: SocketAddr,
-    writer: FrameWriter<quinn::SendStream>,
+    writer: FrameWriter<PeerSink>,
     /// Blocks sent so far.
     pub sent: u64,
     /// Blocks the replica holds, as it last said.
@@ -188,11 +290,41 @@ impl Forward {
         (app, shuffle): (AppId, ShuffleId),
         (map, attempt): (MapId, AttemptId),
     ) -> Result<Self, ServiceError> {
-        let connection = peers.peer(replica).await?;
-        let (send, recv) = connection.open_bi().await.map_err(|e| peer_error(replica, e))?;
-        let mut writer = FrameWriter::new(send);
+        let link = peers.link(replica).await?;
+        let unix = match &link.unix {
+            Some(path) => match peers.open_unix(path, &link.worker).await {
+                Ok(stream) => Some(stream),
+                Err(e) => {
+                    tracing::info!(%replica, error = %e, "forwarding over QUIC: the replica's Unix socket is not usable");
+                    None
+                }
+            },
+            None => None,
+        };
+        match unix {
+            Some((reader, writer)) => {
+                peers.forwards_unix.fetch_add(1, Ordering::Relaxed);
+                Self::start(replica, reader, writer, (app, shuffle), (map, attempt)).await
+            }
+            None => {
+                let (send, recv) = link.connection.open_bi().await.map_err(|e| peer_error(replica, e))?;
+                peers.forwards_quic.fetch_add(1, Ordering::Relaxed);
+                let reader = FrameReader::new(recv, peers.buffers(), MAX_FRAME_LEN);
+                Self::start(replica, reader, FrameWriter::new(PeerSink::Quic(send)), (app, shuffle), (map, attempt))
+                    .await
+            }
+        }
+    }
+
+    /// Sends `ReplicaPush` on a stream to the replica and follows its answers.
+    async fn start<R: tokio::io::AsyncRead + Unpin + Send + 'static>(
+        replica: SocketAddr,
+        mut reader: FrameReader<R>,
+        mut writer: FrameWriter<PeerSink>,
+        (app, shuffle): (AppId, ShuffleId),
+        (map, attempt): (MapId, AttemptId),
+    ) -> Result<Self, ServiceError> {
         writer.request(&Request::ReplicaPush { app, shuffle, map, attempt }).await?;
-        let mut reader = FrameReader::new(recv, peers.buffers(), MAX_FRAME_LEN);
         match tokio::time::timeout(CALL_TIMEOUT, reader.next_response()).await {
             Ok(Ok(Some(Response::PushAccepted { .. }))) => {}
             Ok(Ok(Some(Response::Error(e)))) => return Err(e),
