@@ -27,8 +27,8 @@ use shuffle_tests::chaos::{Outcome, Plan, Summary, cluster, run};
                   bit, a full disk, a graceful restart. Cluster plans (--cluster) run a coordinator and 3 workers \
                   as child processes on 127.0.0.1-4, a hash, sort or hybrid shuffle with 1 or 2 copies, and one \
                   process fault at a seeded moment: a worker SIGKILLed while maps push or readers read, the \
-                  coordinator SIGKILLed and restarted, or a worker restarted gracefully (rolling), plus task \
-                  faults. Every run checks the data exactly (records lost 0, duplicated 0) or, where no recovery \
+                  coordinator SIGKILLed and restarted, a worker restarted gracefully (rolling), or a worker cut \
+                  off for a while (SIGSTOP, then SIGCONT: a partition of that worker), plus task faults. Every run checks the data exactly (records lost 0, duplicated 0) or, where no recovery \
                   is possible (single-node: a flipped bit, a full disk), that the error names the cause."
 )]
 struct Args {

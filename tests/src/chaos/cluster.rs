@@ -20,6 +20,12 @@
 //! - A worker restarted gracefully (SIGTERM, started again on its data dir,
 //!   a rolling restart) after some maps committed: nothing committed is
 //!   lost (no `PartitionLost`); attempts that meet the restart may run again.
+//! - A worker cut off from everyone at a seeded moment for a seeded time
+//!   (SIGSTOP, then SIGCONT: no byte leaves or reaches it, as in a network
+//!   partition of that worker, often longer than the worker time-out, so
+//!   the coordinator declares it lost while it is alive). Such plans keep
+//!   two copies; nothing is lost (no `PartitionLost`), the result is exact;
+//!   attempts that meet the cut may run again.
 //!
 //! Maps of a "sparse" plan write only a seeded subset of the partitions, so
 //! that losing a worker loses some maps and not others, and `PartitionLost`
@@ -90,6 +96,9 @@ pub enum ClusterFault {
     /// Worker `worker` gets SIGTERM once maps `0..after_maps` committed and
     /// is started again (a rolling restart) before the other maps start.
     RestartWorker { worker: usize, after_maps: u32 },
+    /// Worker `worker` is cut off at `at` (SIGSTOP) and comes back
+    /// `millis` later (SIGCONT).
+    CutOffWorker { worker: usize, at: Moment, millis: u64 },
 }
 
 impl ClusterFault {
@@ -105,6 +114,8 @@ impl ClusterFault {
                 "coordinator SIGKILLed and restarted while readers read"
             }
             Self::RestartWorker { .. } => "worker restarted gracefully (rolling)",
+            Self::CutOffWorker { at: Moment::Pushed(_), .. } => "worker cut off (SIGSTOP) while maps push",
+            Self::CutOffWorker { at: Moment::Read(_), .. } => "worker cut off (SIGSTOP) while readers read",
         }
     }
 }
@@ -165,11 +176,19 @@ impl ClusterPlan {
                 Moment::Read(1 + rng.below(6))
             }
         };
-        let fault = match rng.below(10) {
+        let fault = match rng.below(12) {
             0..=4 => ClusterFault::KillWorker { worker, at: moment(&mut rng) },
             5..=7 => ClusterFault::KillCoordinator { at: moment(&mut rng), down_millis: 100 + rng.below(1400) },
-            _ => ClusterFault::RestartWorker { worker, after_maps: rng.below(u64::from(maps) + 1) as u32 },
+            8..=9 => ClusterFault::RestartWorker { worker, after_maps: rng.below(u64::from(maps) + 1) as u32 },
+            // Mostly past the fixture's worker time-out (1.5 s).
+            _ => ClusterFault::CutOffWorker { worker, at: moment(&mut rng), millis: 300 + rng.below(3200) },
         };
+        // A worker declared lost while cut off holds the only copy of its
+        // groups' committed blocks with one copy; the suite's rule for a
+        // cut-off worker is that nothing is lost, so such plans keep two.
+        if matches!(fault, ClusterFault::CutOffWorker { .. }) {
+            replication = 2;
+        }
         // Hybrid readers stream from the restarting worker; with one copy
         // the coordinator may rightly declare it lost, so they get two.
         if mode == ExchangeMode::Hybrid && matches!(fault, ClusterFault::RestartWorker { .. }) {
@@ -236,7 +255,7 @@ impl ClusterPlan {
         match self.fault {
             ClusterFault::KillWorker { .. } => self.replication >= 2,
             ClusterFault::KillCoordinator { .. } => true,
-            ClusterFault::RestartWorker { .. } => false,
+            ClusterFault::RestartWorker { .. } | ClusterFault::CutOffWorker { .. } => false,
         }
     }
 
@@ -358,10 +377,10 @@ pub struct ClusterRun {
 struct Progress {
     pushed: AtomicU64,
     read: AtomicU64,
-    /// Set just before the SIGKILL is sent.
+    /// Set just before the signal is sent.
     fired: AtomicBool,
-    /// The process to SIGKILL and when.
-    trigger: Option<(libc::pid_t, Moment)>,
+    /// The process to signal, when, and the signal (SIGKILL, or SIGSTOP to cut it off).
+    trigger: Option<(libc::pid_t, Moment, libc::c_int)>,
     fired_signal: tokio::sync::Notify,
     attempts_retried: AtomicU64,
 }
@@ -369,7 +388,7 @@ struct Progress {
 impl Progress {
     fn pushed_one(&self) {
         let n = self.pushed.fetch_add(1, Ordering::Relaxed) + 1;
-        if let Some((_, Moment::Pushed(at))) = self.trigger
+        if let Some((_, Moment::Pushed(at), _)) = self.trigger
             && n >= at
         {
             self.fire();
@@ -378,7 +397,7 @@ impl Progress {
 
     fn read_block(&self) {
         let n = self.read.fetch_add(1, Ordering::Relaxed) + 1;
-        if let Some((_, Moment::Read(at))) = self.trigger
+        if let Some((_, Moment::Read(at), _)) = self.trigger
             && n >= at
         {
             self.fire();
@@ -386,10 +405,10 @@ impl Progress {
     }
 
     fn fire(&self) {
-        let Some((pid, _)) = self.trigger else { return };
+        let Some((pid, _, signal)) = self.trigger else { return };
         if !self.fired.swap(true, Ordering::SeqCst) {
             // SAFETY: kill(2) on the pid of a child this process started and has not reaped.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+            unsafe { libc::kill(pid, signal) };
             self.fired_signal.notify_one();
         }
     }
@@ -518,8 +537,9 @@ async fn drive(plan: &ClusterPlan, cluster: &Arc<Mutex<Cluster>>, recovery: &mut
         .map_err(|e| format!("placement: {e}"))?
         .ok_or("a cluster shuffle has a placement")?;
     let trigger = match plan.fault {
-        ClusterFault::KillWorker { worker, at } => Some((pids.0[worker], at)),
-        ClusterFault::KillCoordinator { at, .. } => Some((pids.1, at)),
+        ClusterFault::KillWorker { worker, at } => Some((pids.0[worker], at, libc::SIGKILL)),
+        ClusterFault::KillCoordinator { at, .. } => Some((pids.1, at, libc::SIGKILL)),
+        ClusterFault::CutOffWorker { worker, at, .. } => Some((pids.0[worker], at, libc::SIGSTOP)),
         ClusterFault::RestartWorker { .. } => None,
     };
     let progress = Arc::new(Progress {
@@ -542,6 +562,17 @@ async fn drive(plan: &ClusterPlan, cluster: &Arc<Mutex<Cluster>>, recovery: &mut
                     c.start_coordinator();
                 })
                 .await
+            }))
+        }
+        // A cut-off worker comes back `millis` after it was cut off.
+        ClusterFault::CutOffWorker { worker, millis, .. } => {
+            let (progress, pid) = (progress.clone(), pids.0[worker]);
+            Some(tokio::spawn(async move {
+                progress.fired_signal.notified().await;
+                tokio::time::sleep(Duration::from_millis(millis)).await;
+                // SAFETY: kill(2) on the pid of a child this process started and has not reaped.
+                unsafe { libc::kill(pid, libc::SIGCONT) };
+                Ok::<(), String>(())
             }))
         }
         _ => None,
