@@ -190,21 +190,22 @@ where
         Ok(Ok(None)) => Err(ServiceError::new(ErrorKind::UnexpectedMessage, "stream closed before Hello")),
         Ok(Err(e)) | Err(e) => Err(e),
     };
+    let unix_socket = || crate::storage::lock(&state.unix_socket).as_ref().map(|p| p.display().to_string());
     match result {
         Ok((Binding::App(session), admitted)) => {
             let welcome = Response::Welcome {
                 server_version: env!("CARGO_PKG_VERSION").to_string(),
                 app_secret: session.secret.clone(),
                 server_id: state.server_id.clone(),
-                unix_socket: crate::storage::lock(&state.unix_socket).as_ref().map(|p| p.display().to_string()),
+                unix_socket: unix_socket(),
                 role: state.config.role.protocol(),
             };
             writer.response(&welcome).await?;
             Ok((Binding::App(session), admitted))
         }
         Ok((Binding::Peer(peer), admitted)) => {
-            let unix_socket = crate::storage::lock(&state.unix_socket).as_ref().map(|p| p.display().to_string());
-            writer.response(&Response::PeerWelcome { worker: state.worker_id.clone(), unix_socket }).await?;
+            let welcome = Response::PeerWelcome { worker: state.worker_id.clone(), unix_socket: unix_socket() };
+            writer.response(&welcome).await?;
             Ok((Binding::Peer(peer), admitted))
         }
         Err(e) => {

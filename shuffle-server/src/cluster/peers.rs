@@ -146,13 +146,8 @@ impl Peers {
             .map_err(|e| peer_error(addr, e))
     }
 
-    /// The connection to the worker at `addr`, opened (with `PeerHello`) if
-    /// there is none alive.
-    pub async fn peer(&self, addr: SocketAddr) -> Result<quinn::Connection, ServiceError> {
-        self.link(addr).await.map(|link| link.connection)
-    }
-
-    /// The link to the worker at `addr`, opened if there is none alive.
+    /// The connection to the worker at `addr` and what it said, opened
+    /// (with `PeerHello`) if there is none alive.
     async fn link(&self, addr: SocketAddr) -> Result<PeerLink, ServiceError> {
         let mut connections = self.connections.lock().await;
         if let Some(link) = connections.get(&addr)
@@ -257,7 +252,7 @@ impl FrameSink for PeerSink {
     fn finish(&mut self) {
         match self {
             Self::Quic(send) => FrameSink::finish(send),
-            Self::Unix(send) => send.finish(),
+            Self::Unix(send) => FrameSink::finish(send),
         }
     }
 
