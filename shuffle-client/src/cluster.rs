@@ -311,6 +311,13 @@ struct DestKey {
     failover: bool,
 }
 
+/// Whether a push that failed with `e` moves to the other copy: the worker
+/// is unreachable, no longer holds the shuffle, or (`Unavailable`) could
+/// not reach its replica and cannot hold the blocks alone.
+fn moves_to_replica(e: &ClientError) -> bool {
+    e.is_unreachable() || e.is_copy_gone() || e.service_kind() == Some(ErrorKind::Unavailable)
+}
+
 /// One push stream of the attempt, to one worker.
 struct Dest {
     send: StreamSend,
@@ -438,7 +445,7 @@ impl ClusterSink {
             let key = self.route(group)?;
             match self.send_to(&key, group, chunks.clone()).await {
                 Ok(()) => return Ok(()),
-                Err(e) if e.is_unreachable() => self.fail_over(&key, e).await?,
+                Err(e) if moves_to_replica(&e) => self.fail_over(&key, e).await?,
                 Err(e) => return Err(e),
             }
         }
@@ -478,10 +485,17 @@ impl ClusterSink {
         Ok(())
     }
 
-    /// A stream's worker is unreachable: with replication, its groups move
-    /// to their replicas, which get the blocks not acknowledged yet.
+    /// A stream's worker is unreachable, or answers that it no longer holds
+    /// the shuffle (it was declared lost while cut off, and came back
+    /// empty): with replication, its groups move to their replicas, which
+    /// get the blocks not acknowledged yet. Only an unreachable worker is
+    /// reported to the coordinator and its connection dropped.
     async fn fail_over(&mut self, key: &DestKey, cause: ClientError) -> Result<(), ClientError> {
-        worker_failed(&self.client, &key.worker).await;
+        if cause.is_unreachable() {
+            worker_failed(&self.client, &key.worker).await;
+        } else {
+            tracing::info!(shuffle = %self.shuffle, map = self.map, worker = %key.worker, error = %cause, "the worker no longer holds the shuffle");
+        }
         if !self.replicated {
             if let Some(mut dest) = self.dests.remove(key) {
                 dest.send.reset();
@@ -576,7 +590,7 @@ impl ClusterSink {
             .await;
             match result {
                 Ok(()) => dest.prepared = true,
-                Err(e) if e.is_unreachable() => self.fail_over(&key, e).await?,
+                Err(e) if moves_to_replica(&e) => self.fail_over(&key, e).await?,
                 Err(e) => return Err(e),
             }
         }
@@ -762,10 +776,6 @@ impl Failover {
 
     /// Whether a read that failed with `e` should move to another copy.
     pub fn should_fail_over(e: &ClientError) -> bool {
-        e.is_unreachable()
-            || matches!(
-                e.service_kind(),
-                Some(ErrorKind::DataLost | ErrorKind::WrongRole | ErrorKind::UnknownShuffle | ErrorKind::UnknownApp)
-            )
+        e.is_unreachable() || e.is_copy_gone() || e.service_kind() == Some(ErrorKind::DataLost)
     }
 }

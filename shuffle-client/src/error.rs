@@ -77,6 +77,13 @@ impl ClientError {
             _ => false,
         }
     }
+
+    /// Whether a worker answered that it does not hold what was asked of it
+    /// (the coordinator moved it away, e.g. while the worker was cut off
+    /// and declared lost): another copy has it; the worker itself is fine.
+    pub fn is_copy_gone(&self) -> bool {
+        matches!(self.service_kind(), Some(ErrorKind::WrongRole | ErrorKind::UnknownShuffle | ErrorKind::UnknownApp))
+    }
 }
 
 impl From<quinn::ConnectionError> for ClientError {

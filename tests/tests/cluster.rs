@@ -977,3 +977,72 @@ async fn workers_without_unix_sockets_forward_to_replicas_over_quic() {
     }
     assert!(quic >= 4 && unix == 0, "forwarding streams: {unix} on Unix sockets, {quic} over QUIC");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_two_copies_a_writer_pushing_to_a_worker_cut_off_past_the_time_out_commits_at_the_replica() {
+    // A primary cut off (SIGSTOP) past the worker time-out is declared lost
+    // and, back (SIGCONT), drops the shuffle when it registers again. A
+    // writer whose push stream to it is open then hears that the worker no
+    // longer holds the shuffle, and must move to the replica with the blocks
+    // not yet held by both copies rather than fail. Over QUIC and over the
+    // Unix sockets alike.
+    let seed = seed();
+    for (i, same_host) in [false, true].into_iter().enumerate() {
+        let cluster = Cluster::start(3, &[]);
+        let mut options = cluster.options(&format!("cut-off-{i}")).same_host(same_host);
+        options.block_size = 16 << 10;
+        let client = ShuffleClient::connect(cluster.coordinator_addr, options).await.unwrap();
+        let params = ExchangeParams {
+            records: 200_000,
+            maps: 2,
+            partitions: 6,
+            seed: seed ^ i as u64,
+            mode: ExchangeMode::Hash,
+        };
+        let shuffle = ShuffleId(1);
+        client.register_shuffle(shuffle, params.spec().replicated(2)).await.unwrap();
+        let placement = client.placement(shuffle).await.unwrap().unwrap();
+        // The victim: the primary of a seeded group, whose records map 0
+        // writes half before the cut-off and half once the victim is back.
+        let group = (splitmix64(seed + i as u64) % placement.groups.len() as u64) as u32;
+        let victim_id = placement.worker(placement.groups[group as usize].copies[0]).unwrap().id.clone();
+        let victim: usize = victim_id.trim_start_matches('w').parse().unwrap();
+        println!("same host {same_host}: cutting off {victim_id}, the primary of group {group}, while map 0 pushes");
+        let records: Vec<(u32, [u8; W1_KEY_LEN], [u8; W1_VALUE_LEN])> = map_range(params.records, params.maps, 0)
+            .map(|r| {
+                let (mut key, mut value) = ([0u8; W1_KEY_LEN], [0u8; W1_VALUE_LEN]);
+                w1_record(params.seed, r, &mut key, &mut value);
+                (shuffle_tests::workload::w1_partition(&key, params.partitions), key, value)
+            })
+            .collect();
+        let (early, late): (Vec<_>, Vec<_>) = records
+            .iter()
+            .enumerate()
+            .partition(|(n, (p, _, _))| placement.partition_groups[*p as usize] != group || *n < records.len() / 2);
+        let mut writer = client.writer(shuffle, 0, 0).await.unwrap();
+        for (_, (p, key, value)) in early {
+            writer.write(*p, key, value).await.unwrap();
+        }
+        cluster.signal_worker(victim, libc::SIGSTOP);
+        cluster.wait_until(Duration::from_secs(10), "the cut-off worker lost", |c| {
+            c.worker_state(&victim_id).as_deref() == Some("Lost")
+        });
+        cluster.signal_worker(victim, libc::SIGCONT);
+        cluster.wait_until(Duration::from_secs(10), "the cut-off worker back without the shuffle", |c| {
+            let s: serde_json::Value = serde_json::from_str(&c.worker(victim).http_get("/status")).unwrap();
+            c.worker_state(&victim_id).as_deref() == Some("Live")
+                && s["apps"]
+                    .as_array()
+                    .is_none_or(|a| a.iter().all(|a| a["shuffles"].as_array().is_none_or(|s| s.is_empty())))
+        });
+        for (_, (p, key, value)) in late {
+            writer.write(*p, key, value).await.unwrap_or_else(|e| panic!("same host {same_host}: map 0: {e}"));
+        }
+        let outcome = writer.finish().await.unwrap_or_else(|e| panic!("same host {same_host}: map 0: {e}"));
+        assert_eq!(outcome, CommitOutcome::Committed, "same host {same_host}");
+        assert_eq!(write_map(&client, shuffle, params, 1, 0).await.unwrap(), CommitOutcome::Committed);
+        let received = read_all(&client, shuffle, params, &Arc::new(AtomicU64::new(0))).await;
+        verify(params, received).unwrap_or_else(|e| panic!("same host {same_host}: {e}"));
+        client.close().await;
+    }
+}

@@ -393,6 +393,42 @@ impl HostedShuffle {
         placement.groups.get(group as usize).and_then(|g| g.copies.first().copied()) == me && me.is_some()
     }
 
+    /// Whether this worker may hold `group`'s blocks without its replica
+    /// `replica` (which it could not reach): only once the coordinator's
+    /// placement no longer lists the replica among the group's copies and
+    /// still lists this worker. `Ok(false)` while the placement still names
+    /// the replica (the coordinator has not declared it lost: this worker
+    /// may be the one cut off); an error once this worker no longer holds
+    /// the group (the coordinator moved it or dropped the shuffle here).
+    pub fn holds_without(&self, group: u32, replica: &str) -> Result<bool, ServiceError> {
+        self.check_held(group)?;
+        let placement = self.placement();
+        let copies = placement.groups.get(group as usize).map(|g| g.copies.as_slice()).unwrap_or(&[]);
+        Ok(!copies.iter().any(|c| placement.worker(*c).is_some_and(|w| w.id == replica)))
+    }
+
+    /// An error unless this worker still holds a copy of `group`: the
+    /// coordinator may have dropped the shuffle here (this worker was
+    /// declared lost and came back) or moved the group away.
+    pub fn check_held(&self, group: u32) -> Result<(), ServiceError> {
+        if self.removed.load(Ordering::Acquire) {
+            return Err(ServiceError::new(
+                ErrorKind::UnknownShuffle,
+                format!("{} was dropped from this worker ({}) by the coordinator", self.label(), self.me),
+            ));
+        }
+        let placement = self.placement();
+        let me = placement.index_of(&self.me);
+        let listed = placement.groups.get(group as usize).is_some_and(|g| me.is_some_and(|i| g.copies.contains(&i)));
+        if !listed || self.copy(group).is_none() {
+            return Err(ServiceError::new(
+                ErrorKind::WrongRole,
+                format!("group {group} of {} is no longer held by this worker ({})", self.label(), self.me),
+            ));
+        }
+        Ok(())
+    }
+
     /// The replica of `group`, if this worker is its primary and it has one.
     pub fn replica_of(&self, group: u32) -> Option<shuffle_protocol::WorkerEndpoint> {
         let placement = self.placement();

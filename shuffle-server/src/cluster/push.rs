@@ -10,14 +10,20 @@
 //! totals and the primary waits for the replica's verdict before answering
 //! `Prepared`; the coordinator's decision commits the attempt later.
 //!
-//! A replica that cannot be reached is left behind: the primary goes on
-//! alone, and the replica's copy, lacking blocks, is marked incomplete when
-//! the decision reaches it (readers then read the primary).
+//! A replica that cannot be reached is left behind, but the primary goes
+//! on alone only once the coordinator's placement confirms it: the replica
+//! is no longer a copy of the group and the primary still is. Until then
+//! the blocks the replica lacks are not acknowledged and `MapEnd` is not
+//! answered, since the primary may be the one cut off: a worker declared
+//! lost drops the shuffle when it comes back, and its answers then tell the
+//! writer to move to the replica with the blocks it still has. The left
+//! replica's copy, lacking blocks, is marked incomplete when the decision
+//! reaches it (readers then read the primary).
 
 use std::{
     collections::{BTreeMap, VecDeque},
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use shuffle_protocol::{
@@ -38,6 +44,10 @@ use crate::{
 /// How often a replicated push stream reports what both copies hold.
 const ACK_INTERVAL: Duration = Duration::from_millis(5);
 
+/// How often a primary whose replica was left behind looks for the
+/// coordinator's placement that confirms it.
+const CONFIRM_POLL: Duration = Duration::from_millis(20);
+
 /// Who is pushing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PushKind {
@@ -54,6 +64,51 @@ struct Target {
     copy: Arc<GroupCopy>,
     /// Forwarding to the replica, while it works.
     forward: Option<Forward>,
+    /// The replica's worker id, when this worker is a replicated group's primary.
+    replica: Option<String>,
+    /// Set once forwarding to the replica failed: blocks count as held only
+    /// when the placement no longer lists the replica, which must happen
+    /// by this deadline.
+    confirm_by: Option<Instant>,
+}
+
+impl Target {
+    /// Whether every copy that must hold this group's blocks holds the
+    /// block forwarded as number `index` (0: not forwarded). A replica left
+    /// behind and not confirmed lost by its deadline is an error: the writer
+    /// then moves to the replica itself.
+    fn holds(&self, hosted: &HostedShuffle, group: u32, index: u64) -> Result<bool, ServiceError> {
+        match (&self.forward, &self.replica, self.confirm_by) {
+            (Some(forward), _, _) => Ok(forward.acked() >= index),
+            (None, Some(replica), Some(deadline)) => {
+                if hosted.holds_without(group, replica)? {
+                    Ok(true)
+                } else if Instant::now() >= deadline {
+                    Err(ServiceError::new(
+                        ErrorKind::Unavailable,
+                        format!(
+                            "the replica {replica} of group {group} of {} cannot be reached and the coordinator \
+                             has not declared it lost: this copy alone cannot hold the blocks",
+                            hosted.label()
+                        ),
+                    ))
+                } else {
+                    Ok(false)
+                }
+            }
+            (None, _, _) => Ok(true),
+        }
+    }
+
+    /// Forwarding failed: the replica is left behind until `wait` from now.
+    fn leave_replica(&mut self, label: &str, error: &ServiceError, wait: Duration) {
+        tracing::warn!(
+            %label, replica = ?self.replica, %error,
+            "forwarding to the replica failed; the primary goes on alone once the coordinator confirms the replica lost"
+        );
+        self.forward = None;
+        self.confirm_by.get_or_insert(Instant::now() + wait);
+    }
 }
 
 /// Serves one push stream at a worker after `PushAccepted` was decided.
@@ -99,8 +154,12 @@ async fn receive<R: AsyncRead + Unpin + Send, W: FrameSink>(
     writer: &mut FrameWriter<W>,
 ) -> Result<(), ServiceError> {
     let acks = hosted.spec.replication > 1;
-    // Per block of this stream: the group it was forwarded in and its index there.
-    let mut pending: VecDeque<Option<(u32, u64)>> = VecDeque::new();
+    // How long a primary waits for the coordinator to confirm a replica it
+    // cannot reach lost (it declares a worker lost after `worker_timeout`).
+    let wait = state.config.worker_timeout * 3;
+    // Per block of this stream: its group and its index in the group's
+    // forwarding (0: not forwarded).
+    let mut pending: VecDeque<(u32, u64)> = VecDeque::new();
     let (mut received, mut acked, mut reported) = (0u64, 0u64, 0u64);
     let mut tick = tokio::time::interval(ACK_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -108,7 +167,7 @@ async fn receive<R: AsyncRead + Unpin + Send, W: FrameSink>(
         let frame = tokio::select! {
             frame = reader.next_frame() => frame?,
             _ = tick.tick(), if acks && reported < received => {
-                acked += settle(&mut pending, targets);
+                acked += settle(&mut pending, hosted, targets)?;
                 if acked > reported {
                     writer.response(&Response::Acked { blocks: acked }).await?;
                     reported = acked;
@@ -132,7 +191,8 @@ async fn receive<R: AsyncRead + Unpin + Send, W: FrameSink>(
                         // The stream's frames count against the (first) copy it writes to.
                         reader.account_to(&copy.shuffle.core.memory);
                     }
-                    targets.insert(group, open_target(hosted, peers, group, copy, (map, attempt), kind).await?);
+                    let target = open_target(hosted, peers, group, copy, (map, attempt), kind, wait).await?;
+                    targets.insert(group, target);
                 }
                 let target = targets.get_mut(&group).expect("inserted above");
                 let len = block.bytes.len() as u64;
@@ -140,25 +200,22 @@ async fn receive<R: AsyncRead + Unpin + Send, W: FrameSink>(
                 if let Accepted::Stored(Some(spill)) = stored {
                     spawn_spill(target.copy.shuffle.clone(), spill);
                 }
-                let mut forwarded = None;
+                let mut index = 0;
                 if let Some(forward) = &mut target.forward {
                     match forward.send(block.bytes).await {
-                        Ok(()) => forwarded = Some((group, forward.sent)),
-                        Err(e) => {
-                            tracing::warn!(%label, replica = %forward.replica, error = %e, "forwarding failed; the primary goes on alone");
-                            target.forward = None;
-                        }
+                        Ok(()) => index = forward.sent,
+                        Err(e) => target.leave_replica(label, &e, wait),
                     }
                 }
                 received += 1;
                 if acks {
-                    pending.push_back(forwarded);
+                    pending.push_back((group, index));
                 }
                 state.stats.received(hosted.spec.mode, len);
             }
             FrameKind::Request => match Request::decode(&frame.payload)? {
                 Request::MapEnd(end) => {
-                    prepare(hosted, label, (map, attempt), kind, end, targets).await?;
+                    prepare(hosted, label, (map, attempt), kind, end, targets, wait).await?;
                     if acks {
                         writer.response(&Response::Acked { blocks: received }).await?;
                     }
@@ -191,8 +248,9 @@ async fn open_target(
     copy: Arc<GroupCopy>,
     (map, attempt): (MapId, AttemptId),
     kind: PushKind,
+    wait: Duration,
 ) -> Result<Target, ServiceError> {
-    let mut forward = None;
+    let (mut forward, mut replica_id, mut confirm_by) = (None, None, None);
     match kind {
         PushKind::Primary => {
             if !hosted.is_primary(group) {
@@ -209,41 +267,42 @@ async fn open_target(
             if let (Some(replica), Some(peers)) = (hosted.replica_of(group), peers) {
                 match Forward::open(peers, replica.addr, (hosted.app.clone(), hosted.id), (map, attempt)).await {
                     Ok(f) => forward = Some(f),
-                    Err(e) => tracing::warn!(
-                        shuffle = %hosted.label(), group, replica = %replica.id, error = %e,
-                        "the replica cannot be reached; the primary goes on alone"
-                    ),
+                    Err(e) => {
+                        tracing::warn!(
+                            shuffle = %hosted.label(), group, replica = %replica.id, error = %e,
+                            "the replica cannot be reached; the primary goes on alone once the coordinator confirms it lost"
+                        );
+                        confirm_by = Some(Instant::now() + wait);
+                    }
                 }
+                replica_id = Some(replica.id);
             }
         }
         PushKind::Failover | PushKind::Replica => copy.shuffle.check_push(map, attempt)?,
     }
-    Ok(Target { copy, forward })
+    Ok(Target { copy, forward, replica: replica_id, confirm_by })
 }
 
-/// Pops the blocks that every live copy holds now; returns how many.
-fn settle(pending: &mut VecDeque<Option<(u32, u64)>>, targets: &BTreeMap<u32, Target>) -> u64 {
+/// Pops the blocks that every copy holds now; returns how many.
+fn settle(
+    pending: &mut VecDeque<(u32, u64)>,
+    hosted: &HostedShuffle,
+    targets: &BTreeMap<u32, Target>,
+) -> Result<u64, ServiceError> {
     let mut n = 0;
-    while let Some(front) = pending.front() {
-        let held = match front {
-            None => true,
-            Some((group, index)) => match targets.get(group).and_then(|t| t.forward.as_ref()) {
-                Some(forward) => forward.acked() >= *index,
-                // The replica was left behind: the primary's copy is all there is.
-                None => true,
-            },
-        };
-        if !held {
+    while let Some(&(group, index)) = pending.front() {
+        if !targets.get(&group).map_or(Ok(true), |t| t.holds(hosted, group, index))? {
             break;
         }
         pending.pop_front();
         n += 1;
     }
-    n
+    Ok(n)
 }
 
 /// Checks the attempt's declared totals in every copy it wrote to and has
-/// the replicas check theirs.
+/// the replicas check theirs; a replica left behind must be confirmed lost
+/// by the coordinator within `wait` of its failure.
 async fn prepare(
     hosted: &Arc<HostedShuffle>,
     label: &str,
@@ -251,6 +310,7 @@ async fn prepare(
     kind: PushKind,
     end: MapEnd,
     targets: &mut BTreeMap<u32, Target>,
+    wait: Duration,
 ) -> Result<(), ServiceError> {
     if (end.map, end.attempt) != (map, attempt) {
         return Err(ServiceError::new(
@@ -266,7 +326,7 @@ async fn prepare(
             // The lost primary had forwarded every block the writer still
             // had to resend: this copy holds them from its replica stream.
             copy.shuffle.check_push(map, attempt)?;
-            targets.insert(group, Target { copy, forward: None });
+            targets.insert(group, Target { copy, forward: None, replica: None, confirm_by: None });
         }
     }
     if let Some(g) = by_group.keys().find(|g| !targets.contains_key(g)) {
@@ -290,9 +350,13 @@ async fn prepare(
                     format!("the replica of group {group} disagrees about {label}: {}", e.message),
                 ));
             }
-            Err(e) => {
-                tracing::warn!(%label, replica = %forward.replica, error = %e, "the replica did not verify; the primary goes on alone");
-            }
+            Err(e) => target.leave_replica(label, &e, wait),
+        }
+    }
+    for (group, target) in targets.iter() {
+        hosted.check_held(*group)?;
+        while !target.holds(hosted, *group, 0)? {
+            tokio::time::sleep(CONFIRM_POLL).await;
         }
     }
     Ok(())
