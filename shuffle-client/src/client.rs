@@ -341,7 +341,7 @@ impl ShuffleClient {
         Ok(PartitionReader::new(self.next_link(&self.inner.reads).clone(), self.reads_directly(), shuffle, partition))
     }
 
-    /// Closes the links gracefully and waits for the server to see it.
+    /// Closes the links gracefully and waits (at most 2 s) for the server to see it.
     pub async fn close(self) {
         if let Some(cluster) = &self.inner.cluster {
             cluster.close().await;
@@ -350,10 +350,16 @@ impl ShuffleClient {
             link.close();
         }
         if let Some(endpoint) = &self.inner.endpoint {
-            endpoint.wait_idle().await;
+            // The servers acknowledge the close within a few round trips;
+            // one that vanished, or whose connection backed its timers off
+            // while it was stopped, would keep a close waiting for minutes.
+            let _ = tokio::time::timeout(CLOSE_WAIT, endpoint.wait_idle()).await;
         }
     }
 }
+
+/// The longest [`ShuffleClient::close`] waits for the servers to acknowledge it.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 /// How often a joining client tries again while the server is away.
 const JOIN_RETRY: Duration = Duration::from_millis(250);

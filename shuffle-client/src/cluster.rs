@@ -249,6 +249,9 @@ async fn worker_failed(client: &ShuffleClient, worker: &str) {
 
 // ---- writing ----
 
+/// How long a writer waits for a worker's answer before it says so in the log.
+const SLOW_ACK: Duration = Duration::from_secs(5);
+
 /// Opens a writer of `map` `attempt` that pushes to the workers of the placement.
 pub(crate) async fn writer(
     client: &ShuffleClient,
@@ -413,7 +416,19 @@ impl ClusterSink {
         } else {
             Request::OpenPush { shuffle, map, attempt }
         };
-        let (send, mut reader, _) = worker.open_push(&request).await?;
+        let (send, mut reader, _) = {
+            let open = worker.open_push(&request);
+            tokio::pin!(open);
+            loop {
+                tokio::select! {
+                    opened = &mut open => break opened?,
+                    () = tokio::time::sleep(SLOW_ACK) => tracing::info!(
+                        shuffle = %self.shuffle, map = self.map, worker = %key.worker,
+                        "still waiting for the worker to accept a push stream"
+                    ),
+                }
+            }
+        };
         let (tx, responses) = mpsc::unbounded_channel();
         tokio::spawn(async move {
             loop {
@@ -456,7 +471,20 @@ impl ClusterSink {
         let (replicated, window) = (self.replicated, self.window);
         let dest = self.dests.get_mut(key).expect("opened above");
         let mut out = chunks.clone();
-        match dest.send.write_chunks(&mut out).await {
+        let written = {
+            let write = dest.send.write_chunks(&mut out);
+            tokio::pin!(write);
+            loop {
+                tokio::select! {
+                    written = &mut write => break written,
+                    () = tokio::time::sleep(SLOW_ACK) => tracing::info!(
+                        shuffle = %self.shuffle, map = self.map, worker = %key.worker,
+                        "still waiting for the worker to take a block (flow control)"
+                    ),
+                }
+            }
+        };
+        match written {
             Ok(()) => {}
             Err(SendError::Stopped) => {
                 return Err(match dest.responses.recv().await {
@@ -475,10 +503,17 @@ impl ClusterSink {
                 dest.take(response)?;
             }
             while dest.unacked_bytes > window {
-                let response =
-                    dest.responses.recv().await.unwrap_or_else(|| {
-                        Err(ClientError::ConnectionLost("the push stream's responses ended".into()))
-                    });
+                let response = loop {
+                    match tokio::time::timeout(SLOW_ACK, dest.responses.recv()).await {
+                        Ok(response) => break response,
+                        Err(_) => tracing::info!(
+                            shuffle = %self.shuffle, map = self.map, worker = %key.worker, sent = dest.sent,
+                            acked = dest.acked, "still waiting for the worker to acknowledge blocks"
+                        ),
+                    }
+                };
+                let response = response
+                    .unwrap_or_else(|| Err(ClientError::ConnectionLost("the push stream's responses ended".into())));
                 dest.take(response)?;
             }
         }
@@ -578,7 +613,15 @@ impl ClusterSink {
                 }
                 dest.send.finish();
                 loop {
-                    match dest.responses.recv().await {
+                    let response = match tokio::time::timeout(SLOW_ACK, dest.responses.recv()).await {
+                        Ok(response) => response,
+                        Err(_) => {
+                            tracing::info!(worker = %key.worker, sent = dest.sent, acked = dest.acked,
+                                "still waiting for the worker to verify MapEnd");
+                            continue;
+                        }
+                    };
+                    match response {
                         Some(Ok(Response::Prepared { .. })) => return Ok(()),
                         Some(response) => dest.take(response)?,
                         None => {
@@ -691,9 +734,21 @@ impl Failover {
         self.open_read(CopyRead::ByKey).await
     }
 
+    /// The copy being read failed with `e`: it is not tried again by this
+    /// reader, and reported to the coordinator only if the worker cannot be
+    /// reached (a copy that lacks blocks, or no longer holds the shuffle,
+    /// is on a live worker whose connection the client's other streams use).
+    pub async fn failed(&mut self, e: &ClientError) {
+        if let Some(failed) = self.current.take() {
+            if e.is_unreachable() {
+                worker_failed(&self.client, &failed).await;
+            }
+            self.tried.insert(failed);
+        }
+    }
+
     async fn open_read(&mut self, read: CopyRead<'_>) -> Result<(StreamSend, FrameReader), ClientError> {
         if let Some(failed) = self.current.take() {
-            worker_failed(&self.client, &failed).await;
             self.tried.insert(failed);
         }
         let deadline = Instant::now() + self.client.options().worker_loss_wait;

@@ -274,6 +274,7 @@ impl PartitionReader {
                         "the copy being read failed; resuming at another copy");
                     let resume = self.resume_points();
                     let failover = self.failover.as_mut().expect("checked above");
+                    failover.failed(&e).await;
                     self.reader = Some(failover.open(resume).await?);
                     // The new stream opens with its own PartitionOpened and file numbers.
                     self.spec = None;
@@ -411,6 +412,7 @@ impl PartitionReader {
             match attached {
                 Err(e) if crate::cluster::Failover::should_fail_over(&e) => {
                     tracing::info!(%shuffle, partition, error = %e, "a copy failed opening a key-ordered read; trying another");
+                    self.failover.as_mut().expect("a cluster reader has its failover").failed(&e).await;
                 }
                 other => return other,
             }
@@ -515,6 +517,7 @@ impl PartitionReader {
                 Err(e) if self.failover.is_some() && crate::cluster::Failover::should_fail_over(&e) => {
                     tracing::info!(shuffle = %self.shuffle, partition = self.partition, error = %e,
                         "the copy being read by key failed; going on at another copy");
+                    self.failover.as_mut().expect("checked above").failed(&e).await;
                     self.attach_by_key().await?;
                 }
                 other => return other,

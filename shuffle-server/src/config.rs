@@ -168,6 +168,9 @@ pub struct ServerConfig {
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
     #[serde(with = "humantime_serde")]
     pub memory_return_delay: Duration,
+    /// Accept `POST /fault/partition?millis=N` on the admin listener, which cuts this process off the network for N ms (for fault tests; never in production).
+    #[arg(long)]
+    pub fault_injection: bool,
 }
 
 /// Where the server's Unix socket goes.

@@ -24,6 +24,7 @@ pub mod connection;
 pub mod disk;
 pub mod elevator;
 pub mod error;
+pub mod fault;
 pub mod memory;
 pub mod push;
 pub mod read;

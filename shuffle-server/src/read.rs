@@ -102,6 +102,9 @@ pub async fn serve_partition<W: FrameSink>(
         if let Some(changed) = &mut changed {
             changed.borrow_and_update();
         }
+        // A worker's copy found to lack a decided map's blocks while this
+        // read went on: the reader goes on at the other copy.
+        shuffle.check_lacking(partition)?;
         if let Some((map, attempt)) = producer_failed(&delivered) {
             let rereadable = shuffle.rereadable();
             return writer.response(&Response::ProducerFailed { map, attempt, rereadable }).await;
@@ -227,6 +230,7 @@ where
             ));
         }
     }
+    shuffle.check_lacking(partition)?;
     let runs = shuffle.runs(partition)?;
     let maps = shuffle.partition_commits(partition)?;
     writer.response(&Response::RunIndex { runs: runs.clone(), maps }).await?;

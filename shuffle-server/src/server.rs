@@ -166,7 +166,7 @@ pub async fn start_with_metrics(
         let id = crate::cluster::worker::worker_id(config.worker_id.as_deref(), &config.data_dir)?;
         let state =
             Arc::new(ServiceState::for_worker(config.clone(), id.clone()).map_err(|e| ServerError::Io(e.message))?);
-        let peers = Peers::new(&config, id, state.receive_buffers.clone())?;
+        let peers = Peers::new(&config, id, state.receive_buffers.clone(), state.partition.clone())?;
         let _ = state.peers.set(Arc::new(peers));
         state
     } else {
@@ -187,7 +187,7 @@ pub async fn start_with_metrics(
     let windows = Windows::for_budget(config.memory.as_u64(), config.max_connections);
     let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(tls.quic_server_config()?));
     server_config.transport_config(server_transport(windows, config.idle_timeout, config.max_udp_payload));
-    let endpoint = bind_endpoint(&config, server_config)?;
+    let endpoint = bind_endpoint(&config, server_config, &state.partition)?;
     let local_addr = endpoint.local_addr().map_err(|source| ServerError::Bind { addr: config.listen, source })?;
     // Every listener is bound before the server says it listens.
     let unix = match config.unix_socket.path(&config.data_dir) {
@@ -275,7 +275,7 @@ async fn start_coordinator(
     let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(tls.quic_server_config()?));
     server_config
         .transport_config(crate::transport::coordinator_transport(config.idle_timeout, config.max_udp_payload));
-    let endpoint = bind_endpoint(&config, server_config)?;
+    let endpoint = bind_endpoint(&config, server_config, &state.partition)?;
     let local_addr = endpoint.local_addr().map_err(|source| ServerError::Bind { addr: config.listen, source })?;
     tracing::info!("shuffle-server Coordinator listening on {local_addr} (cert {})", cert_path.display());
     let shutdown = CancellationToken::new();
@@ -306,10 +306,27 @@ async fn start_coordinator(
 /// on the same address resets the connections its predecessor had at their
 /// next packet: peers and clients reconnect at once instead of waiting out
 /// the idle time-out.
-fn bind_endpoint(config: &ServerConfig, server_config: quinn::ServerConfig) -> Result<quinn::Endpoint, ServerError> {
+fn bind_endpoint(
+    config: &ServerConfig,
+    server_config: quinn::ServerConfig,
+    partition: &Arc<crate::fault::Partition>,
+) -> Result<quinn::Endpoint, ServerError> {
     let bind = |source| ServerError::Bind { addr: config.listen, source };
+    let socket = std::net::UdpSocket::bind(config.listen).map_err(bind)?;
+    let socket = if config.fault_injection {
+        crate::fault::PartitionedSocket::wrap(socket, partition.clone()).map_err(bind)?
+    } else {
+        quinn::Runtime::wrap_udp_socket(&quinn::TokioRuntime, socket).map_err(bind)?
+    };
+    let runtime = Arc::new(quinn::TokioRuntime);
     let Some(secret) = &config.cluster_secret else {
-        return quinn::Endpoint::server(server_config, config.listen).map_err(bind);
+        return quinn::Endpoint::new_with_abstract_socket(
+            quinn::EndpointConfig::default(),
+            Some(server_config),
+            socket,
+            runtime,
+        )
+        .map_err(bind);
     };
     let derive = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
     let tag = ring::hmac::sign(&derive, b"shuffle-server QUIC stateless reset");
@@ -319,8 +336,7 @@ fn bind_endpoint(config: &ServerConfig, server_config: quinn::ServerConfig) -> R
     // successor takes its predecessor's ids as its own (and resets them)
     // instead of dropping their packets as invalid.
     endpoint_config.cid_generator(|| Box::new(RandomCids));
-    let socket = std::net::UdpSocket::bind(config.listen).map_err(bind)?;
-    quinn::Endpoint::new(endpoint_config, Some(server_config), socket, Arc::new(quinn::TokioRuntime)).map_err(bind)
+    quinn::Endpoint::new_with_abstract_socket(endpoint_config, Some(server_config), socket, runtime).map_err(bind)
 }
 
 /// Random 8-byte connection ids that any process of the cluster accepts as
@@ -365,6 +381,7 @@ fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener, ServerError> {
 async fn run_unix(listener: tokio::net::UnixListener, ctx: ServerContext) {
     let limit = ctx.windows.max_connections * ctx.state.config.max_streams_per_connection as usize;
     let permits = Arc::new(tokio::sync::Semaphore::new(limit));
+    let fault_injection = ctx.state.config.fault_injection;
     loop {
         let permit = tokio::select! {
             permit = permits.clone().acquire_owned() => permit,
@@ -373,6 +390,8 @@ async fn run_unix(listener: tokio::net::UnixListener, ctx: ServerContext) {
         let Ok(permit) = permit else { return };
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
+                // Refused while the fault suite keeps this process cut off.
+                Ok(_) if ctx.state.partition.is_active() => continue,
                 Ok((stream, _)) => stream,
                 Err(e) => {
                     tracing::warn!(error = %e, "accepting on the Unix socket");
@@ -383,8 +402,13 @@ async fn run_unix(listener: tokio::net::UnixListener, ctx: ServerContext) {
             _ = ctx.shutdown.cancelled() => return,
         };
         let task_ctx = ctx.clone();
+        let cut = fault_injection.then(|| crate::fault::UnixCut::of(&stream, &ctx.state.partition)).flatten();
         ctx.requests.spawn(async move {
-            crate::connection::serve_unix_stream(task_ctx, stream).await;
+            let serve = crate::connection::serve_unix_stream(task_ctx, stream);
+            match cut {
+                Some(cut) => cut.around(serve).await,
+                None => serve.await,
+            }
             drop(permit);
         });
     }

@@ -4,7 +4,10 @@
 //! The push and read handlers talk to a [`Shuffle`] only. Lock order:
 //! the commit lock, then the storage's locks; storage never calls back.
 
-use std::sync::{Arc, Mutex, OnceLock};
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex, OnceLock},
+};
 
 use bytes::Bytes;
 use shuffle_protocol::{
@@ -55,6 +58,9 @@ pub struct Shuffle {
     pub scheduler: ReadScheduler,
     /// The tables' share of the memory budget.
     _tables: Reservation,
+    /// On a worker's copy: decided maps whose blocks it never received (it
+    /// was away when they were pushed); it cannot serve reads.
+    lacking: Mutex<BTreeMap<MapId, AttemptId>>,
 }
 
 impl Shuffle {
@@ -140,6 +146,7 @@ impl Shuffle {
             storage,
             scheduler: ReadScheduler::default(),
             _tables: tables,
+            lacking: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -382,6 +389,31 @@ impl Shuffle {
     /// Changes whenever a hybrid partition may have something new.
     pub fn subscribe(&self, partition: PartitionId) -> Option<watch::Receiver<u64>> {
         self.storage.subscribe(partition)
+    }
+
+    /// Notes that this copy lacks the blocks of `map`'s decided `attempt`
+    /// (call before recording the decision, whose notice wakes readers).
+    pub fn mark_lacking(&self, map: MapId, attempt: AttemptId) {
+        lock(&self.lacking).insert(map, attempt);
+    }
+
+    /// `DataLost` if this copy lacks a decided map's blocks, so that a
+    /// reader (one that began before the decision, too) reads the other copy.
+    pub fn check_lacking(&self, partition: PartitionId) -> Result<(), ServiceError> {
+        let lacking = lock(&self.lacking);
+        if lacking.is_empty() {
+            return Ok(());
+        }
+        let maps: Vec<String> = lacking.iter().map(|(m, a)| format!("{m} (attempt {a})")).collect();
+        Err(ServiceError::new(
+            ErrorKind::DataLost,
+            format!(
+                "this worker's copy of partition {partition} of {} lacks the blocks of map(s) {}: it was away when \
+                 they were pushed; read the other copy",
+                self.label(),
+                maps.join(", ")
+            ),
+        ))
     }
 
     /// Whether `(map, attempt)` failed after pushing (hybrid).

@@ -87,6 +87,8 @@ pub struct ServiceState {
     pub reserve_released: Arc<std::sync::atomic::AtomicBool>,
     /// On a cluster's worker: connections to other workers (for replication).
     pub peers: std::sync::OnceLock<Arc<Peers>>,
+    /// A network partition injected by the fault suite (`--fault-injection`).
+    pub partition: Arc<crate::fault::Partition>,
 }
 
 /// Marks one partition read in progress; dropping it ends it.
@@ -156,6 +158,7 @@ impl ServiceState {
             decommissioning: std::sync::atomic::AtomicBool::new(false),
             reserve_released: Arc::default(),
             peers: std::sync::OnceLock::new(),
+            partition: Arc::default(),
         })
     }
 

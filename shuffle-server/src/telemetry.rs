@@ -1,7 +1,8 @@
 //! Observability: metrics through the `metrics` facade, and the admin
 //! listener (axum) serving Prometheus text at `/metrics` and a JSON view of
 //! apps, shuffles, memory and disk at `/status` (a coordinator: its workers
-//! and the cluster's totals), and on a worker `POST /decommission`.
+//! and the cluster's totals), on a worker `POST /decommission`, and with
+//! `--fault-injection` `POST /fault/partition?millis=N` ([`crate::fault`]).
 //!
 //! The library only records through the facade; installing a recorder is
 //! the binary's choice (`shuffle-server` installs the Prometheus one and
@@ -16,7 +17,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::{
     Router,
-    extract::State,
+    extract::{RawQuery, State},
     http::{StatusCode, header::CONTENT_TYPE},
     response::IntoResponse,
     routing::{get, post},
@@ -222,6 +223,28 @@ async fn post_decommission(State(admin): State<Admin>) -> impl IntoResponse {
     }
 }
 
+/// `POST /fault/partition?millis=N`, only with `--fault-injection`: cuts
+/// this process off the network for N ms (see [`crate::fault`]).
+async fn post_partition(State(admin): State<Admin>, RawQuery(query): RawQuery) -> impl IntoResponse {
+    let AdminTarget::Server(state) = &admin.target else {
+        return (StatusCode::CONFLICT, "only a standalone server or a worker can be partitioned\n".to_string());
+    };
+    if !state.config.fault_injection {
+        return (
+            StatusCode::FORBIDDEN,
+            "fault injection is off (start the server with --fault-injection)\n".to_string(),
+        );
+    }
+    let millis = query.as_deref().and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("millis="))).map(str::parse);
+    match millis {
+        Some(Ok(millis @ 1..=600_000)) => {
+            state.partition.start(Duration::from_millis(millis));
+            (StatusCode::OK, format!("cut off the network for {millis} ms\n"))
+        }
+        _ => (StatusCode::BAD_REQUEST, "expected ?millis=N with N from 1 to 600000\n".to_string()),
+    }
+}
+
 /// Binds the admin listener.
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
     TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { addr, source })
@@ -238,6 +261,7 @@ pub async fn serve(
         .route("/metrics", get(get_metrics))
         .route("/status", get(get_status))
         .route("/decommission", post(post_decommission))
+        .route("/fault/partition", post(post_partition))
         .with_state(Admin { target, metrics, shutdown: shutdown.clone() });
     if let Err(e) = axum::serve(listener, router).with_graceful_shutdown(shutdown.cancelled_owned()).await {
         tracing::warn!(error = %e, "admin listener stopped");

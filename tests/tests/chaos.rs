@@ -27,8 +27,10 @@ fn the_fault_suite_passes_on_a_fixed_set_of_seeds() {
 /// worker while maps push (one copy: attempts re-run; two: nothing re-runs)
 /// and while readers read (one copy: `PartitionLost` and the lost maps
 /// re-run), kill and restart the coordinator, restart a worker gracefully,
-/// and cut a worker off (seeds 3, 4, 5, 12 and 24: SIGSTOP, then SIGCONT,
-/// mostly past the worker time-out), in every mode, in about two minutes. Seeds 18
+/// cut a worker off (seeds 3, 4 and 5: SIGSTOP, then SIGCONT, mostly past
+/// the worker time-out) and partition a worker from the network (seeds 12
+/// and 24: its datagrams dropped and its Unix streams closed while it runs
+/// on), in every mode, in about two minutes. Seeds 18
 /// and 22 are left out only for time: each waits out a reader's 30 s idle
 /// time-out on a dead worker's QUIC address.
 const CLUSTER_SEEDS: &str = "0..18,19..22,23,24";

@@ -978,6 +978,17 @@ async fn workers_without_unix_sockets_forward_to_replicas_over_quic() {
     assert!(quic >= 4 && unix == 0, "forwarding streams: {unix} on Unix sockets, {quic} over QUIC");
 }
 
+/// How a test cuts a worker off.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum CutOff {
+    /// SIGSTOP until the coordinator reports it lost, then SIGCONT.
+    Stop,
+    /// A network partition (`POST /fault/partition`, the worker started
+    /// with `--fault-injection`): its datagrams dropped and its Unix
+    /// streams closed while it runs on.
+    Partition,
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn with_two_copies_a_writer_pushing_to_a_worker_cut_off_past_the_time_out_commits_at_the_replica() {
     // A primary cut off (SIGSTOP) past the worker time-out is declared lost
@@ -986,9 +997,21 @@ async fn with_two_copies_a_writer_pushing_to_a_worker_cut_off_past_the_time_out_
     // longer holds the shuffle, and must move to the replica with the blocks
     // not yet held by both copies rather than fail. Over QUIC and over the
     // Unix sockets alike.
+    cut_off_primary_mid_map(CutOff::Stop).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_two_copies_a_writer_pushing_to_a_worker_partitioned_past_the_time_out_commits_at_the_replica() {
+    // As above with a network partition: the primary runs on while no
+    // datagram reaches or leaves it, its timers fire, its forwarding to the
+    // replica breaks, and its Unix streams are closed.
+    cut_off_primary_mid_map(CutOff::Partition).await;
+}
+
+async fn cut_off_primary_mid_map(how: CutOff) {
     let seed = seed();
     for (i, same_host) in [false, true].into_iter().enumerate() {
-        let cluster = Cluster::start(3, &[]);
+        let cluster = Cluster::start(3, if how == CutOff::Partition { &["--fault-injection"] } else { &[] });
         let mut options = cluster.options(&format!("cut-off-{i}")).same_host(same_host);
         options.block_size = 16 << 10;
         let client = ShuffleClient::connect(cluster.coordinator_addr, options).await.unwrap();
@@ -1007,7 +1030,9 @@ async fn with_two_copies_a_writer_pushing_to_a_worker_cut_off_past_the_time_out_
         let group = (splitmix64(seed + i as u64) % placement.groups.len() as u64) as u32;
         let victim_id = placement.worker(placement.groups[group as usize].copies[0]).unwrap().id.clone();
         let victim: usize = victim_id.trim_start_matches('w').parse().unwrap();
-        println!("same host {same_host}: cutting off {victim_id}, the primary of group {group}, while map 0 pushes");
+        println!(
+            "same host {same_host}: cutting off {victim_id} ({how:?}), the primary of group {group}, while map 0 pushes"
+        );
         let records: Vec<(u32, [u8; W1_KEY_LEN], [u8; W1_VALUE_LEN])> = map_range(params.records, params.maps, 0)
             .map(|r| {
                 let (mut key, mut value) = ([0u8; W1_KEY_LEN], [0u8; W1_VALUE_LEN]);
@@ -1023,11 +1048,19 @@ async fn with_two_copies_a_writer_pushing_to_a_worker_cut_off_past_the_time_out_
         for (_, (p, key, value)) in early {
             writer.write(*p, key, value).await.unwrap();
         }
-        cluster.signal_worker(victim, libc::SIGSTOP);
+        match how {
+            CutOff::Stop => cluster.signal_worker(victim, libc::SIGSTOP),
+            // Long enough to be seen lost; it ends by itself.
+            CutOff::Partition => {
+                cluster.worker(victim).http("POST", "/fault/partition?millis=4000");
+            }
+        }
         cluster.wait_until(Duration::from_secs(10), "the cut-off worker lost", |c| {
             c.worker_state(&victim_id).as_deref() == Some("Lost")
         });
-        cluster.signal_worker(victim, libc::SIGCONT);
+        if how == CutOff::Stop {
+            cluster.signal_worker(victim, libc::SIGCONT);
+        }
         cluster.wait_until(Duration::from_secs(10), "the cut-off worker back without the shuffle", |c| {
             let s: serde_json::Value = serde_json::from_str(&c.worker(victim).http_get("/status")).unwrap();
             c.worker_state(&victim_id).as_deref() == Some("Live")

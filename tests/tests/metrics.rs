@@ -1,5 +1,6 @@
 //! The daemon's observability end to end: `/metrics` counts what clients
-//! pushed, and `/status` lists shuffles until they are unregistered.
+//! pushed, and `/status` lists shuffles until they are unregistered; and
+//! the admin listener's fault injection, off unless asked for.
 
 use shuffle_client::{ExchangeMode, ShuffleId};
 use shuffle_tests::{
@@ -53,4 +54,38 @@ async fn metrics_count_what_the_client_pushed_and_status_lists_shuffles_until_un
     let app = status["apps"].as_array().unwrap().iter().find(|a| a["app"] == "observed").unwrap();
     let ids: Vec<_> = app["shuffles"].as_array().unwrap().iter().map(|s| s["id"].as_u64().unwrap()).collect();
     assert_eq!(ids, vec![4], "the unregistered shuffle is gone from /status");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_partition_fault_is_refused_without_fault_injection_and_cuts_the_daemon_off_for_its_time_with_it() {
+    let daemon = Daemon::start(&[]);
+    let (status, body) = daemon.http_answer("POST", "/fault/partition?millis=100");
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("--fault-injection"), "{body}");
+
+    // QUIC only: a Unix-socket client would not be cut off by a network partition of a remote host.
+    let daemon = Daemon::start(&["--fault-injection", "--unix-socket", "off"]);
+    for bad in ["", "?millis=0", "?millis=x", "?millis=600001", "?for=1s"] {
+        let (status, body) = daemon.http_answer("POST", &format!("/fault/partition{bad}"));
+        assert_eq!(status, 400, "{bad}: {body}");
+    }
+    let options = |app: &str| {
+        let mut options = daemon.options(app);
+        options.connect_timeout = std::time::Duration::from_millis(500);
+        options
+    };
+    let before = shuffle_client::ShuffleClient::connect(daemon.addr, options("before")).await.unwrap();
+    assert!(daemon.http("POST", "/fault/partition?millis=3000").contains("3000 ms"));
+    let started = std::time::Instant::now();
+    let err = shuffle_client::ShuffleClient::connect(daemon.addr, options("during")).await.err();
+    assert!(err.as_ref().is_some_and(|e| e.is_unreachable()), "connecting while partitioned: {err:?}");
+    // The admin listener (TCP) still answers: only the service's QUIC traffic is cut.
+    assert!(daemon.http_get("/status").contains("apps"));
+    tokio::time::sleep(std::time::Duration::from_millis(3000).saturating_sub(started.elapsed())).await;
+    let after = shuffle_client::ShuffleClient::connect(daemon.addr, options("after")).await.unwrap();
+    // The connection made before the partition outlived it (nothing was closed, packets were dropped).
+    let params = ExchangeParams { records: 20_000, maps: 2, partitions: 4, seed: 9, mode: ExchangeMode::Hash };
+    for (id, client) in [(1, &before), (2, &after)] {
+        verify(params, run_exchange(client, ShuffleId(id), params).await.unwrap().received).unwrap();
+    }
 }

@@ -65,19 +65,11 @@ pub struct GroupCopy {
     pub shuffle: Arc<Shuffle>,
     /// Per attempt: what arrived.
     ledger: Mutex<HashMap<(MapId, AttemptId), AttemptLedger>>,
-    /// Decided maps whose blocks this copy never received (it was away):
-    /// readers must read the other copy.
-    incomplete: Mutex<BTreeMap<MapId, AttemptId>>,
 }
 
 impl GroupCopy {
     fn new(group: u32, shuffle: Shuffle) -> Self {
-        Self {
-            group,
-            shuffle: Arc::new(shuffle),
-            ledger: Mutex::new(HashMap::new()),
-            incomplete: Mutex::new(BTreeMap::new()),
-        }
+        Self { group, shuffle: Arc::new(shuffle), ledger: Mutex::new(HashMap::new()) }
     }
 
     /// Stores one checked block of an attempt, in sequence order per
@@ -181,7 +173,7 @@ impl GroupCopy {
                         copy = %self.shuffle.label(), map, attempt,
                         "this copy lacks the committed attempt's blocks; readers will read the other copy"
                     );
-                    lock(&self.incomplete).insert(map, attempt);
+                    self.shuffle.mark_lacking(map, attempt);
                 }
                 Vec::new()
             }
@@ -191,11 +183,6 @@ impl GroupCopy {
             lock(&self.ledger).retain(|(m, a), _| *m != map || *a == attempt);
         }
         Ok(recorded)
-    }
-
-    /// Decided maps this copy lacks the blocks of.
-    pub fn incomplete(&self) -> BTreeMap<MapId, AttemptId> {
-        lock(&self.incomplete).clone()
     }
 
     /// Attempts verified at their `MapEnd` and not decided yet, with their totals.
@@ -210,11 +197,15 @@ impl GroupCopy {
         out
     }
 
+    /// Whether the attempt's `MapEnd` was verified here (it may be decided yet).
+    pub fn is_prepared(&self, map: MapId, attempt: AttemptId) -> bool {
+        lock(&self.ledger).get(&(map, attempt)).is_some_and(|l| l.prepared)
+    }
+
     /// Forgets an attempt that can no longer commit here (its push stream
     /// broke before `MapEnd`): frees its blocks.
     pub fn abandon(&self, map: MapId, attempt: AttemptId) {
-        let prepared = lock(&self.ledger).get(&(map, attempt)).is_some_and(|l| l.prepared);
-        if !prepared {
+        if !self.is_prepared(map, attempt) {
             lock(&self.ledger).remove(&(map, attempt));
             self.shuffle.drop_attempt(map, attempt);
         }

@@ -31,6 +31,7 @@ use tokio::sync::{oneshot, watch};
 
 use crate::{
     ServerConfig, ServerError,
+    fault::{Partition, PartitionedSocket, UnixCut},
     memory::Consumer,
     tls::ALPN,
     transport::{FrameReader, FrameSink, FrameWriter, StreamSink, apply_mtu},
@@ -96,6 +97,8 @@ pub struct Peers {
     pub forwards_unix: AtomicU64,
     /// Forwarding streams opened over QUIC.
     pub forwards_quic: AtomicU64,
+    /// With `--fault-injection`, the partition that cuts this worker's Unix streams.
+    partition: Option<Arc<Partition>>,
 }
 
 /// A connection to a peer and what its `PeerWelcome` said.
@@ -110,9 +113,27 @@ struct PeerLink {
 
 impl Peers {
     /// A client endpoint for talking to the cluster.
-    pub fn new(config: &ServerConfig, me: String, buffers: Arc<Consumer>) -> Result<Self, ServerError> {
+    pub fn new(
+        config: &ServerConfig,
+        me: String,
+        buffers: Arc<Consumer>,
+        partition: Arc<Partition>,
+    ) -> Result<Self, ServerError> {
         let bind: SocketAddr = ([0, 0, 0, 0], 0).into();
-        let mut endpoint = quinn::Endpoint::client(bind).map_err(|source| ServerError::Bind { addr: bind, source })?;
+        let bind_err = |source| ServerError::Bind { addr: bind, source };
+        let mut endpoint = if config.fault_injection {
+            let socket = std::net::UdpSocket::bind(bind).map_err(bind_err)?;
+            let socket = PartitionedSocket::wrap(socket, partition.clone()).map_err(bind_err)?;
+            quinn::Endpoint::new_with_abstract_socket(
+                quinn::EndpointConfig::default(),
+                None,
+                socket,
+                Arc::new(quinn::TokioRuntime),
+            )
+            .map_err(bind_err)?
+        } else {
+            quinn::Endpoint::client(bind).map_err(bind_err)?
+        };
         endpoint.set_default_client_config(client_config(config)?);
         let secret = config.cluster_secret.clone().unwrap_or_default();
         Ok(Self {
@@ -124,6 +145,7 @@ impl Peers {
             buffers,
             forwards_unix: AtomicU64::new(0),
             forwards_quic: AtomicU64::new(0),
+            partition: config.fault_injection.then_some(partition),
         })
     }
 
@@ -183,20 +205,27 @@ impl Peers {
         &self,
         path: &Path,
         worker: &str,
-    ) -> Result<(FrameReader<tokio::net::unix::OwnedReadHalf>, FrameWriter<PeerSink>), ServiceError> {
+    ) -> Result<(FrameReader<tokio::net::unix::OwnedReadHalf>, FrameWriter<PeerSink>, Option<UnixCut>), ServiceError>
+    {
         let unix_error = |what: &dyn std::fmt::Display| {
             ServiceError::new(ErrorKind::Io, format!("cluster peer {worker} on unix://{}: {what}", path.display()))
         };
+        if self.partition.as_ref().is_some_and(|p| p.is_active()) {
+            return Err(unix_error(&"this worker is cut off (injected network partition)"));
+        }
         let stream = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::UnixStream::connect(path))
             .await
             .map_err(|_| unix_error(&"no connection within the time-out"))?
             .map_err(|e| unix_error(&e))?;
+        let cut = self.partition.as_ref().and_then(|p| UnixCut::of(&stream, p));
         let (read, write) = stream.into_split();
         let mut writer = FrameWriter::new(PeerSink::Unix(StreamSink(write)));
         writer.request(&self.hello()).await?;
         let mut reader = FrameReader::new(read, &self.buffers, MAX_FRAME_LEN);
         match tokio::time::timeout(CALL_TIMEOUT, reader.next_response()).await {
-            Ok(Ok(Some(Response::PeerWelcome { worker: answered, .. }))) if answered == worker => Ok((reader, writer)),
+            Ok(Ok(Some(Response::PeerWelcome { worker: answered, .. }))) if answered == worker => {
+                Ok((reader, writer, cut))
+            }
             Ok(Ok(Some(Response::PeerWelcome { worker: answered, .. }))) => {
                 Err(unix_error(&format!("worker {answered} answers there, not {worker}")))
             }
@@ -297,16 +326,16 @@ impl Forward {
             None => None,
         };
         match unix {
-            Some((reader, writer)) => {
+            Some((reader, writer, cut)) => {
                 peers.forwards_unix.fetch_add(1, Ordering::Relaxed);
-                Self::start(replica, reader, writer, (app, shuffle), (map, attempt)).await
+                Self::start(replica, reader, writer, cut, (app, shuffle), (map, attempt)).await
             }
             None => {
                 let (send, recv) = link.connection.open_bi().await.map_err(|e| peer_error(replica, e))?;
                 peers.forwards_quic.fetch_add(1, Ordering::Relaxed);
                 let reader = FrameReader::new(recv, peers.buffers(), MAX_FRAME_LEN);
-                Self::start(replica, reader, FrameWriter::new(PeerSink::Quic(send)), (app, shuffle), (map, attempt))
-                    .await
+                let writer = FrameWriter::new(PeerSink::Quic(send));
+                Self::start(replica, reader, writer, None, (app, shuffle), (map, attempt)).await
             }
         }
     }
@@ -316,6 +345,7 @@ impl Forward {
         replica: SocketAddr,
         mut reader: FrameReader<R>,
         mut writer: FrameWriter<PeerSink>,
+        cut: Option<UnixCut>,
         (app, shuffle): (AppId, ShuffleId),
         (map, attempt): (MapId, AttemptId),
     ) -> Result<Self, ServiceError> {
@@ -330,8 +360,29 @@ impl Forward {
         let (acked_tx, acked) = watch::channel(0u64);
         let (outcome_tx, outcome) = oneshot::channel();
         tokio::spawn(async move {
+            // A partition injected by the fault suite shuts a Unix stream
+            // down; reading on then meets its end.
+            let watch_cut = async {
+                match &cut {
+                    Some(cut) => {
+                        cut.cancelled().await;
+                        cut.shut_down();
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::pin!(watch_cut);
+            let mut cut_done = false;
             let result = loop {
-                match reader.next_response().await {
+                // (The stream is dead once cut, so a frame half read then is no loss.)
+                let next = tokio::select! {
+                    next = reader.next_response() => next,
+                    () = &mut watch_cut, if !cut_done => {
+                        cut_done = true;
+                        continue;
+                    }
+                };
+                match next {
                     Ok(Some(Response::Acked { blocks })) => {
                         acked_tx.send_replace(blocks);
                     }

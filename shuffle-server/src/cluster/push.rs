@@ -128,8 +128,13 @@ pub async fn handle_push<R: AsyncRead + Unpin + Send, W: FrameSink>(
     if result.is_err() {
         for target in targets.values() {
             if kind == PushKind::Primary {
-                // The writer's stream broke: what it pushed here cannot commit here.
-                target.copy.shuffle.end_push(map, attempt, true);
+                // The writer's stream broke: what it pushed here cannot
+                // commit here, unless this copy verified its `MapEnd`
+                // before (the wait for the replica failed after it): then
+                // the writer may commit the attempt at the replica, and the
+                // decision will find the blocks here too.
+                let prepared = target.copy.is_prepared(map, attempt);
+                target.copy.shuffle.end_push(map, attempt, !prepared);
                 target.copy.abandon(map, attempt);
             }
         }

@@ -12,7 +12,7 @@
 
 use std::sync::Arc;
 
-use shuffle_protocol::{ErrorKind, PartitionId, Response, ResumePoint, ServiceError};
+use shuffle_protocol::{PartitionId, Response, ResumePoint, ServiceError};
 use tokio::io::AsyncRead;
 use tokio_util::sync::CancellationToken;
 
@@ -69,18 +69,6 @@ async fn readable_copy<W: FrameSink>(
         writer.response(&Response::PartitionLost { partition, maps: lost }).await?;
         return Ok(None);
     }
-    let incomplete = copy.incomplete();
-    if !incomplete.is_empty() {
-        let maps: Vec<String> = incomplete.iter().map(|(m, a)| format!("{m} (attempt {a})")).collect();
-        return Err(ServiceError::new(
-            ErrorKind::DataLost,
-            format!(
-                "this worker's copy of partition {partition} of {} lacks the blocks of map(s) {}: it was away when \
-                 they were pushed; read the other copy",
-                hosted.label(),
-                maps.join(", ")
-            ),
-        ));
-    }
+    copy.shuffle.check_lacking(partition)?;
     Ok(Some(copy))
 }

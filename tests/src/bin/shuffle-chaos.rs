@@ -27,8 +27,10 @@ use shuffle_tests::chaos::{Outcome, Plan, Summary, cluster, run};
                   bit, a full disk, a graceful restart. Cluster plans (--cluster) run a coordinator and 3 workers \
                   as child processes on 127.0.0.1-4, a hash, sort or hybrid shuffle with 1 or 2 copies, and one \
                   process fault at a seeded moment: a worker SIGKILLed while maps push or readers read, the \
-                  coordinator SIGKILLed and restarted, a worker restarted gracefully (rolling), or a worker cut \
-                  off for a while (SIGSTOP, then SIGCONT: a partition of that worker), plus task faults. Every run checks the data exactly (records lost 0, duplicated 0) or, where no recovery \
+                  coordinator SIGKILLed and restarted, a worker restarted gracefully (rolling), a worker cut \
+                  off for a while (SIGSTOP, then SIGCONT), or a worker partitioned from the network for a while \
+                  (its datagrams dropped and its Unix-socket streams closed while it runs on), plus task faults. \
+                  Every run checks the data exactly (records lost 0, duplicated 0) or, where no recovery \
                   is possible (single-node: a flipped bit, a full disk), that the error names the cause."
 )]
 struct Args {
@@ -50,6 +52,9 @@ struct Args {
     /// coordinator killed, or a worker restarted, mid-job) instead of single-node ones.
     #[arg(long)]
     cluster: bool,
+    /// Print each seed's plan without running it.
+    #[arg(long)]
+    plans: bool,
 }
 
 /// The seeds to run: `--seed`, or `--seeds` as ranges and single seeds
@@ -79,6 +84,16 @@ async fn main() -> anyhow::Result<ExitCode> {
     let mut summary = Summary::default();
     let started = Instant::now();
     let limit = args.time_limit_minutes.map(|m| std::time::Duration::from_secs(60 * m));
+    if args.plans {
+        for seed in seeds(&args)? {
+            if args.cluster {
+                println!("seed {seed}: {}", cluster::ClusterPlan::from_seed(seed));
+            } else {
+                println!("seed {seed}: {}", Plan::from_seed(seed));
+            }
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     for seed in seeds(&args)? {
         if limit.is_some_and(|l| started.elapsed() >= l) {
             println!("time limit reached: seeds from {seed} on were not run");

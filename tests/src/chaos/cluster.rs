@@ -26,6 +26,11 @@
 //!   the coordinator declares it lost while it is alive). Such plans keep
 //!   two copies; nothing is lost (no `PartitionLost`), the result is exact;
 //!   attempts that meet the cut may run again.
+//! - A worker partitioned from the network at a seeded moment for a seeded
+//!   time (`POST /fault/partition` on its admin listener, which the fixture
+//!   enables with `--fault-injection`: every datagram it sends or receives
+//!   is dropped and its Unix-socket streams are closed, while the process
+//!   runs on, its timers and handlers included). The same rule as a cut-off.
 //!
 //! Maps of a "sparse" plan write only a seeded subset of the partitions, so
 //! that losing a worker loses some maps and not others, and `PartitionLost`
@@ -99,6 +104,8 @@ pub enum ClusterFault {
     /// Worker `worker` is cut off at `at` (SIGSTOP) and comes back
     /// `millis` later (SIGCONT).
     CutOffWorker { worker: usize, at: Moment, millis: u64 },
+    /// Worker `worker` is partitioned from the network at `at` for `millis`.
+    PartitionWorker { worker: usize, at: Moment, millis: u64 },
 }
 
 impl ClusterFault {
@@ -116,6 +123,8 @@ impl ClusterFault {
             Self::RestartWorker { .. } => "worker restarted gracefully (rolling)",
             Self::CutOffWorker { at: Moment::Pushed(_), .. } => "worker cut off (SIGSTOP) while maps push",
             Self::CutOffWorker { at: Moment::Read(_), .. } => "worker cut off (SIGSTOP) while readers read",
+            Self::PartitionWorker { at: Moment::Pushed(_), .. } => "worker partitioned while maps push",
+            Self::PartitionWorker { at: Moment::Read(_), .. } => "worker partitioned while readers read",
         }
     }
 }
@@ -216,19 +225,18 @@ impl ClusterPlan {
             }
         }
         task_faults.sort();
-        Self {
-            seed,
-            mode,
-            replication,
-            records,
-            maps,
-            partitions,
-            masks,
-            memory_mib: 16 + rng.below(32),
-            same_host: rng.chance(50),
-            fault,
-            task_faults,
-        }
+        let memory_mib = 16 + rng.below(32);
+        let same_host = rng.chance(50);
+        // Drawn last, so that every other choice of a seed stays as it was
+        // before partitions joined the suite: half the cut-offs become
+        // partitions of the network.
+        let fault = match fault {
+            ClusterFault::CutOffWorker { worker, at, millis } if rng.chance(50) => {
+                ClusterFault::PartitionWorker { worker, at, millis }
+            }
+            other => other,
+        };
+        Self { seed, mode, replication, records, maps, partitions, masks, memory_mib, same_host, fault, task_faults }
     }
 
     fn spec(&self) -> ShuffleSpec {
@@ -255,7 +263,9 @@ impl ClusterPlan {
         match self.fault {
             ClusterFault::KillWorker { .. } => self.replication >= 2,
             ClusterFault::KillCoordinator { .. } => true,
-            ClusterFault::RestartWorker { .. } | ClusterFault::CutOffWorker { .. } => false,
+            ClusterFault::RestartWorker { .. }
+            | ClusterFault::CutOffWorker { .. }
+            | ClusterFault::PartitionWorker { .. } => false,
         }
     }
 
@@ -379,16 +389,18 @@ struct Progress {
     read: AtomicU64,
     /// Set just before the signal is sent.
     fired: AtomicBool,
-    /// The process to signal, when, and the signal (SIGKILL, or SIGSTOP to cut it off).
-    trigger: Option<(libc::pid_t, Moment, libc::c_int)>,
+    /// When to fire, and what.
+    trigger: Option<(Moment, Action)>,
     fired_signal: tokio::sync::Notify,
+    /// Why firing failed, if it did.
+    fire_error: Mutex<Option<String>>,
     attempts_retried: AtomicU64,
 }
 
 impl Progress {
     fn pushed_one(&self) {
         let n = self.pushed.fetch_add(1, Ordering::Relaxed) + 1;
-        if let Some((_, Moment::Pushed(at), _)) = self.trigger
+        if let Some((Moment::Pushed(at), _)) = self.trigger
             && n >= at
         {
             self.fire();
@@ -397,7 +409,7 @@ impl Progress {
 
     fn read_block(&self) {
         let n = self.read.fetch_add(1, Ordering::Relaxed) + 1;
-        if let Some((_, Moment::Read(at), _)) = self.trigger
+        if let Some((Moment::Read(at), _)) = self.trigger
             && n >= at
         {
             self.fire();
@@ -405,10 +417,19 @@ impl Progress {
     }
 
     fn fire(&self) {
-        let Some((pid, _, signal)) = self.trigger else { return };
+        let Some((_, action)) = self.trigger else { return };
         if !self.fired.swap(true, Ordering::SeqCst) {
-            // SAFETY: kill(2) on the pid of a child this process started and has not reaped.
-            unsafe { libc::kill(pid, signal) };
+            match action {
+                // SAFETY: kill(2) on the pid of a child this process started and has not reaped.
+                Action::Signal(pid, signal) => unsafe {
+                    libc::kill(pid, signal);
+                },
+                Action::Partition(admin, millis) => {
+                    if let Err(e) = post_partition(admin, millis) {
+                        *self.fire_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e);
+                    }
+                }
+            }
             self.fired_signal.notify_one();
         }
     }
@@ -416,6 +437,30 @@ impl Progress {
     fn has_fired(&self) -> bool {
         self.fired.load(Ordering::SeqCst)
     }
+}
+
+/// A process fault to fire.
+#[derive(Clone, Copy, Debug)]
+enum Action {
+    /// Send the signal (SIGKILL, or SIGSTOP to cut the process off) to the pid.
+    Signal(libc::pid_t, libc::c_int),
+    /// Partition the worker whose admin listener is there for so many milliseconds.
+    Partition(std::net::SocketAddr, u64),
+}
+
+/// `POST /fault/partition?millis=N` to the admin listener at `admin`.
+fn post_partition(admin: std::net::SocketAddr, millis: u64) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let fail = |e: &dyn fmt::Display| format!("partitioning the worker at {admin}: {e}");
+    let mut stream = std::net::TcpStream::connect_timeout(&admin, Duration::from_secs(5)).map_err(|e| fail(&e))?;
+    write!(
+        stream,
+        "POST /fault/partition?millis={millis} HTTP/1.1\r\nhost: localhost\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+    )
+    .map_err(|e| fail(&e))?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).map_err(|e| fail(&e))?;
+    if response.starts_with("HTTP/1.1 200") { Ok(()) } else { Err(fail(&response.trim_end())) }
 }
 
 /// Runs `plan` on a fresh cluster.
@@ -449,7 +494,13 @@ async fn with_cluster<T: Send + 'static>(
 }
 
 async fn run_inner(plan: &ClusterPlan) -> ClusterRun {
-    let worker_args = ["--memory".to_string(), format!("{}MiB", plan.memory_mib), "--flush-size".into(), "1MiB".into()];
+    let worker_args = [
+        "--memory".to_string(),
+        format!("{}MiB", plan.memory_mib),
+        "--flush-size".into(),
+        "1MiB".into(),
+        "--fault-injection".into(),
+    ];
     // A rolling restart must not outlast the worker time-out (the existing
     // rolling-restart test uses 10 s too); kills use the fixture's 1.5 s.
     let timeout = match plan.fault {
@@ -517,9 +568,10 @@ struct MapDone {
 }
 
 async fn drive(plan: &ClusterPlan, cluster: &Arc<Mutex<Cluster>>, recovery: &mut Recovery) -> Result<Totals, String> {
-    let (coordinator, options, pids) = with_cluster(cluster, |c| {
+    let (coordinator, options, pids, admins) = with_cluster(cluster, |c| {
         let pids: Vec<libc::pid_t> = (0..WORKERS).map(|i| c.worker(i).child.id() as libc::pid_t).collect();
-        (c.coordinator_addr, c.options("chaos-cluster"), (pids, c.coordinator().child.id() as libc::pid_t))
+        let admins: Vec<std::net::SocketAddr> = (0..WORKERS).map(|i| c.worker(i).metrics_addr).collect();
+        (c.coordinator_addr, c.options("chaos-cluster"), (pids, c.coordinator().child.id() as libc::pid_t), admins)
     })
     .await?;
     let options = options.same_host(plan.same_host);
@@ -537,9 +589,10 @@ async fn drive(plan: &ClusterPlan, cluster: &Arc<Mutex<Cluster>>, recovery: &mut
         .map_err(|e| format!("placement: {e}"))?
         .ok_or("a cluster shuffle has a placement")?;
     let trigger = match plan.fault {
-        ClusterFault::KillWorker { worker, at } => Some((pids.0[worker], at, libc::SIGKILL)),
-        ClusterFault::KillCoordinator { at, .. } => Some((pids.1, at, libc::SIGKILL)),
-        ClusterFault::CutOffWorker { worker, at, .. } => Some((pids.0[worker], at, libc::SIGSTOP)),
+        ClusterFault::KillWorker { worker, at } => Some((at, Action::Signal(pids.0[worker], libc::SIGKILL))),
+        ClusterFault::KillCoordinator { at, .. } => Some((at, Action::Signal(pids.1, libc::SIGKILL))),
+        ClusterFault::CutOffWorker { worker, at, .. } => Some((at, Action::Signal(pids.0[worker], libc::SIGSTOP))),
+        ClusterFault::PartitionWorker { worker, at, millis } => Some((at, Action::Partition(admins[worker], millis))),
         ClusterFault::RestartWorker { .. } => None,
     };
     let progress = Arc::new(Progress {
@@ -548,6 +601,7 @@ async fn drive(plan: &ClusterPlan, cluster: &Arc<Mutex<Cluster>>, recovery: &mut
         fired: AtomicBool::new(false),
         trigger,
         fired_signal: tokio::sync::Notify::new(),
+        fire_error: Mutex::new(None),
         attempts_retried: AtomicU64::new(0),
     });
     // The coordinator comes back `down_millis` after its kill.
@@ -621,6 +675,9 @@ async fn drive(plan: &ClusterPlan, cluster: &Arc<Mutex<Cluster>>, recovery: &mut
         }
     }
     recovery.injected = progress.has_fired();
+    if let Some(e) = progress.fire_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
+        return Err(e);
+    }
     recovery.attempts_retried = progress.attempts_retried.load(Ordering::Relaxed);
     map_result?;
     let mut reads = reads?;
