@@ -252,6 +252,17 @@ async fn worker_failed(client: &ShuffleClient, worker: &str) {
 /// How long a writer waits for a worker's answer before it says so in the log.
 const SLOW_ACK: Duration = Duration::from_secs(5);
 
+/// Awaits `wait`, calling `slow` (which logs) every [`SLOW_ACK`] it takes.
+async fn noting_slow<T>(wait: impl Future<Output = T>, slow: impl Fn()) -> T {
+    tokio::pin!(wait);
+    loop {
+        tokio::select! {
+            out = &mut wait => return out,
+            () = tokio::time::sleep(SLOW_ACK) => slow(),
+        }
+    }
+}
+
 /// Opens a writer of `map` `attempt` that pushes to the workers of the placement.
 pub(crate) async fn writer(
     client: &ShuffleClient,
@@ -416,19 +427,11 @@ impl ClusterSink {
         } else {
             Request::OpenPush { shuffle, map, attempt }
         };
-        let (send, mut reader, _) = {
-            let open = worker.open_push(&request);
-            tokio::pin!(open);
-            loop {
-                tokio::select! {
-                    opened = &mut open => break opened?,
-                    () = tokio::time::sleep(SLOW_ACK) => tracing::info!(
-                        shuffle = %self.shuffle, map = self.map, worker = %key.worker,
-                        "still waiting for the worker to accept a push stream"
-                    ),
-                }
-            }
-        };
+        let (send, mut reader, _) = noting_slow(worker.open_push(&request), || {
+            tracing::info!(shuffle = %self.shuffle, map = self.map, worker = %key.worker,
+                "still waiting for the worker to accept a push stream");
+        })
+        .await?;
         let (tx, responses) = mpsc::unbounded_channel();
         tokio::spawn(async move {
             loop {
@@ -471,19 +474,12 @@ impl ClusterSink {
         let (replicated, window) = (self.replicated, self.window);
         let dest = self.dests.get_mut(key).expect("opened above");
         let mut out = chunks.clone();
-        let written = {
-            let write = dest.send.write_chunks(&mut out);
-            tokio::pin!(write);
-            loop {
-                tokio::select! {
-                    written = &mut write => break written,
-                    () = tokio::time::sleep(SLOW_ACK) => tracing::info!(
-                        shuffle = %self.shuffle, map = self.map, worker = %key.worker,
-                        "still waiting for the worker to take a block (flow control)"
-                    ),
-                }
-            }
-        };
+        let (shuffle, map) = (self.shuffle, self.map);
+        let written = noting_slow(dest.send.write_chunks(&mut out), || {
+            tracing::info!(%shuffle, map, worker = %key.worker,
+                "still waiting for the worker to take a block (flow control)");
+        })
+        .await;
         match written {
             Ok(()) => {}
             Err(SendError::Stopped) => {
@@ -503,17 +499,13 @@ impl ClusterSink {
                 dest.take(response)?;
             }
             while dest.unacked_bytes > window {
-                let response = loop {
-                    match tokio::time::timeout(SLOW_ACK, dest.responses.recv()).await {
-                        Ok(response) => break response,
-                        Err(_) => tracing::info!(
-                            shuffle = %self.shuffle, map = self.map, worker = %key.worker, sent = dest.sent,
-                            acked = dest.acked, "still waiting for the worker to acknowledge blocks"
-                        ),
-                    }
-                };
-                let response = response
-                    .unwrap_or_else(|| Err(ClientError::ConnectionLost("the push stream's responses ended".into())));
+                let (sent, acked) = (dest.sent, dest.acked);
+                let response = noting_slow(dest.responses.recv(), || {
+                    tracing::info!(%shuffle, map, worker = %key.worker, sent, acked,
+                        "still waiting for the worker to acknowledge blocks");
+                })
+                .await
+                .unwrap_or_else(|| Err(ClientError::ConnectionLost("the push stream's responses ended".into())));
                 dest.take(response)?;
             }
         }
@@ -613,14 +605,11 @@ impl ClusterSink {
                 }
                 dest.send.finish();
                 loop {
-                    let response = match tokio::time::timeout(SLOW_ACK, dest.responses.recv()).await {
-                        Ok(response) => response,
-                        Err(_) => {
-                            tracing::info!(worker = %key.worker, sent = dest.sent, acked = dest.acked,
-                                "still waiting for the worker to verify MapEnd");
-                            continue;
-                        }
-                    };
+                    let (sent, acked) = (dest.sent, dest.acked);
+                    let response = noting_slow(dest.responses.recv(), || {
+                        tracing::info!(worker = %key.worker, sent, acked, "still waiting for the worker to verify MapEnd");
+                    })
+                    .await;
                     match response {
                         Some(Ok(Response::Prepared { .. })) => return Ok(()),
                         Some(response) => dest.take(response)?,

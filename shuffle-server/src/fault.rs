@@ -102,15 +102,10 @@ impl UnixCut {
     }
 
     /// Shuts the stream's socket down both ways.
-    pub fn shut_down(&self) {
+    fn shut_down(&self) {
         if let Err(e) = rustix::net::shutdown(&self.socket, rustix::net::Shutdown::Both) {
             tracing::debug!(error = %e, "shutting a Unix stream down for the injected partition");
         }
-    }
-
-    /// Resolves when a partition starts.
-    pub async fn cancelled(&self) {
-        self.cut.cancelled().await;
     }
 }
 
@@ -121,12 +116,17 @@ pub struct PartitionedSocket {
     partition: Arc<Partition>,
 }
 
-impl PartitionedSocket {
-    /// Wraps `socket` (bound, non-blocking as the runtime needs) for `partition`.
-    pub fn wrap(socket: std::net::UdpSocket, partition: Arc<Partition>) -> io::Result<Arc<dyn AsyncUdpSocket>> {
-        let inner = quinn::Runtime::wrap_udp_socket(&quinn::TokioRuntime, socket)?;
-        Ok(Arc::new(Self { inner, partition }))
-    }
+/// A UDP socket bound to `addr` for a QUIC endpoint; with a `partition`
+/// (`--fault-injection`), one whose datagrams the partition drops.
+pub fn udp_socket(
+    addr: std::net::SocketAddr,
+    partition: Option<&Arc<Partition>>,
+) -> io::Result<Arc<dyn AsyncUdpSocket>> {
+    let inner = quinn::Runtime::wrap_udp_socket(&quinn::TokioRuntime, std::net::UdpSocket::bind(addr)?)?;
+    Ok(match partition {
+        Some(partition) => Arc::new(PartitionedSocket { inner, partition: partition.clone() }),
+        None => inner,
+    })
 }
 
 impl AsyncUdpSocket for PartitionedSocket {

@@ -312,12 +312,7 @@ fn bind_endpoint(
     partition: &Arc<crate::fault::Partition>,
 ) -> Result<quinn::Endpoint, ServerError> {
     let bind = |source| ServerError::Bind { addr: config.listen, source };
-    let socket = std::net::UdpSocket::bind(config.listen).map_err(bind)?;
-    let socket = if config.fault_injection {
-        crate::fault::PartitionedSocket::wrap(socket, partition.clone()).map_err(bind)?
-    } else {
-        quinn::Runtime::wrap_udp_socket(&quinn::TokioRuntime, socket).map_err(bind)?
-    };
+    let socket = crate::fault::udp_socket(config.listen, config.fault_injection.then_some(partition)).map_err(bind)?;
     let runtime = Arc::new(quinn::TokioRuntime);
     let Some(secret) = &config.cluster_secret else {
         return quinn::Endpoint::new_with_abstract_socket(

@@ -31,7 +31,7 @@ use tokio::sync::{oneshot, watch};
 
 use crate::{
     ServerConfig, ServerError,
-    fault::{Partition, PartitionedSocket, UnixCut},
+    fault::{Partition, UnixCut, udp_socket},
     memory::Consumer,
     tls::ALPN,
     transport::{FrameReader, FrameSink, FrameWriter, StreamSink, apply_mtu},
@@ -121,19 +121,15 @@ impl Peers {
     ) -> Result<Self, ServerError> {
         let bind: SocketAddr = ([0, 0, 0, 0], 0).into();
         let bind_err = |source| ServerError::Bind { addr: bind, source };
-        let mut endpoint = if config.fault_injection {
-            let socket = std::net::UdpSocket::bind(bind).map_err(bind_err)?;
-            let socket = PartitionedSocket::wrap(socket, partition.clone()).map_err(bind_err)?;
-            quinn::Endpoint::new_with_abstract_socket(
-                quinn::EndpointConfig::default(),
-                None,
-                socket,
-                Arc::new(quinn::TokioRuntime),
-            )
-            .map_err(bind_err)?
-        } else {
-            quinn::Endpoint::client(bind).map_err(bind_err)?
-        };
+        let partition = config.fault_injection.then_some(partition);
+        let socket = udp_socket(bind, partition.as_ref()).map_err(bind_err)?;
+        let mut endpoint = quinn::Endpoint::new_with_abstract_socket(
+            quinn::EndpointConfig::default(),
+            None,
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(bind_err)?;
         endpoint.set_default_client_config(client_config(config)?);
         let secret = config.cluster_secret.clone().unwrap_or_default();
         Ok(Self {
@@ -145,7 +141,7 @@ impl Peers {
             buffers,
             forwards_unix: AtomicU64::new(0),
             forwards_quic: AtomicU64::new(0),
-            partition: config.fault_injection.then_some(partition),
+            partition,
         })
     }
 
@@ -359,30 +355,9 @@ impl Forward {
         }
         let (acked_tx, acked) = watch::channel(0u64);
         let (outcome_tx, outcome) = oneshot::channel();
-        tokio::spawn(async move {
-            // A partition injected by the fault suite shuts a Unix stream
-            // down; reading on then meets its end.
-            let watch_cut = async {
-                match &cut {
-                    Some(cut) => {
-                        cut.cancelled().await;
-                        cut.shut_down();
-                    }
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::pin!(watch_cut);
-            let mut cut_done = false;
+        let follow = async move {
             let result = loop {
-                // (The stream is dead once cut, so a frame half read then is no loss.)
-                let next = tokio::select! {
-                    next = reader.next_response() => next,
-                    () = &mut watch_cut, if !cut_done => {
-                        cut_done = true;
-                        continue;
-                    }
-                };
-                match next {
+                match reader.next_response().await {
                     Ok(Some(Response::Acked { blocks })) => {
                         acked_tx.send_replace(blocks);
                     }
@@ -394,6 +369,14 @@ impl Forward {
                 }
             };
             let _ = outcome_tx.send(result);
+        };
+        // A partition injected by the fault suite shuts a Unix stream down;
+        // reading on then meets its end.
+        tokio::spawn(async move {
+            match cut {
+                Some(cut) => cut.around(follow).await,
+                None => follow.await,
+            }
         });
         Ok(Self { replica, writer, sent: 0, acked, outcome: Some(outcome) })
     }
