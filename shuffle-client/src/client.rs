@@ -192,6 +192,13 @@ impl ShuffleClient {
         self.inner.cluster.is_some()
     }
 
+    /// How many connections this cluster client made to worker `worker`
+    /// (0 for a standalone client, or a worker it never used): more than
+    /// one means a connection was lost or dropped and made again.
+    pub fn worker_connects(&self, worker: &str) -> u64 {
+        self.inner.cluster.as_ref().map_or(0, |c| c.connects(worker))
+    }
+
     /// The counter of pushed block bytes, shared with writers.
     pub(crate) fn pushed_counter(&self) -> Arc<std::sync::atomic::AtomicU64> {
         self.inner.pushed_bytes.clone()

@@ -62,6 +62,8 @@ pub(crate) struct ClusterState {
     /// [`UNREACHABLE_FOR`] fail at once instead of each waiting out the
     /// connect time-out in turn.
     unreachable: std::sync::Mutex<HashMap<String, Instant>>,
+    /// Connections made to each worker, by worker id.
+    connects: std::sync::Mutex<HashMap<String, u64>>,
 }
 
 impl ClusterState {
@@ -73,7 +75,13 @@ impl ClusterState {
             placements: Mutex::new(HashMap::new()),
             workers: std::sync::Mutex::new(HashMap::new()),
             unreachable: std::sync::Mutex::new(HashMap::new()),
+            connects: std::sync::Mutex::new(HashMap::new()),
         }
+    }
+
+    /// How many connections this client made to `worker`.
+    pub fn connects(&self, worker: &str) -> u64 {
+        lock(&self.connects).get(worker).copied().unwrap_or(0)
     }
 
     /// Closes the workers' clients and the coordinator connection now (a
@@ -223,6 +231,7 @@ async fn worker_client(client: &ShuffleClient, worker: &WorkerEndpoint) -> Resul
             match &connected {
                 Ok(_) => {
                     lock(&state.unreachable).remove(&worker.id);
+                    *lock(&state.connects).entry(worker.id.clone()).or_default() += 1;
                 }
                 Err(e) if e.is_unreachable() => {
                     lock(&state.unreachable).insert(worker.id.clone(), Instant::now());

@@ -127,6 +127,10 @@ pub async fn serve_partition<W: FrameSink>(
             continue;
         }
         if complete || !hybrid {
+            // The decision that completed the shuffle may have found this
+            // copy lacking since the check above (it marks the copy before
+            // it records the decision): the end must not name that map.
+            shuffle.check_lacking(partition)?;
             // An attempt the reader holds blocks of may have lost since the check above.
             if let Some((map, attempt)) = producer_failed(&delivered) {
                 let rereadable = shuffle.rereadable();

@@ -1079,3 +1079,118 @@ async fn cut_off_primary_mid_map(how: CutOff) {
         client.close().await;
     }
 }
+
+/// Hybrid readers stream from the primaries of their partitions while map
+/// 0 pushes; a short partition of one primary (too short for the
+/// coordinator to declare it lost) closes the writer's Unix stream to it,
+/// and the writer commits the map at the replica. The decision then tells
+/// the primary that it lacks the committed attempt's blocks: the readers
+/// streaming from it must get `DataLost` mid-stream and read the rest from
+/// the replica (their streams used to end naming an attempt they were never
+/// sent: an integrity error), and must keep the client's connection to the
+/// primary, which is alive (readers used to report it unreachable and drop
+/// the connection that the client's other reads used). The readers use
+/// QUIC, whose connection outlives the partition. The victim is also the
+/// replica of another group, whose primary verifies map 0's end and then,
+/// its forwarding broken, answers `Unavailable`: the writer commits at the
+/// victim, and the primary must keep the attempt's blocks (it used to drop
+/// them and then record totals for blocks it no longer had: an integrity
+/// error). Found by `shuffle-chaos --cluster --seed 12`; each of the three
+/// fixes undone fails this test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hybrid_readers_of_a_copy_found_to_lack_a_committed_map_read_it_from_the_other_copy_on_the_same_connection() {
+    let seed = seed();
+    let cluster = Cluster::start(3, &["--fault-injection"]);
+    let mut options = cluster.options("lacking").same_host(true);
+    options.block_size = 16 << 10;
+    let writers = ShuffleClient::connect(cluster.coordinator_addr, options).await.unwrap();
+    let options = cluster.options("lacking").secret(writers.credentials().secret.clone()).same_host(false);
+    let readers = ShuffleClient::connect(cluster.coordinator_addr, options).await.unwrap();
+    let params = ExchangeParams { records: 200_000, maps: 2, partitions: 6, seed, mode: ExchangeMode::Hybrid };
+    let shuffle = ShuffleId(1);
+    let spec = ShuffleSpec::hybrid(params.maps, params.partitions, shuffle_client::SpillStrategy::Full).replicated(2);
+    writers.register_shuffle(shuffle, spec).await.unwrap();
+    let placement = writers.placement(shuffle).await.unwrap().unwrap();
+    let group = (splitmix64(seed) % placement.groups.len() as u64) as u32;
+    let copies = &placement.groups[group as usize].copies;
+    let victim_id = placement.worker(copies[0]).unwrap().id.clone();
+    let replica_id = placement.worker(copies[1]).unwrap().id.clone();
+    let victim: usize = victim_id.trim_start_matches('w').parse().unwrap();
+    let victim_partitions: Vec<u32> =
+        (0..params.partitions).filter(|p| placement.partition_groups[*p as usize] == group).collect();
+    println!(
+        "partitioning {victim_id}, the primary of group {group} (partitions {victim_partitions:?}), while map 0 pushes"
+    );
+    let blocks = Arc::new(AtomicU64::new(0));
+    // Each partition's reader, reading again from the start when told that
+    // a producer it read from failed (the primary takes the writer's broken
+    // stream for a failed attempt), as hybrid readers of full spilling may.
+    let reading: Vec<_> = (0..params.partitions)
+        .map(|p| {
+            let (readers, blocks) = (readers.clone(), blocks.clone());
+            tokio::spawn(async move {
+                'again: loop {
+                    let mut reader = readers.reader(shuffle, p).await.unwrap();
+                    let mut totals = W1Totals::default();
+                    loop {
+                        match reader.next_block().await {
+                            Ok(Some(block)) => {
+                                block.records().for_each(|(key, _)| totals.add_key(key));
+                                blocks.fetch_add(1, Ordering::AcqRel);
+                            }
+                            Ok(None) => return totals,
+                            Err(ClientError::ProducerFailed { rereadable: true, .. }) => continue 'again,
+                            Err(e) => panic!("partition {p}: {e}"),
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    let records: Vec<(u32, [u8; W1_KEY_LEN], [u8; W1_VALUE_LEN])> = map_range(params.records, params.maps, 0)
+        .map(|r| {
+            let (mut key, mut value) = ([0u8; W1_KEY_LEN], [0u8; W1_VALUE_LEN]);
+            w1_record(params.seed, r, &mut key, &mut value);
+            (shuffle_tests::workload::w1_partition(&key, params.partitions), key, value)
+        })
+        .collect();
+    let (early, late) = records.split_at(records.len() / 2);
+    let mut writer = writers.writer(shuffle, 0, 0).await.unwrap();
+    for (p, key, value) in early {
+        writer.write(*p, key, value).await.unwrap();
+    }
+    writer.flush().await.unwrap();
+    // The readers of the victim's partitions stream its blocks.
+    wait_for(&blocks, 1).await;
+    cluster.worker(victim).http("POST", "/fault/partition?millis=250");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    for (p, key, value) in late {
+        writer.write(*p, key, value).await.unwrap_or_else(|e| panic!("map 0: {e}"));
+    }
+    assert_eq!(writer.finish().await.unwrap(), CommitOutcome::Committed);
+    assert_eq!(write_map(&writers, shuffle, params, 1, 0).await.unwrap(), CommitOutcome::Committed);
+    let mut received = W1Totals::default();
+    for r in reading {
+        received.merge(r.await.unwrap());
+    }
+    verify(params, received).unwrap();
+    let coordinator = cluster.coordinator.as_ref().unwrap().http_get("/metrics");
+    assert!(
+        coordinator.lines().any(|l| l == "shuffle_cluster_workers_lost_total 0"),
+        "the partition was meant to be too short for the coordinator to declare {victim_id} lost:\n{coordinator}"
+    );
+    // The primary answered DataLost, so the readers did read the replica.
+    let lost = cluster.worker(victim).http_get("/metrics");
+    assert!(
+        lost.lines().any(|l| l.starts_with("shuffle_errors_total{kind=\"DataLost\"}")),
+        "{victim_id} never told a reader that it lacks map 0:\n{lost}"
+    );
+    // Reading everything again goes to the primary first once more, on the
+    // connection the client kept, and again on to the replica.
+    verify(params, read_all(&readers, shuffle, params, &blocks).await).unwrap();
+    for worker in [&victim_id, &replica_id] {
+        assert_eq!(readers.worker_connects(worker), 1, "the readers' connections to {worker}");
+    }
+    writers.close().await;
+    readers.close().await;
+}
