@@ -227,7 +227,7 @@ async fn worker_client(client: &ShuffleClient, worker: &WorkerEndpoint) -> Resul
             let mut options = client.options().clone();
             options.app = client.credentials().app.clone();
             options.secret = Some(client.credentials().secret.clone());
-            let connected = ShuffleClient::connect_to(worker.addr, options, false).await;
+            let connected = connect_worker(client, worker, options).await;
             match &connected {
                 Ok(_) => {
                     lock(&state.unreachable).remove(&worker.id);
@@ -242,6 +242,44 @@ async fn worker_client(client: &ShuffleClient, worker: &WorkerEndpoint) -> Resul
         })
         .await?;
     Ok(connected.clone())
+}
+
+/// How long a worker's handshake may take before the client asks the
+/// coordinator whether the worker is lost (and again as often while it takes).
+const SLOW_CONNECT: Duration = Duration::from_secs(1);
+
+/// Connects to a worker. While the handshake is slow, reports the worker to
+/// the coordinator every [`SLOW_CONNECT`], and gives up once the coordinator
+/// answers that it is lost (its heartbeats are late too): a worker that died
+/// before this client reached it costs a few missed heartbeats, not the
+/// whole connect time-out; one that heartbeats is waited for.
+async fn connect_worker(
+    client: &ShuffleClient,
+    worker: &WorkerEndpoint,
+    options: crate::ClientOptions,
+) -> Result<ShuffleClient, ClientError> {
+    let connect = ShuffleClient::connect_to(worker.addr, options, false);
+    let lost = async {
+        loop {
+            tokio::time::sleep(SLOW_CONNECT).await;
+            let report = Request::ReportUnreachable { worker: worker.id.clone() };
+            match tokio::time::timeout(SLOW_CONNECT, coordinator_call(client, &report)).await {
+                Ok(Ok(Response::WorkerChecked { lost: true, .. })) => return,
+                Ok(Ok(_)) => tracing::debug!(worker = %worker.id, "slow to connect; the coordinator says it is live"),
+                Ok(Err(e)) => {
+                    tracing::debug!(worker = %worker.id, error = %e, "slow to connect; asking the coordinator failed")
+                }
+                Err(_) => tracing::debug!(worker = %worker.id, "slow to connect; the coordinator is slow to answer"),
+            }
+        }
+    };
+    tokio::select! {
+        connected = connect => connected,
+        () = lost => Err(ClientError::ConnectionLost(format!(
+            "worker {} at {} did not complete a handshake and the coordinator declared it lost",
+            worker.id, worker.addr
+        ))),
+    }
 }
 
 /// Forgets a worker's client (it failed), and tells the coordinator.

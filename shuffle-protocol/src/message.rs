@@ -465,6 +465,10 @@ pub enum Response {
     /// Direct reads: file `file` of this read was deleted and no more of
     /// its blocks will be served; the reader closes its descriptor.
     FileClosed { file: u32 },
+    /// Coordinator to client, answering `ReportUnreachable`: whether the
+    /// worker is lost now (it was, or its heartbeats were late too and the
+    /// report made it so), or still live (it heartbeats: only slow).
+    WorkerChecked { worker: String, lost: bool },
 }
 
 impl Request {
@@ -622,6 +626,7 @@ mod tests {
             ".{0,80}".prop_map(|m| Response::Error(ServiceError::new(ErrorKind::UnknownShuffle, m))),
             any::<u32>().prop_map(|file| Response::FileOpened { file }),
             any::<u32>().prop_map(|file| Response::FileClosed { file }),
+            ("w[0-9]{1,3}", any::<bool>()).prop_map(|(worker, lost)| Response::WorkerChecked { worker, lost }),
             (any::<u32>(), any::<u64>(), any::<u64>(), any::<u32>())
                 .prop_map(|(file, offset, len, blocks)| Response::FileRange { file, offset, len, blocks }),
             any::<u64>().prop_map(|blocks| Response::Acked { blocks }),

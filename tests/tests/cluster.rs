@@ -1194,3 +1194,45 @@ async fn hybrid_readers_of_a_copy_found_to_lack_a_committed_map_read_it_from_the
     writers.close().await;
     readers.close().await;
 }
+
+/// A worker SIGKILLed before the client ever reached it: a QUIC handshake
+/// to it would wait out the whole connect time-out (120 s here, 10 s by
+/// default; without this it took the idle time-out of 30 s when that was
+/// shorter). While a handshake is slow the client reports the worker to the
+/// coordinator, which declares it lost once its heartbeats are late too;
+/// the client then gives up at once, and writers and readers move to the
+/// replica. Every map's first attempt commits and the result is exact, well
+/// within the time-out. Seen in W6 (`shuffle-bench failover`): a sort run
+/// whose worker died 0.02 s into the job waited out the 10 s time-out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_killed_before_the_client_reached_it_is_given_up_once_the_coordinator_declares_it_lost() {
+    let seed = seed();
+    let mut cluster = Cluster::start(3, &[]);
+    let mut options = cluster.options("dead-before-connect").same_host(false);
+    options.connect_timeout = Duration::from_secs(120);
+    options.idle_timeout = Duration::from_secs(120); // else a handshake gives up after 30 s
+    let client = ShuffleClient::connect(cluster.coordinator_addr, options).await.unwrap();
+    let params = ExchangeParams { records: 100_000, maps: 2, partitions: 6, seed, mode: ExchangeMode::Hash };
+    let shuffle = ShuffleId(1);
+    client.register_shuffle(shuffle, params.spec().replicated(2)).await.unwrap();
+    let placement = client.placement(shuffle).await.unwrap().unwrap();
+    let group = (splitmix64(seed) % placement.groups.len() as u64) as usize;
+    let victim_id = placement.worker(placement.groups[group].copies[0]).unwrap().id.clone();
+    let victim: usize = victim_id.trim_start_matches('w').parse().unwrap();
+    println!("killing {victim_id}, the primary of group {group}, before the client connects to any worker");
+    cluster.kill_worker(victim);
+    let killed = std::time::Instant::now();
+    let job = async {
+        for map in 0..params.maps {
+            let outcome = write_map(&client, shuffle, params, map, 0).await;
+            assert_eq!(outcome.unwrap_or_else(|e| panic!("map {map}: {e}")), CommitOutcome::Committed);
+        }
+        read_all(&client, shuffle, params, &Arc::new(AtomicU64::new(0))).await
+    };
+    let received = tokio::time::timeout(Duration::from_secs(60), job)
+        .await
+        .unwrap_or_else(|_| panic!("still waiting for {victim_id} 60 s after its kill"));
+    verify(params, received).unwrap();
+    println!("exact, {:?} after the kill", killed.elapsed());
+    client.close().await;
+}

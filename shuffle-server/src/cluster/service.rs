@@ -465,13 +465,20 @@ impl CoordinatorService {
                 self.commit(app, generation, shuffle, placement_version, end).await
             }
             Request::ReportUnreachable { worker } => {
-                let commands = lock(&self.state).suspect(&worker, Instant::now());
+                let (commands, state) = {
+                    let mut state = lock(&self.state);
+                    let commands = state.suspect(&worker, Instant::now());
+                    (commands, state.worker_state(&worker))
+                };
                 if !commands.is_empty() {
                     self.stats.workers_lost.fetch_add(1, Ordering::Relaxed);
                     self.bump();
                 }
                 self.spawn_deliveries(commands);
-                Ok(Response::Ok)
+                // A worker this coordinator does not know (it restarted and
+                // the worker has not registered again) is not said lost.
+                let lost = state == Some(WorkerState::Lost);
+                Ok(Response::WorkerChecked { worker, lost })
             }
             other => Err(ServiceError::new(
                 ErrorKind::WrongRole,
