@@ -192,9 +192,9 @@ impl ShuffleClient {
         self.inner.cluster.is_some()
     }
 
-    /// How many connections this cluster client made to worker `worker`
-    /// (0 for a standalone client, or a worker it never used): more than
-    /// one means a connection was lost or dropped and made again.
+    /// How many times this cluster client connected to worker `worker` (0
+    /// for a standalone client, or a worker it never used): more than one
+    /// means it dropped or lost its connection to the worker and made a new one.
     pub fn worker_connects(&self, worker: &str) -> u64 {
         self.inner.cluster.as_ref().map_or(0, |c| c.connects(worker))
     }

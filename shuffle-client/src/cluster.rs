@@ -62,7 +62,8 @@ pub(crate) struct ClusterState {
     /// [`UNREACHABLE_FOR`] fail at once instead of each waiting out the
     /// connect time-out in turn.
     unreachable: std::sync::Mutex<HashMap<String, Instant>>,
-    /// Connections made to each worker, by worker id.
+    /// Clients made for each worker, by worker id: more than one means the
+    /// client dropped a connection to the worker (or lost it) and connected again.
     connects: std::sync::Mutex<HashMap<String, u64>>,
 }
 
@@ -244,15 +245,20 @@ async fn worker_client(client: &ShuffleClient, worker: &WorkerEndpoint) -> Resul
     Ok(connected.clone())
 }
 
-/// How long a worker's handshake may take before the client asks the
-/// coordinator whether the worker is lost (and again as often while it takes).
+/// How long connecting to a worker (QUIC handshake and `Hello`) may take
+/// before the client asks the coordinator whether the worker is lost, and
+/// then the pause between asks and the most an ask may take. On a data
+/// centre network a live worker answers within milliseconds; a second is
+/// long past that and short against the 10 s connect time-out.
 const SLOW_CONNECT: Duration = Duration::from_secs(1);
 
-/// Connects to a worker. While the handshake is slow, reports the worker to
-/// the coordinator every [`SLOW_CONNECT`], and gives up once the coordinator
-/// answers that it is lost (its heartbeats are late too): a worker that died
-/// before this client reached it costs a few missed heartbeats, not the
-/// whole connect time-out; one that heartbeats is waited for.
+/// Connects to a worker. While connecting is slow, reports the worker to
+/// the coordinator about every [`SLOW_CONNECT`] or two, and gives up once
+/// the coordinator answers that it is lost (its heartbeats are late too and
+/// its registration link is still open, or it was lost before): a worker
+/// that died before this client reached it costs what the coordinator needs
+/// to see it dead, not the whole connect time-out; one that heartbeats is
+/// waited for up to the time-out.
 async fn connect_worker(
     client: &ShuffleClient,
     worker: &WorkerEndpoint,
@@ -274,9 +280,10 @@ async fn connect_worker(
         }
     };
     tokio::select! {
+        biased;
         connected = connect => connected,
         () = lost => Err(ClientError::ConnectionLost(format!(
-            "worker {} at {} did not complete a handshake and the coordinator declared it lost",
+            "worker {} at {} did not accept a connection and the coordinator declared it lost",
             worker.id, worker.addr
         ))),
     }

@@ -35,7 +35,7 @@ use crate::{
 };
 
 /// Version of this message set; a server refuses a `Hello` with another.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// Most map tasks of one shuffle, 200,000: above the largest Spark jobs'
 /// map counts seen in practice, and small enough that a `PartitionEnd`
@@ -245,7 +245,8 @@ pub enum Request {
     /// Client to coordinator: an attempt pushed everything and every worker
     /// it pushed to answered `Prepared`; decide the map.
     CommitMap { shuffle: ShuffleId, placement_version: u64, end: MapEnd },
-    /// Client to coordinator: this worker did not answer; check it now.
+    /// Client to coordinator: this worker did not answer, or is slow to
+    /// accept a connection; check it now. Answered by `WorkerChecked`.
     ReportUnreachable { worker: String },
     /// Client to worker: the primary of some partitions was lost; push
     /// their blocks here, the replica, which keeps what it already has.

@@ -1160,10 +1160,13 @@ async fn hybrid_readers_of_a_copy_found_to_lack_a_committed_map_read_it_from_the
         writer.write(*p, key, value).await.unwrap();
     }
     writer.flush().await.unwrap();
-    // The readers of the victim's partitions stream its blocks.
-    wait_for(&blocks, 1).await;
+    // The readers stream map 0's blocks.
+    tokio::time::timeout(Duration::from_secs(30), wait_for(&blocks, 1)).await.expect("no block read in 30 s");
     cluster.worker(victim).http("POST", "/fault/partition?millis=250");
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Past the partition and the back-off of the heartbeat it held up: the
+    // writer's report of the victim (on its next write) must find the
+    // victim's heartbeats fresh, or the coordinator would declare it lost.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     for (p, key, value) in late {
         writer.write(*p, key, value).await.unwrap_or_else(|e| panic!("map 0: {e}"));
     }
@@ -1195,19 +1198,21 @@ async fn hybrid_readers_of_a_copy_found_to_lack_a_committed_map_read_it_from_the
     readers.close().await;
 }
 
-/// A worker SIGKILLed before the client ever reached it: a QUIC handshake
-/// to it would wait out the whole connect time-out (120 s here, 10 s by
-/// default; without this it took the idle time-out of 30 s when that was
-/// shorter). While a handshake is slow the client reports the worker to the
-/// coordinator, which declares it lost once its heartbeats are late too;
-/// the client then gives up at once, and writers and readers move to the
-/// replica. Every map's first attempt commits and the result is exact, well
+/// A worker SIGKILLed before the client ever reached it: connecting to it
+/// would wait out the whole connect time-out (120 s here, 10 s by default;
+/// without this it took the idle time-out of 30 s when that was shorter).
+/// While connecting is slow the client reports the worker to the
+/// coordinator, which declares it lost once its heartbeats are late too
+/// (the worker time-out, 300 s here, plays no part); the client then gives
+/// up at once, and writers and readers move to the replica. Every map's first attempt commits and the result is exact, well
 /// within the time-out. Seen in W6 (`shuffle-bench failover`): a sort run
 /// whose worker died 0.02 s into the job waited out the 10 s time-out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_worker_killed_before_the_client_reached_it_is_given_up_once_the_coordinator_declares_it_lost() {
     let seed = seed();
-    let mut cluster = Cluster::start(3, &[]);
+    // A worker time-out far beyond the test's bound: only the client's
+    // report can get the worker declared lost in time.
+    let mut cluster = Cluster::start_with_timeout(3, &[], "300s");
     let mut options = cluster.options("dead-before-connect").same_host(false);
     options.connect_timeout = Duration::from_secs(120);
     options.idle_timeout = Duration::from_secs(120); // else a handshake gives up after 30 s

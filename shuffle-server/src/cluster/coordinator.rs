@@ -41,7 +41,10 @@ pub struct Settings {
 
 impl Settings {
     /// Missed heartbeats after which a worker that a client reports
-    /// unreachable is declared lost at once, without waiting for the time-out.
+    /// unreachable (or slow to accept a connection) is declared lost at
+    /// once, without waiting for the time-out. A worker three heartbeats
+    /// late whose connections fail or stall is taken for dead; a stalled
+    /// process that heartbeats again is not.
     pub const SUSPECT_HEARTBEATS: u32 = 3;
 }
 

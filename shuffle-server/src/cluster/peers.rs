@@ -89,8 +89,11 @@ pub struct Peers {
     secret: String,
     /// This process's id (a worker's id; "coordinator" otherwise).
     me: String,
-    /// Peer connections with their `PeerHello` done, by address.
-    connections: tokio::sync::Mutex<HashMap<SocketAddr, PeerLink>>,
+    /// Peer connections with their `PeerHello` done, by address. Each
+    /// address has its own lock, held while connecting: connecting to a
+    /// peer that is gone (which waits out the connect time-out) holds up no
+    /// forwarding to the others.
+    connections: std::sync::Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<Option<PeerLink>>>>>,
     /// Accounts the buffers of frames read from peers.
     buffers: Arc<Consumer>,
     /// Forwarding streams opened on replicas' Unix sockets.
@@ -137,7 +140,7 @@ impl Peers {
             tls_name: config.tls_name.clone(),
             secret,
             me,
-            connections: tokio::sync::Mutex::new(HashMap::new()),
+            connections: std::sync::Mutex::new(HashMap::new()),
             buffers,
             forwards_unix: AtomicU64::new(0),
             forwards_quic: AtomicU64::new(0),
@@ -167,8 +170,12 @@ impl Peers {
     /// The connection to the worker at `addr` and what it said, opened
     /// (with `PeerHello`) if there is none alive.
     async fn link(&self, addr: SocketAddr) -> Result<PeerLink, ServiceError> {
-        let mut connections = self.connections.lock().await;
-        if let Some(link) = connections.get(&addr)
+        let slot = {
+            let mut connections = self.connections.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            connections.entry(addr).or_default().clone()
+        };
+        let mut slot = slot.lock().await;
+        if let Some(link) = slot.as_ref()
             && link.connection.close_reason().is_none()
         {
             return Ok(link.clone());
@@ -181,7 +188,7 @@ impl Peers {
             }
             other => return Err(peer_error(addr, format!("expected PeerWelcome, got {other:?}"))),
         };
-        connections.insert(addr, link.clone());
+        *slot = Some(link.clone());
         Ok(link)
     }
 

@@ -270,7 +270,27 @@ async fn open_target(
             }
             copy.shuffle.begin_push(map, attempt)?;
             if let (Some(replica), Some(peers)) = (hosted.replica_of(group), peers) {
-                match Forward::open(peers, replica.addr, (hosted.app.clone(), hosted.id), (map, attempt)).await {
+                let open = Forward::open(peers, replica.addr, (hosted.app.clone(), hosted.id), (map, attempt));
+                // A replica that died before this worker reached it would
+                // hold the push up for the whole connect time-out: stop
+                // waiting once the coordinator has dropped it from the group.
+                let dropped = async {
+                    loop {
+                        tokio::time::sleep(CONFIRM_POLL).await;
+                        if hosted.holds_without(group, &replica.id).unwrap_or(false) {
+                            return;
+                        }
+                    }
+                };
+                let opened = tokio::select! {
+                    biased;
+                    opened = open => opened,
+                    () = dropped => Err(ServiceError::new(
+                        ErrorKind::Io,
+                        format!("the coordinator dropped replica {} while this worker was connecting to it", replica.id),
+                    )),
+                };
+                match opened {
                     Ok(f) => forward = Some(f),
                     Err(e) => {
                         tracing::warn!(
