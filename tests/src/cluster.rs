@@ -73,9 +73,29 @@ impl Cluster {
             worker_args: worker_args.iter().map(|s| s.to_string()).collect(),
             worker_timeout: worker_timeout.to_string(),
         };
-        cluster.start_coordinator();
+        // A port found free may be taken before the daemon binds it (by a
+        // client's socket on the wildcard address, in a test running
+        // alongside): the first start of each process tries another port.
+        for attempt in 1.. {
+            match cluster.try_start_coordinator() {
+                Ok(()) => break,
+                Err(why) if attempt < 4 && why.contains("in use") => {
+                    cluster.coordinator_addr.set_port(free_port("127.0.0.1"));
+                }
+                Err(why) => panic!("{why}"),
+            }
+        }
         for i in 0..workers {
-            cluster.start_worker(i);
+            for attempt in 1.. {
+                match cluster.try_start_worker(i) {
+                    Ok(()) => break,
+                    Err(why) if attempt < 4 && why.contains("in use") => {
+                        let ip = cluster.worker_addrs[i].ip().to_string();
+                        cluster.worker_addrs[i].set_port(free_port(&ip));
+                    }
+                    Err(why) => panic!("{why}"),
+                }
+            }
         }
         cluster.wait_for_workers(workers);
         cluster
@@ -109,15 +129,24 @@ impl Cluster {
 
     /// Starts (or starts again) the coordinator where it was.
     pub fn start_coordinator(&mut self) {
+        self.try_start_coordinator().unwrap_or_else(|why| panic!("{why}"));
+    }
+
+    fn try_start_coordinator(&mut self) -> Result<(), String> {
         let data = self.dir.path().join("coordinator");
         let mut args = vec!["coordinator".to_string()];
         args.extend(self.common_args());
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        self.coordinator = Some(Daemon::launch(&data, &self.coordinator_addr.to_string(), &args, &[]));
+        self.coordinator = Some(Daemon::try_launch(&data, &self.coordinator_addr.to_string(), &args, &[])?);
+        Ok(())
     }
 
     /// Starts (or starts again) worker `i` where it was, on its own data dir.
     pub fn start_worker(&mut self, i: usize) {
+        self.try_start_worker(i).unwrap_or_else(|why| panic!("{why}"));
+    }
+
+    fn try_start_worker(&mut self, i: usize) -> Result<(), String> {
         let data = self.worker_dir(i);
         let mut args = vec![
             "worker".to_string(),
@@ -129,7 +158,8 @@ impl Cluster {
         args.extend(self.common_args());
         args.extend(self.worker_args.iter().cloned());
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        self.workers[i] = Some(Daemon::launch(&data, &self.worker_addrs[i].to_string(), &args, &[]));
+        self.workers[i] = Some(Daemon::try_launch(&data, &self.worker_addrs[i].to_string(), &args, &[])?);
+        Ok(())
     }
 
     /// Worker `i`'s process.

@@ -68,6 +68,12 @@ impl Daemon {
 
     /// Starts the daemon listening on `listen` (its metrics on the same IP, any port).
     pub fn launch(data_dir: &Path, listen: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::try_launch(data_dir, listen, args, env).unwrap_or_else(|why| panic!("{why}"))
+    }
+
+    /// As [`Daemon::launch`]; an error saying why (with what the daemon
+    /// printed) if it did not start.
+    pub fn try_launch(data_dir: &Path, listen: &str, args: &[&str], env: &[(&str, &str)]) -> Result<Self, String> {
         let ip = listen.rsplit_once(':').map_or("127.0.0.1", |(ip, _)| ip);
         let mut child = Command::new(server_binary())
             .args(["--listen", listen, "--metrics-addr", &format!("{ip}:0"), "--data-dir"])
@@ -97,11 +103,27 @@ impl Daemon {
         });
         let mut addr = None;
         let mut metrics_addr = None;
+        // What it printed before its addresses, to say why it did not start.
+        let mut early: Vec<String> = Vec::new();
         while addr.is_none() || metrics_addr.is_none() {
-            let line = rx.recv_timeout(START_TIMEOUT).unwrap_or_else(|_| {
-                let _ = child.kill();
-                panic!("shuffle-server did not report its addresses within {START_TIMEOUT:?}")
-            });
+            let line = match rx.recv_timeout(START_TIMEOUT) {
+                Ok(line) => line,
+                Err(e) => {
+                    let _ = child.kill();
+                    let status = child.wait().map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+                    let why = match e {
+                        mpsc::RecvTimeoutError::Timeout => {
+                            format!("did not report its addresses within {START_TIMEOUT:?}")
+                        }
+                        mpsc::RecvTimeoutError::Disconnected => "exited before reporting its addresses".to_string(),
+                    };
+                    return Err(format!(
+                        "shuffle-server on {listen} {why} ({status}); it printed:\n{}",
+                        early.join("\n")
+                    ));
+                }
+            };
+            early.push(line.clone());
             if let Some(rest) = line.split("listening on ").nth(1) {
                 let a = rest.split_whitespace().next().expect("address after 'listening on'");
                 addr = Some(a.parse().expect("a socket address"));
@@ -111,14 +133,14 @@ impl Daemon {
                 metrics_addr = Some(a.parse().expect("a socket address"));
             }
         }
-        Self {
+        Ok(Self {
             child,
             addr: addr.expect("set above"),
             metrics_addr: metrics_addr.expect("set above"),
             data_dir: data_dir.to_path_buf(),
             _temp: None,
             log: rx,
-        }
+        })
     }
 
     /// The generated certificate clients trust.
