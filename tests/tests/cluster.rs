@@ -978,6 +978,17 @@ async fn workers_without_unix_sockets_forward_to_replicas_over_quic() {
     assert!(quic >= 4 && unix == 0, "forwarding streams: {unix} on Unix sockets, {quic} over QUIC");
 }
 
+/// W1's records of map `map` with their partitions, in the order it writes them.
+fn map_records(params: ExchangeParams, map: u32) -> Vec<(u32, [u8; W1_KEY_LEN], [u8; W1_VALUE_LEN])> {
+    map_range(params.records, params.maps, map)
+        .map(|r| {
+            let (mut key, mut value) = ([0u8; W1_KEY_LEN], [0u8; W1_VALUE_LEN]);
+            w1_record(params.seed, r, &mut key, &mut value);
+            (shuffle_tests::workload::w1_partition(&key, params.partitions), key, value)
+        })
+        .collect()
+}
+
 /// How a test cuts a worker off.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum CutOff {
@@ -1033,13 +1044,7 @@ async fn cut_off_primary_mid_map(how: CutOff) {
         println!(
             "same host {same_host}: cutting off {victim_id} ({how:?}), the primary of group {group}, while map 0 pushes"
         );
-        let records: Vec<(u32, [u8; W1_KEY_LEN], [u8; W1_VALUE_LEN])> = map_range(params.records, params.maps, 0)
-            .map(|r| {
-                let (mut key, mut value) = ([0u8; W1_KEY_LEN], [0u8; W1_VALUE_LEN]);
-                w1_record(params.seed, r, &mut key, &mut value);
-                (shuffle_tests::workload::w1_partition(&key, params.partitions), key, value)
-            })
-            .collect();
+        let records = map_records(params, 0);
         let (early, late): (Vec<_>, Vec<_>) = records
             .iter()
             .enumerate()
@@ -1147,13 +1152,7 @@ async fn hybrid_readers_of_a_copy_found_to_lack_a_committed_map_read_it_from_the
             })
         })
         .collect();
-    let records: Vec<(u32, [u8; W1_KEY_LEN], [u8; W1_VALUE_LEN])> = map_range(params.records, params.maps, 0)
-        .map(|r| {
-            let (mut key, mut value) = ([0u8; W1_KEY_LEN], [0u8; W1_VALUE_LEN]);
-            w1_record(params.seed, r, &mut key, &mut value);
-            (shuffle_tests::workload::w1_partition(&key, params.partitions), key, value)
-        })
-        .collect();
+    let records = map_records(params, 0);
     let (early, late) = records.split_at(records.len() / 2);
     let mut writer = writers.writer(shuffle, 0, 0).await.unwrap();
     for (p, key, value) in early {
