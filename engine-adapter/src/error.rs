@@ -40,6 +40,12 @@ pub enum EngineError {
     /// A single record needs more memory than its operator's share of the budget.
     #[error("{consumer} needs {needed} bytes for one record, over its share of the memory budget ({limit} bytes)")]
     Memory { consumer: String, needed: usize, limit: usize },
+    /// An operator holding nothing waited its full patience for bytes within
+    /// its share while other operators held the whole budget.
+    #[error(
+        "{consumer} waited {waited:?} for {needed} bytes within its share of the memory budget ({share} bytes), all held by other operators"
+    )]
+    MemoryStarved { consumer: String, needed: usize, share: usize, waited: std::time::Duration },
     /// A streaming operator's state outgrew its share of the memory budget.
     #[error(
         "the state of {operator} would take {bytes} bytes, over its share of the memory budget ({limit} bytes): {hint}"

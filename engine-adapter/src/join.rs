@@ -28,11 +28,12 @@ use tokio::sync::mpsc;
 use crate::{
     Dataset, EngineError,
     dataset::merge_stages,
-    exchange::{Exchange, Key, Partitioner, Value, encode_key, encode_value},
+    exchange::{Exchange, Key, Partitioner, Value, encode_value},
     exchange_reader::{ExchangeReader, Raw, RecordDecoder},
     keyed::{Sorted, new_sorter, push_all},
     map::FastMap,
     memory::Reservation,
+    spill::SpillWriter,
     state::Snapshot,
     task::{BATCH_RECORDS, Batch, BoxFuture, Event, Input, Item, TaskContext, now_us},
 };
@@ -427,18 +428,25 @@ impl<K: Key, V: Value, W: Value> JoinInput<K, V, W> {
             let bytes: usize = records.iter().map(|(k, _, b)| b + k.len() + entry_overhead::<(K, V)>()).sum();
             if !memory.try_grow(bytes) {
                 // The left side does not fit: sort both sides and merge them.
-                let mut sorter = new_sorter(&left.ctx, "join (left)");
-                let (mut k, mut v) = (Vec::new(), Vec::new());
-                for (key, events) in table.drain() {
+                // The table becomes the left sorter's first run, written
+                // before the sorter reserves anything, so the task never
+                // holds two shares of the budget at once.
+                let mut entries: Vec<_> = table.drain().collect();
+                drop(table);
+                entries.sort_unstable_by(|a: &(Vec<u8>, _), b| a.0.cmp(&b.0));
+                let mut writer = SpillWriter::create(&left.ctx.spill_dir)?;
+                let mut v = Vec::new();
+                for (key, events) in entries {
                     for event in events {
-                        encode_key(&event.value.0, &mut k)?;
-                        debug_assert_eq!(k, key);
                         encode_value(&event.value.1, None, &mut v)?;
-                        sorter.push(&key, &v)?;
+                        writer.push(&key, &v)?;
                     }
                 }
-                drop(table);
-                memory.free();
+                let run = writer.finish()?;
+                left.ctx.stats.spilled.fetch_add(run.len(), std::sync::atomic::Ordering::Relaxed);
+                drop(memory);
+                let mut sorter = new_sorter(&left.ctx, "join (left)");
+                sorter.add_run(run);
                 push_all(&mut sorter, &raw, &left)?;
                 while let Some(item) = left.next_raw().await? {
                     if let Raw::Records(raw) = item {

@@ -10,14 +10,32 @@
 //! reservations share the budget fairly: each may grow to the budget left
 //! by unspillable ones divided by the number of spillable consumers, so one
 //! task cannot starve the others of the same stage.
+//!
+//! Shares shrink when consumers arrive: one that grew to a larger share is
+//! then over its new one ([`Reservation::over_share`], one atomic load) and
+//! must spill and shed what it holds. A consumer under its share that the
+//! full pool refuses, and that holds nothing it could spill, waits for the
+//! others to shed ([`Reservation::grow_or_wait`]) instead of failing, as a
+//! task does in Spark's execution memory pool.
 
-use std::sync::{Arc, Mutex};
+use std::{
+    sync::{
+        Arc, Condvar, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 /// The engine-wide budget.
 #[derive(Debug)]
 pub(crate) struct MemoryPool {
     budget: usize,
     state: Mutex<PoolState>,
+    /// Signalled whenever bytes are given back or a spillable consumer leaves.
+    freed: Condvar,
+    /// A spillable consumer's fair share now (kept in step with `state`), so
+    /// operators can check it per record without the lock.
+    share: AtomicUsize,
 }
 
 #[derive(Debug, Default)]
@@ -36,11 +54,45 @@ impl PoolState {
     fn used(&self) -> usize {
         self.unspillable + self.spillable
     }
+
+    fn share(&self, budget: usize) -> usize {
+        budget.saturating_sub(self.unspillable) / self.spillable_consumers.max(1)
+    }
+}
+
+/// What [`Reservation::grow_or_wait`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Grow {
+    /// The bytes are held.
+    Granted,
+    /// Growing would take the reservation past its share: spill instead.
+    OverShare,
+    /// Within the share, but the budget stayed held by others for the whole wait.
+    Starved,
+}
+
+/// Runs `f`, which may block, without stalling the async tasks of the
+/// runtime it is called from (the engine's runtime has several threads).
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
+    }
 }
 
 impl MemoryPool {
     pub(crate) fn new(budget: usize) -> Arc<Self> {
-        Arc::new(Self { budget, state: Mutex::new(PoolState::default()) })
+        Arc::new(Self {
+            budget,
+            state: Mutex::new(PoolState::default()),
+            freed: Condvar::new(),
+            share: AtomicUsize::new(budget),
+        })
+    }
+
+    /// Publishes the fair share after `state` changed.
+    fn update_share(&self, state: &PoolState) {
+        self.share.store(state.share(self.budget), Ordering::Relaxed);
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, PoolState> {
@@ -67,7 +119,9 @@ impl MemoryPool {
     /// for messages). Spillable ones share the budget fairly.
     pub(crate) fn reservation(self: &Arc<Self>, consumer: impl Into<String>, spillable: bool) -> Reservation {
         if spillable {
-            self.state().spillable_consumers += 1;
+            let mut state = self.state();
+            state.spillable_consumers += 1;
+            self.update_share(&state);
         }
         Reservation { pool: self.clone(), consumer: consumer.into(), bytes: 0, spillable }
     }
@@ -98,7 +152,7 @@ impl Reservation {
     pub(crate) fn limit(&self) -> usize {
         let state = self.pool.state();
         if self.spillable {
-            self.pool.budget.saturating_sub(state.unspillable) / state.spillable_consumers.max(1)
+            state.share(self.pool.budget)
         } else {
             self.pool.budget.saturating_sub(state.used()) + self.bytes
         }
@@ -106,23 +160,60 @@ impl Reservation {
 
     /// Grows by `n` bytes if the budget allows; `false` (and no change) if not.
     pub(crate) fn try_grow(&mut self, n: usize) -> bool {
-        let mut state = self.pool.state();
+        let pool = self.pool.clone();
+        let mut state = pool.state();
         let allowed = if self.spillable {
-            let share = self.pool.budget.saturating_sub(state.unspillable) / state.spillable_consumers.max(1);
-            self.bytes + n <= share && state.used() + n <= self.pool.budget
+            self.bytes + n <= state.share(pool.budget) && state.used() + n <= pool.budget
         } else {
-            state.used() + n <= self.pool.budget
+            state.used() + n <= pool.budget
         };
         if allowed {
-            if self.spillable {
-                state.spillable += n;
-            } else {
-                state.unspillable += n;
-            }
-            state.peak = state.peak.max(state.used());
-            self.bytes += n;
+            self.grant(&mut state, n);
         }
         allowed
+    }
+
+    fn grant(&mut self, state: &mut PoolState, n: usize) {
+        if self.spillable {
+            state.spillable += n;
+        } else {
+            state.unspillable += n;
+            self.pool.update_share(state);
+        }
+        state.peak = state.peak.max(state.used());
+        self.bytes += n;
+    }
+
+    /// Whether this spillable reservation holds more than its share now
+    /// (consumers came after it grew): its operator should spill and shed.
+    pub(crate) fn over_share(&self) -> bool {
+        self.spillable && self.bytes > self.pool.share.load(Ordering::Relaxed)
+    }
+
+    /// Grows a spillable reservation by `n` bytes, waiting up to `patience`
+    /// while the budget is held by consumers over their shares (they shed
+    /// when they next check [`Reservation::over_share`], or finish).
+    pub(crate) fn grow_or_wait(&mut self, n: usize, patience: Duration) -> Grow {
+        debug_assert!(self.spillable, "only spillable consumers wait for their share");
+        let deadline = Instant::now() + patience;
+        let pool = self.pool.clone();
+        blocking(|| {
+            let mut state = pool.state();
+            loop {
+                if self.bytes + n > state.share(pool.budget) {
+                    return Grow::OverShare;
+                }
+                if state.used() + n <= pool.budget {
+                    self.grant(&mut state, n);
+                    return Grow::Granted;
+                }
+                let now = Instant::now();
+                if now >= deadline {
+                    return Grow::Starved;
+                }
+                state = pool.freed.wait_timeout(state, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+            }
+        })
     }
 
     /// Gives back `n` bytes (at most what is held).
@@ -133,8 +224,12 @@ impl Reservation {
             state.spillable -= n;
         } else {
             state.unspillable -= n;
+            self.pool.update_share(&state);
         }
         self.bytes -= n;
+        if n > 0 {
+            self.pool.freed.notify_all();
+        }
     }
 
     /// Gives back everything held.
@@ -147,7 +242,10 @@ impl Drop for Reservation {
     fn drop(&mut self) {
         self.free();
         if self.spillable {
-            self.pool.state().spillable_consumers -= 1;
+            let mut state = self.pool.state();
+            state.spillable_consumers -= 1;
+            self.pool.update_share(&state);
+            self.pool.freed.notify_all();
         }
     }
 }
@@ -187,5 +285,25 @@ mod tests {
         // Alone, a may take everything that is left.
         assert!(a.try_grow(400));
         assert_eq!(pool.used(), 1000);
+    }
+
+    #[test]
+    fn a_consumer_under_its_share_waits_while_one_over_its_share_holds_the_budget() {
+        let pool = MemoryPool::new(1000);
+        let mut early = pool.reservation("early", true);
+        assert!(early.try_grow(1000), "alone, its share is the whole budget");
+        assert!(!early.over_share());
+        let mut late = pool.reservation("late", true);
+        assert!(early.over_share(), "a second consumer halves the share");
+        assert_eq!(late.grow_or_wait(600, Duration::from_secs(5)), Grow::OverShare);
+        assert_eq!(late.grow_or_wait(100, Duration::from_millis(50)), Grow::Starved);
+        let waiting = std::thread::spawn(move || (late.grow_or_wait(400, Duration::from_secs(30)), late));
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!waiting.is_finished());
+        early.shrink(600);
+        let (grown, late) = waiting.join().unwrap();
+        assert_eq!(grown, Grow::Granted);
+        assert_eq!((late.size(), pool.used(), pool.peak()), (400, 800, 1000));
+        assert!(!early.over_share());
     }
 }

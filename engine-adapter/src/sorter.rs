@@ -21,6 +21,7 @@ use std::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
+    time::Duration,
 };
 
 use bytes::Bytes;
@@ -28,7 +29,7 @@ use shuffle_protocol::key_prefix;
 
 use crate::{
     EngineError,
-    memory::Reservation,
+    memory::{Grow, Reservation},
     spill::{BlockEncoder, RUN_READER_BYTES, RunReader, SpillRun, SpillWriter},
     state::{SectionReader, SectionWriter},
 };
@@ -48,6 +49,10 @@ const ENTRY_BYTES: usize = std::mem::size_of::<Entry>();
 
 /// The least an arena grows by, so small sorters do not reserve byte by byte.
 const MIN_GROWTH: usize = 64 << 10;
+
+/// How long a sorter holding nothing waits for its share of the budget
+/// while other operators hold it, before it fails.
+const SHARE_PATIENCE: Duration = Duration::from_secs(60);
 
 /// Sorts records by key, spilling runs to `dir` when its reservation is full.
 pub(crate) struct ExternalSorter {
@@ -78,52 +83,76 @@ impl ExternalSorter {
     }
 
     /// Makes room for a record of `bytes` bytes and its entry, within the
-    /// reservation; `false` if the reservation cannot grow that far.
-    fn make_room(&mut self, bytes: usize) -> bool {
+    /// reservation; `false` if the reservation cannot grow that far. A
+    /// sorter holding no records waits for its share if others hold it.
+    fn make_room(&mut self, bytes: usize) -> Result<bool, EngineError> {
         let arena_short = (self.arena.len() + bytes).saturating_sub(self.arena.capacity());
         let entries_short = usize::from(self.entries.len() == self.entries.capacity());
         if arena_short == 0 && entries_short == 0 {
-            return true;
+            return Ok(true);
         }
         // Grow by doubling, or by what is missing when doubling is refused.
         let arena_add = if arena_short > 0 { self.arena.capacity().max(MIN_GROWTH).max(arena_short) } else { 0 };
         let entries_add = if entries_short > 0 { self.entries.capacity().max(MIN_GROWTH / ENTRY_BYTES) } else { 0 };
-        let mut attempts = [(arena_add, entries_add), (arena_short, entries_short.max(entries_add.min(64)))];
-        for (arena, entries) in attempts.iter_mut() {
-            let before = self.held();
-            if !self.reservation.try_grow(*arena + *entries * ENTRY_BYTES) {
-                continue;
+        let least = (arena_short, entries_short.max(entries_add.min(64)));
+        let before = self.held();
+        let asked = if self.reservation.try_grow(arena_add + entries_add * ENTRY_BYTES) {
+            (arena_add, entries_add)
+        } else if self.reservation.try_grow(least.0 + least.1 * ENTRY_BYTES) {
+            least
+        } else if self.entries.is_empty() {
+            // Nothing to spill: wait while consumers over their shares shed.
+            let needed = least.0 + least.1 * ENTRY_BYTES;
+            match self.reservation.grow_or_wait(needed, SHARE_PATIENCE) {
+                Grow::Granted => least,
+                Grow::OverShare => {
+                    return Err(EngineError::Memory {
+                        consumer: self.reservation.consumer().to_string(),
+                        needed: bytes + ENTRY_BYTES,
+                        limit: self.reservation.limit(),
+                    });
+                }
+                Grow::Starved => {
+                    return Err(EngineError::MemoryStarved {
+                        consumer: self.reservation.consumer().to_string(),
+                        needed,
+                        share: self.reservation.limit(),
+                        waited: SHARE_PATIENCE,
+                    });
+                }
             }
-            self.arena.reserve_exact(*arena);
-            self.entries.reserve_exact(*entries);
-            // The allocator may round up: account what it gave.
-            let granted = self.held() - before;
-            let asked = *arena + *entries * ENTRY_BYTES;
-            if granted > asked && !self.reservation.try_grow(granted - asked) {
-                tracing::trace!(
-                    "{}: {} bytes of allocator rounding unaccounted",
-                    self.reservation.consumer(),
-                    granted - asked
-                );
-            }
-            return true;
+        } else {
+            return Ok(false);
+        };
+        self.arena.reserve_exact(asked.0);
+        self.entries.reserve_exact(asked.1);
+        // The allocator may round up: account what it gave.
+        let granted = self.held() - before;
+        let asked = asked.0 + asked.1 * ENTRY_BYTES;
+        if granted > asked && !self.reservation.try_grow(granted - asked) {
+            tracing::trace!(
+                "{}: {} bytes of allocator rounding unaccounted",
+                self.reservation.consumer(),
+                granted - asked
+            );
         }
-        false
+        Ok(true)
     }
 
     /// Adds a record.
     pub(crate) fn push(&mut self, key: &[u8], value: &[u8]) -> Result<(), EngineError> {
-        let bytes = key.len() + value.len();
-        if !self.make_room(bytes) {
+        if self.reservation.over_share() {
+            // Consumers came after this one grew: give back what is over.
             if self.entries.is_empty() {
-                return Err(EngineError::Memory {
-                    consumer: self.reservation.consumer().to_string(),
-                    needed: bytes + ENTRY_BYTES,
-                    limit: self.reservation.limit(),
-                });
+                self.shed();
+            } else {
+                self.spill()?;
             }
+        }
+        let bytes = key.len() + value.len();
+        if !self.make_room(bytes)? {
             self.spill()?;
-            if !self.make_room(bytes) {
+            if !self.make_room(bytes)? {
                 return Err(EngineError::Memory {
                     consumer: self.reservation.consumer().to_string(),
                     needed: bytes + ENTRY_BYTES,
@@ -142,6 +171,22 @@ impl ExternalSorter {
         });
         self.records += 1;
         Ok(())
+    }
+
+    /// Adds a run of records sorted elsewhere, before any record is pushed:
+    /// its records come first among equal keys.
+    pub(crate) fn add_run(&mut self, run: SpillRun) {
+        debug_assert!(self.entries.is_empty() && self.runs.is_empty(), "a run added after records");
+        self.records += run.records();
+        self.runs.push(run);
+    }
+
+    /// Frees the buffer's memory (it holds no records) and its reservation.
+    fn shed(&mut self) {
+        debug_assert!(self.entries.is_empty());
+        self.arena = Vec::new();
+        self.entries = Vec::new();
+        self.reservation.free();
     }
 
     fn sort_entries(&mut self) {
@@ -177,6 +222,9 @@ impl ExternalSorter {
         self.runs.push(run);
         self.arena.clear();
         self.entries.clear();
+        if self.reservation.over_share() {
+            self.shed();
+        }
         Ok(())
     }
 
@@ -371,5 +419,49 @@ mod tests {
         let big = vec![0u8; 300 << 10];
         let err = s.push(b"k", &big).unwrap_err();
         assert!(err.to_string().contains("bounded"), "{err}");
+    }
+
+    #[test]
+    fn a_sorter_started_when_another_holds_the_whole_budget_waits_until_that_one_sheds() {
+        const BUDGET: usize = 512 << 10;
+        let dir = tempfile::tempdir().unwrap();
+        let pool = MemoryPool::new(BUDGET);
+        let spilled = Arc::<AtomicU64>::default();
+        let mut first = ExternalSorter::new(pool.reservation("first", true), dir.path().to_path_buf(), spilled.clone());
+        let mut i = 0u32;
+        // Alone, the first sorter's share is the whole budget: fill it.
+        while first.runs() == 0 {
+            first.push(&i.to_be_bytes(), &[1; 40]).unwrap();
+            i += 1;
+        }
+        assert!(pool.used() > BUDGET - (64 << 10), "the first sorter holds {} bytes", pool.used());
+        // A second consumer halves the share; the pool stays full until the
+        // first sorter next pushes and sees it is over its share.
+        let mut second = ExternalSorter::new(pool.reservation("second", true), dir.path().to_path_buf(), spilled);
+        assert!(first.reservation.over_share());
+        let waiting = std::thread::spawn(move || second.push(b"second", &[2; 40]).map(|()| second));
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(!waiting.is_finished(), "the second sorter found room in a full pool");
+        first.push(&i.to_be_bytes(), &[1; 40]).unwrap();
+        let second = waiting.join().unwrap().expect("the second sorter got its share once the first shed");
+        assert!(!first.reservation.over_share());
+        assert!(pool.peak() <= BUDGET, "peak {} over the budget", pool.peak());
+        assert_eq!(drain_blocking(second), vec![(b"second".to_vec(), vec![2; 40])]);
+        let got = drain_blocking(first);
+        assert_eq!(got.len(), i as usize + 1);
+        assert!(got.iter().enumerate().all(|(j, (k, _))| k[..] == (j as u32).to_be_bytes()));
+    }
+
+    #[test]
+    fn a_sorter_waits_only_for_bytes_within_its_share_and_gives_up_after_its_patience() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = MemoryPool::new(256 << 10);
+        let mut hog = pool.reservation("hog", true);
+        assert!(hog.try_grow(256 << 10));
+        let mut s = ExternalSorter::new(pool.reservation("starved", true), dir.path().to_path_buf(), Arc::default());
+        assert!(matches!(s.reservation.grow_or_wait(100, Duration::from_millis(50)), Grow::Starved));
+        assert!(matches!(s.reservation.grow_or_wait(200 << 10, Duration::from_millis(50)), Grow::OverShare));
+        drop(hog);
+        s.push(b"k", b"v").unwrap();
     }
 }
