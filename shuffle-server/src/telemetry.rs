@@ -73,6 +73,10 @@ pub fn describe() {
     describe_counter!("shuffle_cluster_decisions_total", "Map decisions recorded on the workers.");
     describe_counter!("shuffle_cluster_workers_lost_total", "Workers declared lost.");
     describe_counter!("shuffle_cluster_data_lost_total", "Commits refused because blocks were lost with a worker.");
+    describe_counter!(
+        "shuffle_cluster_replicas_back_total",
+        "A worker's replicas that it could not forward to and that answered its probe again (their writers moved to them)."
+    );
 }
 
 /// Records the duration of one request; called by the connection handler.
@@ -110,6 +114,9 @@ fn publish(state: &ServiceState) {
     gauge!("shuffle_apps").set(state.app_count() as f64);
     gauge!("shuffle_shuffles").set(shuffles.len() as f64);
     gauge!("shuffle_readers").set(state.active_readers() as f64);
+    if let Some(peers) = state.peers.get() {
+        counter!("shuffle_cluster_replicas_back_total").absolute(load(&peers.replicas_back));
+    }
 }
 
 /// Copies a coordinator's totals into the facade.

@@ -978,6 +978,11 @@ async fn workers_without_unix_sockets_forward_to_replicas_over_quic() {
     assert!(quic >= 4 && unix == 0, "forwarding streams: {unix} on Unix sockets, {quic} over QUIC");
 }
 
+/// The value of the unlabelled metric `name` in a `/metrics` page, if it is there.
+fn metric(page: &str, name: &str) -> Option<u64> {
+    page.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse::<f64>().ok()).map(|v| v as u64)
+}
+
 /// W1's records of map `map` with their partitions, in the order it writes them.
 fn map_records(params: ExchangeParams, map: u32) -> Vec<(u32, [u8; W1_KEY_LEN], [u8; W1_VALUE_LEN])> {
     map_range(params.records, params.maps, map)
@@ -1100,8 +1105,9 @@ async fn cut_off_primary_mid_map(how: CutOff) {
 /// its forwarding broken, answers `Unavailable`: the writer commits at the
 /// victim, and the primary must keep the attempt's blocks (it used to drop
 /// them and then record totals for blocks it no longer had: an integrity
-/// error). Found by `shuffle-chaos --cluster --seed 12`; each of the three
-/// fixes undone fails this test.
+/// error); it must do so once its probe finds the victim answering again,
+/// not after three worker time-outs. Found by `shuffle-chaos --cluster
+/// --seed 12`; each of the three fixes undone fails this test.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn hybrid_readers_of_a_copy_found_to_lack_a_committed_map_read_it_from_the_other_copy_on_the_same_connection() {
     let seed = seed();
@@ -1170,6 +1176,13 @@ async fn hybrid_readers_of_a_copy_found_to_lack_a_committed_map_read_it_from_the
         writer.write(*p, key, value).await.unwrap_or_else(|e| panic!("map 0: {e}"));
     }
     assert_eq!(writer.finish().await.unwrap(), CommitOutcome::Committed);
+    // The other group's primary found the victim answering its probe again
+    // and sent the writer on at once, rather than after three worker time-outs.
+    let back: u64 = (0..cluster.workers.len())
+        .filter(|i| *i != victim)
+        .filter_map(|i| metric(&cluster.worker(i).http_get("/metrics"), "shuffle_cluster_replicas_back_total"))
+        .sum();
+    assert!(back >= 1, "no primary saw its replica {victim_id} answer again after the partition");
     assert_eq!(write_map(&writers, shuffle, params, 1, 0).await.unwrap(), CommitOutcome::Committed);
     let mut received = W1Totals::default();
     for r in reading {
@@ -1195,6 +1208,74 @@ async fn hybrid_readers_of_a_copy_found_to_lack_a_committed_map_read_it_from_the
     }
     writers.close().await;
     readers.close().await;
+}
+
+/// A primary whose forwarding to its replica broke (the replica cut off
+/// for 1.5 s) verifies the attempt's `MapEnd` while the replica is away,
+/// then, once its probe finds the replica answering again, answers
+/// `Unavailable`; the writer commits the attempt at the replica, and the
+/// primary must keep the attempt's blocks, since the decision names that
+/// attempt and readers read the primary first (it used to drop them: an
+/// integrity error there). Only the group whose replica is cut off is
+/// written, so no client talks to the victim while it is away, and the
+/// worker time-out is long enough that the coordinator does not declare it
+/// lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_primary_that_verified_a_map_end_before_its_replica_answered_again_keeps_the_attempt_committed_at_the_replica()
+ {
+    let seed = seed();
+    let cluster = Cluster::start_with_timeout(3, &["--fault-injection"], "20s");
+    let mut options = cluster.options("prepared").same_host(true);
+    options.block_size = 16 << 10;
+    options.replication_window = 64 << 20; // MapEnd must not wait for acknowledgements
+    let client = ShuffleClient::connect(cluster.coordinator_addr, options).await.unwrap();
+    let params = ExchangeParams { records: 200_000, maps: 1, partitions: 6, seed, mode: ExchangeMode::Hash };
+    let shuffle = ShuffleId(1);
+    client.register_shuffle(shuffle, params.spec().replicated(2)).await.unwrap();
+    let placement = client.placement(shuffle).await.unwrap().unwrap();
+    let group = (splitmix64(seed) % placement.groups.len() as u64) as u32;
+    let copies = &placement.groups[group as usize].copies;
+    let primary_id = placement.worker(copies[0]).unwrap().id.clone();
+    let victim_id = placement.worker(copies[1]).unwrap().id.clone();
+    let primary: usize = primary_id.trim_start_matches('w').parse().unwrap();
+    let victim: usize = victim_id.trim_start_matches('w').parse().unwrap();
+    let partitions: Vec<u32> =
+        (0..params.partitions).filter(|p| placement.partition_groups[*p as usize] == group).collect();
+    println!(
+        "cutting off {victim_id}, the replica of group {group} (partitions {partitions:?}) whose primary is {primary_id}"
+    );
+    let records: Vec<_> = map_records(params, 0).into_iter().filter(|(p, _, _)| partitions.contains(p)).collect();
+    let mut expected = W1Totals::default();
+    records.iter().for_each(|(_, key, _)| expected.add_key(key));
+    let (early, late) = records.split_at(records.len() / 2);
+    let mut writer = client.writer(shuffle, 0, 0).await.unwrap();
+    for (p, key, value) in early {
+        writer.write(*p, key, value).await.unwrap();
+    }
+    writer.flush().await.unwrap();
+    cluster.worker(victim).http("POST", "/fault/partition?millis=1500");
+    for (p, key, value) in late {
+        writer.write(*p, key, value).await.unwrap_or_else(|e| panic!("map 0: {e}"));
+    }
+    assert_eq!(writer.finish().await.unwrap(), CommitOutcome::Committed);
+    let page = cluster.worker(primary).http_get("/metrics");
+    assert_eq!(metric(&page, "shuffle_cluster_replicas_back_total"), Some(1), "{page}");
+    assert!(
+        page.lines().any(|l| l.starts_with("shuffle_errors_total{kind=\"Unavailable\"}")),
+        "{primary_id} never sent the writer on to the replica:\n{page}"
+    );
+    let coordinator = cluster.coordinator().http_get("/metrics");
+    assert!(coordinator.lines().any(|l| l == "shuffle_cluster_workers_lost_total 0"), "{coordinator}");
+    // Readers read the primary first: it must hold the committed attempt.
+    let mut received = W1Totals::default();
+    for p in partitions {
+        let mut reader = client.reader(shuffle, p).await.unwrap();
+        while let Some(block) = reader.next_block().await.unwrap_or_else(|e| panic!("partition {p}: {e}")) {
+            block.records().for_each(|(key, _)| received.add_key(key));
+        }
+    }
+    assert_eq!(received, expected);
+    client.close().await;
 }
 
 /// A worker SIGKILLed before the client ever reached it: connecting to it

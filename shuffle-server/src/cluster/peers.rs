@@ -100,6 +100,8 @@ pub struct Peers {
     pub forwards_unix: AtomicU64,
     /// Forwarding streams opened over QUIC.
     pub forwards_quic: AtomicU64,
+    /// Replicas left behind (forwarding to them failed) that answered a probe again.
+    pub replicas_back: AtomicU64,
     /// With `--fault-injection`, the partition that cuts this worker's Unix streams.
     partition: Option<Arc<Partition>>,
 }
@@ -143,6 +145,7 @@ impl Peers {
             connections: std::sync::Mutex::new(HashMap::new()),
             buffers,
             forwards_unix: AtomicU64::new(0),
+            replicas_back: AtomicU64::new(0),
             forwards_quic: AtomicU64::new(0),
             partition,
         })
@@ -165,6 +168,22 @@ impl Peers {
             .await
             .map_err(|_| peer_error(addr, format!("no handshake within {CONNECT_TIMEOUT:?}")))?
             .map_err(|e| peer_error(addr, e))
+    }
+
+    /// Whether the worker `worker` at `addr` answers now: a new connection
+    /// (not the one kept for forwarding, which may be stale) and a
+    /// `PeerHello` round trip, each within its time-out.
+    pub async fn answers(&self, addr: SocketAddr, worker: &str) -> Result<(), ServiceError> {
+        let connection = self.connect(addr).await?;
+        let answer = self.call(&connection, &self.hello()).await;
+        connection.close(0u32.into(), b"probe done");
+        match answer? {
+            Response::PeerWelcome { worker: answered, .. } if answered == worker => Ok(()),
+            Response::PeerWelcome { worker: answered, .. } => {
+                Err(peer_error(addr, format!("worker {answered} answers there, not {worker}")))
+            }
+            other => Err(peer_error(addr, format!("expected PeerWelcome, got {other:?}"))),
+        }
     }
 
     /// The connection to the worker at `addr` and what it said, opened

@@ -22,12 +22,15 @@
 
 use std::{
     collections::{BTreeMap, VecDeque},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
 use shuffle_protocol::{
-    AttemptId, ErrorKind, FrameKind, MapEnd, MapId, PartitionTotals, Request, Response, ServiceError,
+    AttemptId, ErrorKind, FrameKind, MapEnd, MapId, PartitionTotals, Request, Response, ServiceError, WorkerEndpoint,
 };
 use tokio::io::AsyncRead;
 
@@ -48,6 +51,48 @@ const ACK_INTERVAL: Duration = Duration::from_millis(5);
 /// coordinator's placement that confirms it.
 const CONFIRM_POLL: Duration = Duration::from_millis(20);
 
+/// How often a primary whose replica was left behind probes it.
+const PROBE_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Probes a replica left behind until it answers (aborted when dropped).
+struct ReplicaProbe {
+    answered: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ReplicaProbe {
+    fn start(peers: &Arc<Peers>, replica: &WorkerEndpoint) -> Self {
+        let answered = Arc::new(AtomicBool::new(false));
+        let (peers, replica, flag) = (peers.clone(), replica.clone(), answered.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(PROBE_INTERVAL).await;
+                match peers.answers(replica.addr, &replica.id).await {
+                    Ok(()) => {
+                        peers.replicas_back.fetch_add(1, Ordering::Relaxed);
+                        flag.store(true, Ordering::Release);
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::debug!(replica = %replica.id, error = %e, "the replica left behind does not answer yet")
+                    }
+                }
+            }
+        });
+        Self { answered, task }
+    }
+
+    fn answered(&self) -> bool {
+        self.answered.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for ReplicaProbe {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// Who is pushing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PushKind {
@@ -64,12 +109,14 @@ struct Target {
     copy: Arc<GroupCopy>,
     /// Forwarding to the replica, while it works.
     forward: Option<Forward>,
-    /// The replica's worker id, when this worker is a replicated group's primary.
-    replica: Option<String>,
+    /// The replica, when this worker is a replicated group's primary.
+    replica: Option<WorkerEndpoint>,
     /// Set once forwarding to the replica failed: blocks count as held only
     /// when the placement no longer lists the replica, which must happen
     /// by this deadline.
     confirm_by: Option<Instant>,
+    /// Probes the replica once forwarding to it failed.
+    probe: Option<ReplicaProbe>,
 }
 
 impl Target {
@@ -81,14 +128,25 @@ impl Target {
         match (&self.forward, &self.replica, self.confirm_by) {
             (Some(forward), _, _) => Ok(forward.acked() >= index),
             (None, Some(replica), Some(deadline)) => {
-                if hosted.holds_without(group, replica)? {
+                if hosted.holds_without(group, &replica.id)? {
                     Ok(true)
+                } else if self.probe.as_ref().is_some_and(ReplicaProbe::answered) {
+                    Err(ServiceError::new(
+                        ErrorKind::Unavailable,
+                        format!(
+                            "forwarding to the replica {} of group {group} of {} broke, and the replica answers \
+                             again: it lacks blocks this copy could not forward, so the writer must move to it",
+                            replica.id,
+                            hosted.label()
+                        ),
+                    ))
                 } else if Instant::now() >= deadline {
                     Err(ServiceError::new(
                         ErrorKind::Unavailable,
                         format!(
-                            "the replica {replica} of group {group} of {} cannot be reached and the coordinator \
+                            "the replica {} of group {group} of {} cannot be reached and the coordinator \
                              has not declared it lost: this copy alone cannot hold the blocks",
+                            replica.id,
                             hosted.label()
                         ),
                     ))
@@ -100,14 +158,18 @@ impl Target {
         }
     }
 
-    /// Forwarding failed: the replica is left behind until `wait` from now.
-    fn leave_replica(&mut self, label: &str, error: &ServiceError, wait: Duration) {
+    /// Forwarding failed: the replica is left behind until `wait` from
+    /// now, and probed meanwhile.
+    fn leave_replica(&mut self, peers: Option<&Arc<Peers>>, label: &str, error: &ServiceError, wait: Duration) {
         tracing::warn!(
-            %label, replica = ?self.replica, %error,
+            %label, replica = ?self.replica.as_ref().map(|r| &r.id), %error,
             "forwarding to the replica failed; the primary goes on alone once the coordinator confirms the replica lost"
         );
         self.forward = None;
         self.confirm_by.get_or_insert(Instant::now() + wait);
+        if let (None, Some(peers), Some(replica)) = (&self.probe, peers, &self.replica) {
+            self.probe = Some(ReplicaProbe::start(peers, replica));
+        }
     }
 }
 
@@ -209,7 +271,7 @@ async fn receive<R: AsyncRead + Unpin + Send, W: FrameSink>(
                 if let Some(forward) = &mut target.forward {
                     match forward.send(block.bytes).await {
                         Ok(()) => index = forward.sent,
-                        Err(e) => target.leave_replica(label, &e, wait),
+                        Err(e) => target.leave_replica(peers, label, &e, wait),
                     }
                 }
                 received += 1;
@@ -220,7 +282,7 @@ async fn receive<R: AsyncRead + Unpin + Send, W: FrameSink>(
             }
             FrameKind::Request => match Request::decode(&frame.payload)? {
                 Request::MapEnd(end) => {
-                    prepare(hosted, label, (map, attempt), kind, end, targets, wait).await?;
+                    prepare(hosted, peers, label, (map, attempt), kind, end, targets, wait).await?;
                     if acks {
                         writer.response(&Response::Acked { blocks: received }).await?;
                     }
@@ -255,7 +317,7 @@ async fn open_target(
     kind: PushKind,
     wait: Duration,
 ) -> Result<Target, ServiceError> {
-    let (mut forward, mut replica_id, mut confirm_by) = (None, None, None);
+    let (mut forward, mut replica_id, mut confirm_by, mut probe) = (None, None, None, None);
     match kind {
         PushKind::Primary => {
             if !hosted.is_primary(group) {
@@ -298,14 +360,15 @@ async fn open_target(
                             "the replica cannot be reached; the primary goes on alone once the coordinator confirms it lost"
                         );
                         confirm_by = Some(Instant::now() + wait);
+                        probe = Some(ReplicaProbe::start(peers, &replica));
                     }
                 }
-                replica_id = Some(replica.id);
+                replica_id = Some(replica);
             }
         }
         PushKind::Failover | PushKind::Replica => copy.shuffle.check_push(map, attempt)?,
     }
-    Ok(Target { copy, forward, replica: replica_id, confirm_by })
+    Ok(Target { copy, forward, replica: replica_id, confirm_by, probe })
 }
 
 /// Pops the blocks that every copy holds now; returns how many.
@@ -328,8 +391,10 @@ fn settle(
 /// Checks the attempt's declared totals in every copy it wrote to and has
 /// the replicas check theirs; a replica left behind must be confirmed lost
 /// by the coordinator within `wait` of its failure.
+#[allow(clippy::too_many_arguments)]
 async fn prepare(
     hosted: &Arc<HostedShuffle>,
+    peers: Option<&Arc<Peers>>,
     label: &str,
     (map, attempt): (MapId, AttemptId),
     kind: PushKind,
@@ -351,7 +416,7 @@ async fn prepare(
             // The lost primary had forwarded every block the writer still
             // had to resend: this copy holds them from its replica stream.
             copy.shuffle.check_push(map, attempt)?;
-            targets.insert(group, Target { copy, forward: None, replica: None, confirm_by: None });
+            targets.insert(group, Target { copy, forward: None, replica: None, confirm_by: None, probe: None });
         }
     }
     if let Some(g) = by_group.keys().find(|g| !targets.contains_key(g)) {
@@ -375,7 +440,7 @@ async fn prepare(
                     format!("the replica of group {group} disagrees about {label}: {}", e.message),
                 ));
             }
-            Err(e) => target.leave_replica(label, &e, wait),
+            Err(e) => target.leave_replica(peers, label, &e, wait),
         }
     }
     for (group, target) in targets.iter() {
