@@ -113,6 +113,8 @@ pub(crate) struct ExchangeReader {
     exhausted: bool,
     /// What a key-ordered read may hold.
     merge_memory: usize,
+    /// Framed bytes per record in the last batch decoded (a first guess before it).
+    bytes_per_record: usize,
 }
 
 impl ExchangeReader {
@@ -139,6 +141,7 @@ impl ExchangeReader {
             queued: VecDeque::new(),
             exhausted: false,
             merge_memory: shuffle_client::DEFAULT_MERGE_MEMORY,
+            bytes_per_record: 32,
         }
     }
 
@@ -170,13 +173,20 @@ impl ExchangeReader {
     }
 
     /// Decodes framed records.
-    pub(crate) fn decode_all<K: Key, V: Value>(&self, raw: &[u8]) -> Result<Batch<(K, V)>, EngineError> {
+    pub(crate) fn decode_all<K: Key, V: Value>(&mut self, raw: &[u8]) -> Result<Batch<(K, V)>, EngineError> {
         // One clock read per batch: records without a creation time arrived together.
         let now = now_us();
         let decoder = self.decoder();
-        RecordIter::new(raw)
-            .map(|r| r.map_err(|e| decoder.bad(e.to_string())).and_then(|(k, v)| decoder.decode(k, v, now)))
-            .collect()
+        // Sized by the last batch's bytes per record, so it does not grow while filling.
+        let mut batch = Vec::with_capacity(raw.len() / self.bytes_per_record.max(1) + 1);
+        for record in RecordIter::new(raw) {
+            let (k, v) = record.map_err(|e| decoder.bad(e.to_string()))?;
+            batch.push(decoder.decode(k, v, now)?);
+        }
+        if !batch.is_empty() {
+            self.bytes_per_record = raw.len() / batch.len();
+        }
+        Ok(batch)
     }
 
     fn bad(&self, detail: String) -> EngineError {
