@@ -431,8 +431,7 @@ impl<K: Key, V: Value, W: Value> JoinInput<K, V, W> {
                 // The table becomes the left sorter's first run, written
                 // before the sorter reserves anything, so the task never
                 // holds two shares of the budget at once.
-                let mut entries: Vec<_> = table.drain().collect();
-                drop(table);
+                let mut entries: Vec<_> = table.into_iter().collect();
                 entries.sort_unstable_by(|a: &(Vec<u8>, _), b| a.0.cmp(&b.0));
                 let mut writer = SpillWriter::create(&left.ctx.spill_dir)?;
                 let mut v = Vec::new();

@@ -90,6 +90,17 @@ impl MemoryPool {
         })
     }
 
+    /// Adds `n` bytes to what a reservation of this pool holds.
+    fn grant(&self, state: &mut PoolState, spillable: bool, n: usize) {
+        if spillable {
+            state.spillable += n;
+        } else {
+            state.unspillable += n;
+            self.update_share(state);
+        }
+        state.peak = state.peak.max(state.used());
+    }
+
     /// Publishes the fair share after `state` changed.
     fn update_share(&self, state: &PoolState) {
         self.share.store(state.share(self.budget), Ordering::Relaxed);
@@ -160,7 +171,7 @@ impl Reservation {
 
     /// Grows by `n` bytes if the budget allows; `false` (and no change) if not.
     pub(crate) fn try_grow(&mut self, n: usize) -> bool {
-        let pool = self.pool.clone();
+        let pool = &self.pool;
         let mut state = pool.state();
         let allowed = if self.spillable {
             self.bytes + n <= state.share(pool.budget) && state.used() + n <= pool.budget
@@ -168,20 +179,10 @@ impl Reservation {
             state.used() + n <= pool.budget
         };
         if allowed {
-            self.grant(&mut state, n);
+            pool.grant(&mut state, self.spillable, n);
+            self.bytes += n;
         }
         allowed
-    }
-
-    fn grant(&mut self, state: &mut PoolState, n: usize) {
-        if self.spillable {
-            state.spillable += n;
-        } else {
-            state.unspillable += n;
-            self.pool.update_share(state);
-        }
-        state.peak = state.peak.max(state.used());
-        self.bytes += n;
     }
 
     /// Whether this spillable reservation holds more than its share now
@@ -196,15 +197,16 @@ impl Reservation {
     pub(crate) fn grow_or_wait(&mut self, n: usize, patience: Duration) -> Grow {
         debug_assert!(self.spillable, "only spillable consumers wait for their share");
         let deadline = Instant::now() + patience;
-        let pool = self.pool.clone();
+        let (pool, bytes) = (&self.pool, &mut self.bytes);
         blocking(|| {
             let mut state = pool.state();
             loop {
-                if self.bytes + n > state.share(pool.budget) {
+                if *bytes + n > state.share(pool.budget) {
                     return Grow::OverShare;
                 }
                 if state.used() + n <= pool.budget {
-                    self.grant(&mut state, n);
+                    pool.grant(&mut state, true, n);
+                    *bytes += n;
                     return Grow::Granted;
                 }
                 let now = Instant::now();

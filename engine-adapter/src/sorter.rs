@@ -106,11 +106,7 @@ impl ExternalSorter {
             match self.reservation.grow_or_wait(needed, SHARE_PATIENCE) {
                 Grow::Granted => least,
                 Grow::OverShare => {
-                    return Err(EngineError::Memory {
-                        consumer: self.reservation.consumer().to_string(),
-                        needed: bytes + ENTRY_BYTES,
-                        limit: self.reservation.limit(),
-                    });
+                    return Err(self.record_too_large(bytes));
                 }
                 Grow::Starved => {
                     return Err(EngineError::MemoryStarved {
@@ -153,11 +149,7 @@ impl ExternalSorter {
         if !self.make_room(bytes)? {
             self.spill()?;
             if !self.make_room(bytes)? {
-                return Err(EngineError::Memory {
-                    consumer: self.reservation.consumer().to_string(),
-                    needed: bytes + ENTRY_BYTES,
-                    limit: self.reservation.limit(),
-                });
+                return Err(self.record_too_large(bytes));
             }
         }
         let offset = self.arena.len();
@@ -171,6 +163,15 @@ impl ExternalSorter {
         });
         self.records += 1;
         Ok(())
+    }
+
+    /// A record of `bytes` key and value bytes does not fit this sorter's share.
+    fn record_too_large(&self, bytes: usize) -> EngineError {
+        EngineError::Memory {
+            consumer: self.reservation.consumer().to_string(),
+            needed: bytes + ENTRY_BYTES,
+            limit: self.reservation.limit(),
+        }
     }
 
     /// Adds a run of records sorted elsewhere, before any record is pushed:

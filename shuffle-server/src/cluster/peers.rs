@@ -175,14 +175,20 @@ impl Peers {
     /// `PeerHello` round trip, each within its time-out.
     pub async fn answers(&self, addr: SocketAddr, worker: &str) -> Result<(), ServiceError> {
         let connection = self.connect(addr).await?;
-        let answer = self.call(&connection, &self.hello()).await;
+        let answer = self.greet(&connection).await;
         connection.close(0u32.into(), b"probe done");
-        match answer? {
-            Response::PeerWelcome { worker: answered, .. } if answered == worker => Ok(()),
-            Response::PeerWelcome { worker: answered, .. } => {
-                Err(peer_error(addr, format!("worker {answered} answers there, not {worker}")))
-            }
-            other => Err(peer_error(addr, format!("expected PeerWelcome, got {other:?}"))),
+        let (answered, _) = answer?;
+        if answered != worker {
+            return Err(peer_error(addr, format!("worker {answered} answers there, not {worker}")));
+        }
+        Ok(())
+    }
+
+    /// Says `PeerHello` on `connection`: the worker that answers and its Unix socket.
+    async fn greet(&self, connection: &quinn::Connection) -> Result<(String, Option<String>), ServiceError> {
+        match self.call(connection, &self.hello()).await? {
+            Response::PeerWelcome { worker, unix_socket } => Ok((worker, unix_socket)),
+            other => Err(peer_error(connection.remote_address(), format!("expected PeerWelcome, got {other:?}"))),
         }
     }
 
@@ -200,13 +206,9 @@ impl Peers {
             return Ok(link.clone());
         }
         let connection = self.connect(addr).await?;
-        let link = match self.call(&connection, &self.hello()).await? {
-            Response::PeerWelcome { worker, unix_socket } => {
-                let unix = unix_socket.map(PathBuf::from).filter(|path| path.exists());
-                PeerLink { connection, worker, unix }
-            }
-            other => return Err(peer_error(addr, format!("expected PeerWelcome, got {other:?}"))),
-        };
+        let (worker, unix_socket) = self.greet(&connection).await?;
+        let unix = unix_socket.map(PathBuf::from).filter(|path| path.exists());
+        let link = PeerLink { connection, worker, unix };
         *slot = Some(link.clone());
         Ok(link)
     }
