@@ -107,7 +107,7 @@ impl ShuffleClient {
             && let Some(path) = welcome.unix_socket.as_deref().map(Path::new)
             && path.exists()
         {
-            match UnixLink::connect(path, &app, Some(secret.clone()), options.auth_token.clone()).await {
+            match UnixLink::connect(path, &app, Some(secret.clone()), &options).await {
                 Ok((link, unix_welcome)) if unix_welcome.server_id == welcome.server_id => {
                     control.close(0u32.into(), b"moving to the Unix socket");
                     let link = Link::Unix(Arc::new(link));
@@ -136,7 +136,7 @@ impl ShuffleClient {
     pub async fn connect_unix(path: impl AsRef<Path>, options: ClientOptions) -> Result<Self, ClientError> {
         let path = path.as_ref();
         let app = AppId::new(options.app.clone()).map_err(|e| ClientError::Options(e.to_string()))?;
-        let connect = UnixLink::connect(path, &app, options.secret.clone(), options.auth_token.clone());
+        let connect = UnixLink::connect(path, &app, options.secret.clone(), &options);
         let (link, welcome) =
             tokio::time::timeout(options.connect_timeout, connect).await.map_err(|_| ClientError::ConnectUnix {
                 path: path.into(),

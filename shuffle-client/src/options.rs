@@ -26,6 +26,15 @@ pub const DEFAULT_SORT_BUFFER: usize = 32 * 1024 * 1024;
 /// rarely stall the writer, and small next to a writer's buffers.
 pub const DEFAULT_REPLICATION_WINDOW: usize = 16 << 20;
 
+/// Bytes the kernel may queue on one of the client's Unix-socket streams,
+/// 1 MiB (the kernel's default is about 208 KiB). A writer on the same-host
+/// path then rarely waits for the server to drain its socket: W1 through
+/// the engine (whose map tasks push while they encode) took a median of
+/// 1.86 s instead of 2.17 s with it, and kept 1.84 CPUs busy instead of
+/// 1.58 (`benches/report/runs-2026-11-24/unix-send-buffer/`). The kernel
+/// caps it at `net.core.wmem_max`.
+pub const DEFAULT_UNIX_SEND_BUFFER: usize = 1 << 20;
+
 /// The environment variable that carries an app's name to a child process.
 pub const APP_ENV: &str = "SHUFFLE_APP";
 /// The environment variable that carries an app's secret to a child process.
@@ -79,6 +88,9 @@ pub struct ClientOptions {
     /// from the files themselves (passed over the socket) instead of
     /// through the server.
     pub direct_reads: bool,
+    /// Send buffer asked of the kernel for each Unix-socket stream (0 keeps
+    /// the kernel's default); capped by `net.core.wmem_max`.
+    pub unix_send_buffer: usize,
     /// Largest UDP payload QUIC may probe up to (jumbo frames: 8952).
     pub max_udp_payload: u16,
     /// QUIC connections to open (at least 2): half carry pushes, half
@@ -121,6 +133,7 @@ impl ClientOptions {
             same_host: true,
             compress_same_host: false,
             direct_reads: true,
+            unix_send_buffer: DEFAULT_UNIX_SEND_BUFFER,
             max_udp_payload: limits::DEFAULT_MAX_UDP_PAYLOAD,
             quic_connections: 2,
             block_size: DEFAULT_BLOCK_SIZE,

@@ -31,7 +31,7 @@ use tokio::{
 };
 
 use crate::{
-    ClientError,
+    ClientError, ClientOptions,
     transport::{FrameReader, SendError, StreamRecv, request_frame},
 };
 
@@ -40,6 +40,8 @@ pub(crate) struct UnixLink {
     path: PathBuf,
     /// What every stream says first.
     hello: Request,
+    /// Send buffer to ask for on every stream (0: the kernel's default).
+    send_buffer: usize,
     /// Kept open while the link lives; dropped by `close`.
     anchor: Mutex<Option<UnixStream>>,
 }
@@ -52,23 +54,26 @@ pub(crate) struct Welcome {
 
 impl UnixLink {
     /// Connects to the socket at `path`, says `Hello` for `app` (creating it
-    /// when `secret` is `None`), and keeps that socket as the anchor.
+    /// when `secret` is `None`) with the token and socket settings of
+    /// `options`, and keeps that socket as the anchor.
     pub async fn connect(
         path: &Path,
         app: &AppId,
         secret: Option<AppSecret>,
-        auth_token: Option<String>,
+        options: &ClientOptions,
     ) -> Result<(Self, Welcome), ClientError> {
         let hello = |secret| Request::Hello {
             protocol_version: PROTOCOL_VERSION,
             app: app.clone(),
             secret,
-            auth_token: auth_token.clone(),
+            auth_token: options.auth_token.clone(),
         };
-        let (stream, welcome) = say_hello(path, &hello(secret)).await?;
+        let send_buffer = options.unix_send_buffer;
+        let (stream, welcome) = say_hello(path, &hello(secret), send_buffer).await?;
         let link = Self {
             path: path.to_path_buf(),
             hello: hello(Some(welcome.secret.clone())),
+            send_buffer,
             anchor: Mutex::new(Some(stream)),
         };
         Ok((link, welcome))
@@ -79,7 +84,7 @@ impl UnixLink {
         if self.anchor.lock().map_or(true, |a| a.is_none()) {
             return Err(ClientError::ConnectionLost("the client was closed".into()));
         }
-        let (stream, _) = say_hello(&self.path, &self.hello).await?;
+        let (stream, _) = say_hello(&self.path, &self.hello, self.send_buffer).await?;
         let (read, write) = stream.into_split();
         Ok((UnixSend { half: Some(write) }, UnixRecv::new(read)))
     }
@@ -92,10 +97,23 @@ impl UnixLink {
     }
 }
 
-/// Connects and exchanges `Hello` for `Welcome`.
-async fn say_hello(path: &Path, hello: &Request) -> Result<(UnixStream, Welcome), ClientError> {
+/// Asks the kernel for `bytes` of send buffer on `stream` (0: leaves the default).
+fn ask_send_buffer(stream: &UnixStream, bytes: usize) -> rustix::io::Result<()> {
+    if bytes == 0 {
+        return Ok(());
+    }
+    rustix::net::sockopt::set_socket_send_buffer_size(stream, bytes)
+}
+
+/// Connects, asks for `send_buffer` bytes of send buffer (unless 0), and
+/// exchanges `Hello` for `Welcome`.
+async fn say_hello(path: &Path, hello: &Request, send_buffer: usize) -> Result<(UnixStream, Welcome), ClientError> {
     let connect_err = |reason: String| ClientError::ConnectUnix { path: path.to_path_buf(), reason };
     let mut stream = UnixStream::connect(path).await.map_err(|e| connect_err(e.to_string()))?;
+    if let Err(e) = ask_send_buffer(&stream, send_buffer) {
+        // Only a performance setting: the stream works with the kernel's default.
+        tracing::debug!(socket = %path.display(), error = %e, "cannot set the send buffer");
+    }
     stream.write_all(&request_frame(hello)?).await.map_err(|e| connect_err(e.to_string()))?;
     let (read, write) = stream.into_split();
     let mut reader = FrameReader::new(StreamRecv::Unix(UnixRecv::new(read)));
@@ -223,6 +241,34 @@ impl AsyncRead for UnixRecv {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Poll::Ready(Err(e)),
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn send_buffer(stream: &UnixStream) -> usize {
+        rustix::net::sockopt::socket_send_buffer_size(stream).expect("SO_SNDBUF")
+    }
+
+    #[tokio::test]
+    async fn a_stream_gets_the_send_buffer_asked_for_up_to_the_kernels_cap() {
+        let (default, _peer) = UnixStream::pair().unwrap();
+        let kernel_default = send_buffer(&default);
+        ask_send_buffer(&default, 0).unwrap();
+        assert_eq!(send_buffer(&default), kernel_default, "0 keeps the kernel's default");
+
+        let (tuned, _peer) = UnixStream::pair().unwrap();
+        let asked = crate::options::DEFAULT_UNIX_SEND_BUFFER;
+        ask_send_buffer(&tuned, asked).unwrap();
+        // Linux doubles what it grants (for its own bookkeeping) and caps the request at wmem_max.
+        let cap: usize = std::fs::read_to_string("/proc/sys/net/core/wmem_max").unwrap().trim().parse().unwrap();
+        let got = send_buffer(&tuned);
+        assert!(got >= asked.min(cap), "asked {asked}, cap {cap}, got {got}");
+        if cap >= asked {
+            assert!(got > kernel_default, "asked {asked} over the default {kernel_default}, got {got}");
         }
     }
 }
