@@ -124,7 +124,10 @@ pub async fn quic(connections: usize) -> anyhow::Result<f64> {
     let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(tls.quic_server_config()?));
     let windows = Windows::for_budget(config.memory.as_u64(), config.max_connections);
     server_config.transport_config(server_transport(windows, config.idle_timeout, config.max_udp_payload));
-    let server = quinn::Endpoint::server(server_config, "127.0.0.1:0".parse()?)?;
+    // The daemon's and the client's own sockets (UDP buffers sized as theirs).
+    let socket = shuffle_server::fault::udp_socket("127.0.0.1:0".parse()?, None)?;
+    let runtime = Arc::new(quinn::TokioRuntime);
+    let server = quinn::Endpoint::new_with_abstract_socket(Default::default(), Some(server_config), socket, runtime)?;
     let addr = server.local_addr()?;
     let accept = tokio::spawn(async move {
         while let Some(incoming) = server.accept().await {
@@ -144,7 +147,7 @@ pub async fn quic(connections: usize) -> anyhow::Result<f64> {
             });
         }
     });
-    let mut client = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+    let mut client = shuffle_client::quic_endpoint("127.0.0.1:0".parse()?)?;
     client.set_default_client_config(quic_client_config(&cert_path)?);
     let mut links = Vec::new();
     for _ in 0..connections.max(1) {

@@ -87,7 +87,7 @@ impl ShuffleClient {
         let connect_err = |reason: String| ClientError::Connect { addr, reason };
         let config = quic_client_config(&options)?;
         let bind: SocketAddr = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().expect("valid literal");
-        let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| connect_err(e.to_string()))?;
+        let mut endpoint = quic_endpoint(bind).map_err(|e| connect_err(e.to_string()))?;
         endpoint.set_default_client_config(config);
         let (control, welcome) = if wait_to_join {
             join_or_create(&endpoint, addr, &options, &app).await?
@@ -371,6 +371,25 @@ const CLOSE_WAIT: Duration = Duration::from_secs(2);
 /// How often a joining client tries again while the server is away.
 const JOIN_RETRY: Duration = Duration::from_millis(250);
 
+/// Asks for [`shuffle_protocol::limits::UDP_SOCKET_BUFFER`] of receive and send buffer on `socket`.
+fn size_udp_buffers(socket: &std::net::UdpSocket) -> rustix::io::Result<()> {
+    let bytes = shuffle_protocol::limits::UDP_SOCKET_BUFFER;
+    rustix::net::sockopt::set_socket_recv_buffer_size(socket, bytes)?;
+    rustix::net::sockopt::set_socket_send_buffer_size(socket, bytes)
+}
+
+/// A QUIC client endpoint bound to `bind`, its UDP socket's buffers sized
+/// as [`shuffle_protocol::limits::UDP_SOCKET_BUFFER`] says (a performance
+/// setting only: a refusal is logged and the kernel's default kept).
+pub fn quic_endpoint(bind: SocketAddr) -> std::io::Result<quinn::Endpoint> {
+    let socket = std::net::UdpSocket::bind(bind)?;
+    if let Err(e) = size_udp_buffers(&socket) {
+        tracing::debug!(error = %e, "cannot size the UDP socket's buffers");
+    }
+    let runtime = std::sync::Arc::new(quinn::TokioRuntime);
+    quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
+}
+
 /// The first connection of a client: creates `app` (no secret in the
 /// options) or joins it. A joining client (a task started mid-job) waits
 /// out a server that is away or says to retry (a coordinator restarting,
@@ -477,6 +496,30 @@ mod tests {
 
     use super::ShuffleClient;
     use crate::ClientOptions;
+
+    #[test]
+    fn a_quic_socket_gets_the_buffers_asked_for_up_to_the_kernels_caps() {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let (recv_default, send_default) = (
+            rustix::net::sockopt::socket_recv_buffer_size(&socket).unwrap(),
+            rustix::net::sockopt::socket_send_buffer_size(&socket).unwrap(),
+        );
+        super::size_udp_buffers(&socket).unwrap();
+        let asked = shuffle_protocol::limits::UDP_SOCKET_BUFFER;
+        let cap = |name: &str| -> usize {
+            std::fs::read_to_string(format!("/proc/sys/net/core/{name}")).unwrap().trim().parse().unwrap()
+        };
+        // Linux doubles what it grants (for its bookkeeping) and caps the request.
+        for (what, got, default, cap) in [
+            ("receive", rustix::net::sockopt::socket_recv_buffer_size(&socket).unwrap(), recv_default, cap("rmem_max")),
+            ("send", rustix::net::sockopt::socket_send_buffer_size(&socket).unwrap(), send_default, cap("wmem_max")),
+        ] {
+            assert!(got >= asked.min(cap), "{what}: asked {asked}, cap {cap}, got {got}");
+            if cap >= asked {
+                assert!(got > default, "{what}: asked {asked} over the default {default}, got {got}");
+            }
+        }
+    }
 
     /// A client joining an app waits for its server up to `coordinator_wait`;
     /// a cluster client's link to one of its workers gives up after one

@@ -38,7 +38,7 @@ mod unix;
 mod writer;
 
 pub use bytes::Bytes;
-pub use client::{ShuffleClient, quic_client_config};
+pub use client::{ShuffleClient, quic_client_config, quic_endpoint};
 pub use error::ClientError;
 pub use merge::MERGE_BLOCK_BYTES;
 pub use options::{APP_ENV, APP_SECRET_ENV, AppCredentials, ClientOptions};

@@ -25,3 +25,10 @@ pub const INITIAL_RTT_MICROS: u64 = 1_000;
 /// jumbo frames (MTU 9000) raise it (`max_udp_payload` = 8952); path-MTU
 /// discovery finds the largest size that gets through, up to this bound.
 pub const DEFAULT_MAX_UDP_PAYLOAD: u16 = 1452;
+
+/// Receive and send buffer asked of the kernel for every QUIC endpoint's UDP
+/// socket, 4 MiB. With the default (about 208 KiB, a quarter of a
+/// millisecond at loopback speed) a receiver descheduled for a moment drops
+/// datagrams, and each loss halves the sender's congestion window. The
+/// kernel caps it at `net.core.rmem_max` and `net.core.wmem_max`.
+pub const UDP_SOCKET_BUFFER: usize = 4 << 20;

@@ -116,13 +116,27 @@ pub struct PartitionedSocket {
     partition: Arc<Partition>,
 }
 
-/// A UDP socket bound to `addr` for a QUIC endpoint; with a `partition`
+/// Asks for [`shuffle_protocol::limits::UDP_SOCKET_BUFFER`] of receive and
+/// send buffer on a QUIC endpoint's socket.
+fn size_udp_buffers(socket: &std::net::UdpSocket) -> rustix::io::Result<()> {
+    let bytes = shuffle_protocol::limits::UDP_SOCKET_BUFFER;
+    rustix::net::sockopt::set_socket_recv_buffer_size(socket, bytes)?;
+    rustix::net::sockopt::set_socket_send_buffer_size(socket, bytes)
+}
+
+/// A UDP socket bound to `addr` for a QUIC endpoint, its buffers sized by
+/// [`size_udp_buffers`]; with a `partition`
 /// (`--fault-injection`), one whose datagrams the partition drops.
 pub fn udp_socket(
     addr: std::net::SocketAddr,
     partition: Option<&Arc<Partition>>,
 ) -> io::Result<Arc<dyn AsyncUdpSocket>> {
-    let inner = quinn::Runtime::wrap_udp_socket(&quinn::TokioRuntime, std::net::UdpSocket::bind(addr)?)?;
+    let socket = std::net::UdpSocket::bind(addr)?;
+    if let Err(e) = size_udp_buffers(&socket) {
+        // Only a performance setting: the endpoint works with the kernel's default.
+        tracing::debug!(error = %e, "cannot size the UDP socket's buffers");
+    }
+    let inner = quinn::Runtime::wrap_udp_socket(&quinn::TokioRuntime, socket)?;
     Ok(match partition {
         Some(partition) => Arc::new(PartitionedSocket { inner, partition: partition.clone() }),
         None => inner,
@@ -177,6 +191,30 @@ impl AsyncUdpSocket for PartitionedSocket {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_quic_socket_gets_the_buffers_asked_for_up_to_the_kernels_caps() {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let (recv_default, send_default) = (
+            rustix::net::sockopt::socket_recv_buffer_size(&socket).unwrap(),
+            rustix::net::sockopt::socket_send_buffer_size(&socket).unwrap(),
+        );
+        size_udp_buffers(&socket).unwrap();
+        let asked = shuffle_protocol::limits::UDP_SOCKET_BUFFER;
+        let cap = |name: &str| -> usize {
+            std::fs::read_to_string(format!("/proc/sys/net/core/{name}")).unwrap().trim().parse().unwrap()
+        };
+        // Linux doubles what it grants (for its bookkeeping) and caps the request.
+        for (what, got, default, cap) in [
+            ("receive", rustix::net::sockopt::socket_recv_buffer_size(&socket).unwrap(), recv_default, cap("rmem_max")),
+            ("send", rustix::net::sockopt::socket_send_buffer_size(&socket).unwrap(), send_default, cap("wmem_max")),
+        ] {
+            assert!(got >= asked.min(cap), "{what}: asked {asked}, cap {cap}, got {got}");
+            if cap >= asked {
+                assert!(got > default, "{what}: asked {asked} over the default {default}, got {got}");
+            }
+        }
+    }
 
     #[test]
     fn a_partition_is_active_for_its_duration_and_cancels_the_streams_before_it() {
