@@ -317,7 +317,7 @@ async fn open_target(
     kind: PushKind,
     wait: Duration,
 ) -> Result<Target, ServiceError> {
-    let (mut forward, mut replica_id, mut confirm_by, mut probe) = (None, None, None, None);
+    let mut target = Target { copy, forward: None, replica: None, confirm_by: None, probe: None };
     match kind {
         PushKind::Primary => {
             if !hosted.is_primary(group) {
@@ -330,7 +330,7 @@ async fn open_target(
                     ),
                 ));
             }
-            copy.shuffle.begin_push(map, attempt)?;
+            target.copy.shuffle.begin_push(map, attempt)?;
             if let (Some(replica), Some(peers)) = (hosted.replica_of(group), peers) {
                 let open = Forward::open(peers, replica.addr, (hosted.app.clone(), hosted.id), (map, attempt));
                 // A replica that died before this worker reached it would
@@ -352,23 +352,18 @@ async fn open_target(
                         format!("the coordinator dropped replica {} while this worker was connecting to it", replica.id),
                     )),
                 };
+                target.replica = Some(replica);
                 match opened {
-                    Ok(f) => forward = Some(f),
+                    Ok(f) => target.forward = Some(f),
                     Err(e) => {
-                        tracing::warn!(
-                            shuffle = %hosted.label(), group, replica = %replica.id, error = %e,
-                            "the replica cannot be reached; the primary goes on alone once the coordinator confirms it lost"
-                        );
-                        confirm_by = Some(Instant::now() + wait);
-                        probe = Some(ReplicaProbe::start(peers, &replica));
+                        target.leave_replica(Some(peers), &format!("group {group} of {}", hosted.label()), &e, wait)
                     }
                 }
-                replica_id = Some(replica);
             }
         }
-        PushKind::Failover | PushKind::Replica => copy.shuffle.check_push(map, attempt)?,
+        PushKind::Failover | PushKind::Replica => target.copy.shuffle.check_push(map, attempt)?,
     }
-    Ok(Target { copy, forward, replica: replica_id, confirm_by, probe })
+    Ok(target)
 }
 
 /// Pops the blocks that every copy holds now; returns how many.
