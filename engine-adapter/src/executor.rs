@@ -37,9 +37,9 @@ use crate::{
     checkpoint::{Coordinator, RunLink, TaskCheckpointing},
     exchange::{finished_map_task, snapshot_chain},
     metrics::{JobStats, RestartMetrics, TaskStats},
-    sink::{SINK_OPERATOR, SinkFactory},
+    sink::{PartSink, SINK_OPERATOR, SinkFactory},
     state::{CheckpointManifest, RestoredState, TaskCheckpoint},
-    task::{BoxFuture, Item, OpenFn, RunShuffle, TaskContext},
+    task::{Batch, BoxFuture, Item, OpenFn, RunShuffle, TaskContext},
 };
 
 /// Aborts a spawned task when dropped, so a job that fails leaves nothing running.
@@ -203,6 +203,34 @@ fn restored_sink_state(ctx: &TaskContext) -> Result<Option<Vec<u8>>, EngineError
     }
 }
 
+/// A sink call that took this long marks the sink as one that blocks.
+const SLOW_SINK_WRITE: Duration = Duration::from_millis(1);
+
+/// How a result task calls its sink's `write`, which runs user code that
+/// may block (a slow writer, a file): in place while every call is quick,
+/// since handing the runtime's other tasks to another thread for each batch
+/// (`block_in_place`) costs two thread switches per batch; once a call took
+/// [`SLOW_SINK_WRITE`] or more, under `block_in_place` for the rest of the
+/// task, so a blocking sink stalls the runtime's other tasks at most once.
+#[derive(Default)]
+struct SinkWrites {
+    blocking: bool,
+}
+
+impl SinkWrites {
+    fn write<T>(&mut self, part: &mut dyn PartSink<T>, batch: Batch<T>) -> Result<(), EngineError> {
+        if self.blocking {
+            return tokio::task::block_in_place(|| part.write(batch));
+        }
+        let started = Instant::now();
+        let written = part.write(batch);
+        if started.elapsed() >= SLOW_SINK_WRITE {
+            self.blocking = true;
+        }
+        written
+    }
+}
+
 /// A result task: reads its part of the final dataset into a part sink.
 fn result_task<T: Data>(
     open: OpenFn<T>,
@@ -213,19 +241,19 @@ fn result_task<T: Data>(
         Box::pin(async move {
             let mut input = open(&ctx)?;
             let mut part = sink(ctx.part, restored_sink_state(&ctx)?)?;
+            let mut writes = SinkWrites::default();
             let Some(checkpoints) = ctx.checkpoints.clone() else {
                 while let Some(item) = input.next().await? {
                     if let Item::Batch(batch) = item {
                         ctx.stats.add_out(batch.len(), 0);
-                        // User code may block (a slow sink); keep the runtime's other tasks moving.
-                        tokio::task::block_in_place(|| part.write(batch))?;
+                        writes.write(&mut *part, batch)?;
                     }
                 }
                 return tokio::task::block_in_place(|| part.finish());
             };
             let mut committed = *checkpoints.completed.borrow();
             let mut last = *checkpoints.trigger.borrow();
-            let commit = |part: &mut Box<dyn crate::sink::PartSink<T>>, committed: &mut u64| {
+            let commit = |part: &mut Box<dyn PartSink<T>>, committed: &mut u64| {
                 let done = *checkpoints.completed.borrow();
                 if done > *committed {
                     tokio::task::block_in_place(|| part.commit(done))?;
@@ -238,7 +266,7 @@ fn result_task<T: Data>(
                 match item {
                     Item::Batch(batch) => {
                         ctx.stats.add_out(batch.len(), 0);
-                        tokio::task::block_in_place(|| part.write(batch))?;
+                        writes.write(&mut *part, batch)?;
                     }
                     Item::Barrier(id) => {
                         last = id;
@@ -735,5 +763,88 @@ async fn run_streaming_once<T: Data>(
             tasks.shutdown().await;
             outcome
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU64;
+
+    use super::*;
+    use crate::task::Event;
+
+    /// A part sink whose writes run `f`.
+    struct FnSink<F>(F);
+
+    impl<F: FnMut() + Send> PartSink<u8> for FnSink<F> {
+        fn write(&mut self, _batch: Batch<u8>) -> Result<(), EngineError> {
+            (self.0)();
+            Ok(())
+        }
+        fn snapshot(&mut self, _checkpoint: u64) -> Result<Vec<u8>, EngineError> {
+            Ok(Vec::new())
+        }
+        fn commit(&mut self, _checkpoint: u64) -> Result<(), EngineError> {
+            Ok(())
+        }
+        fn finish(self: Box<Self>) -> Result<(), EngineError> {
+            Ok(())
+        }
+    }
+
+    fn batch() -> Batch<u8> {
+        vec![Event { value: 1, created_us: 0 }]
+    }
+
+    /// On a runtime with one worker thread, a ticking task can run during
+    /// a sink's write only if the write handed the worker over.
+    #[test]
+    fn sink_writes_run_in_place_until_one_is_slow_then_hand_the_runtime_over() {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        runtime.block_on(async {
+            let ticks = Arc::new(AtomicU64::new(0));
+            let ticker = {
+                let ticks = ticks.clone();
+                tokio::spawn(async move {
+                    loop {
+                        ticks.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                })
+            };
+            tokio::spawn(async move {
+                let mut writes = SinkWrites::default();
+                let mut quick = FnSink(|| {});
+                for _ in 0..1000 {
+                    writes.write(&mut quick, batch()).unwrap();
+                }
+                assert!(!writes.blocking, "quick writes stay in place");
+
+                // The first slow write runs in place: the only worker is busy with it.
+                let ticks_seen = ticks.clone();
+                let mut slow = FnSink(move || {
+                    let before = ticks_seen.load(Ordering::Relaxed);
+                    std::thread::sleep(SLOW_SINK_WRITE * 5);
+                    assert_eq!(ticks_seen.load(Ordering::Relaxed), before, "nothing else ran during an in-place write");
+                });
+                writes.write(&mut slow, batch()).unwrap();
+                assert!(writes.blocking, "a slow write marks the sink as blocking");
+
+                // Later writes hand the worker over, so the ticker runs meanwhile.
+                let ticks_seen = ticks.clone();
+                let mut waiting = FnSink(move || {
+                    let (before, deadline) =
+                        (ticks_seen.load(Ordering::Relaxed), Instant::now() + Duration::from_secs(10));
+                    while ticks_seen.load(Ordering::Relaxed) == before {
+                        assert!(Instant::now() < deadline, "the runtime's other tasks stalled during a blocking write");
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                });
+                writes.write(&mut waiting, batch()).unwrap();
+            })
+            .await
+            .unwrap();
+            ticker.abort();
+        });
     }
 }
