@@ -211,7 +211,8 @@ const SLOW_SINK_WRITE: Duration = Duration::from_millis(1);
 /// since handing the runtime's other tasks to another thread for each batch
 /// (`block_in_place`) costs two thread switches per batch; once a call took
 /// [`SLOW_SINK_WRITE`] or more, under `block_in_place` for the rest of the
-/// task, so a blocking sink stalls the runtime's other tasks at most once.
+/// task, so a blocking sink stalls the runtime's other tasks at most once
+/// per result task.
 #[derive(Default)]
 struct SinkWrites {
     blocking: bool,

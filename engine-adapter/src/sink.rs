@@ -65,7 +65,10 @@ pub trait Sink<T>: Send + Sync + 'static {
 /// `write` as records arrive, `snapshot(n)` when checkpoint `n`'s barrier
 /// reaches the part, `commit(n)` when checkpoint `n` has completed on every
 /// task, and `finish` when the job's input has ended everywhere. Calls run
-/// on the engine's threads and may block.
+/// on the engine's threads and may block: `write` runs in place while it
+/// returns within a millisecond, and off the runtime's worker (tokio's
+/// `block_in_place`) for the rest of the task once a call took longer;
+/// the other calls always run off the worker.
 pub trait SinkWriter<T>: Send + 'static {
     /// What a restarted job needs to resume this part (see [`Sink::open`]).
     type State: Serialize + DeserializeOwned + Send + 'static;
