@@ -130,6 +130,10 @@ struct Common {
     /// Streaming engine jobs checkpoint at this interval in milliseconds (default: no checkpoints).
     #[arg(long)]
     checkpoint_interval_ms: Option<u64>,
+    /// Streaming engine jobs: a map task pushes what it buffered at least this often, in
+    /// milliseconds (`EngineOptions::linger`, default 5; Flink's counterpart is its buffer timeout).
+    #[arg(long)]
+    linger_ms: Option<u64>,
     /// Runs per workload and mode; the median is reported with min and max.
     #[arg(long, default_value_t = 3)]
     repeat: u32,
@@ -298,6 +302,7 @@ fn params(workload: &str, c: &Common) -> anyhow::Result<Params> {
         same_host: matches!(c.transport, Transport::Auto),
         engine_memory: c.engine_memory.map(|b| b.0 as usize),
         checkpoint_interval: c.checkpoint_interval_ms.map(Duration::from_millis),
+        linger: c.linger_ms.map(Duration::from_millis),
     })
 }
 
@@ -416,6 +421,7 @@ fn suite(args: &SuiteArgs) -> anyhow::Result<()> {
             memory: Some(ByteSize(d.memory.0 / scale)),
             engine_memory: None,
             checkpoint_interval_ms: None,
+            linger_ms: None,
             repeat: args.repeat,
             via: Some(via),
             transport: Transport::Auto,

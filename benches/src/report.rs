@@ -103,12 +103,20 @@ pub fn table(reports: &[RunReport], baseline: Option<&Baseline>) -> String {
         out.push('\n');
         if r.workload == "stream" {
             let get = |k: &str| r.extra.get(k).and_then(serde_json::Value::as_f64).unwrap_or(f64::NAN);
+            let search = if searched(r) {
+                format!(
+                    "max rate with p99 < 100 ms: {:.0} records/s (probes {:.0} s after {:.0} s warm-up)",
+                    get("max_rate"),
+                    get("probe_seconds"),
+                    get("probe_warmup_seconds")
+                )
+            } else {
+                "a rate given, no search".to_string()
+            };
             let _ = writeln!(
                 out,
-                "|   W4 | max rate with p99 < 100 ms: {:.0} records/s (probes {:.0} s after {:.0} s warm-up); at {:.0} records/s ({:.0} s after {:.0} s): p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms | | | | | | | | | | | |{}",
-                get("max_rate"),
-                get("probe_seconds"),
-                get("probe_warmup_seconds"),
+                "|   W4 | {search}; map tasks push at least every {} ms; at {:.0} records/s ({:.0} s after {:.0} s): p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms | | | | | | | | | | | |{}",
+                get("linger_ms"),
                 get("rate"),
                 get("measured_seconds"),
                 get("warmup_seconds"),
@@ -471,7 +479,7 @@ pub fn comparison_table(reports: &[RunReport], peers: &[PeerRun]) -> String {
             r.median_seconds / best.median_seconds
         );
     }
-    if let Some(ours) = reports.iter().find(|r| r.workload == "stream") {
+    if let Some(ours) = reports.iter().find(|r| r.workload == "stream" && searched(r)) {
         let get = |k: &str| ours.extra.get(k).and_then(serde_json::Value::as_f64).unwrap_or(f64::NAN);
         for p in peers.iter().filter(|p| p.workload == "stream") {
             let _ = writeln!(
@@ -495,6 +503,11 @@ pub fn comparison_table(reports: &[RunReport], peers: &[PeerRun]) -> String {
         }
     }
     out
+}
+
+/// Whether a W4 run searched for its maximum rate (rather than running at a rate it was given).
+fn searched(r: &RunReport) -> bool {
+    r.extra.get("searched").and_then(serde_json::Value::as_bool).unwrap_or(true)
 }
 
 /// Every peer figure.

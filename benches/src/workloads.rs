@@ -105,6 +105,8 @@ pub struct Params {
     pub engine_memory: Option<usize>,
     /// Streaming engine jobs checkpoint this often, if set.
     pub checkpoint_interval: Option<Duration>,
+    /// Streaming engine jobs push buffered records at least this often, if not the engine's default.
+    pub linger: Option<Duration>,
 }
 
 /// One workload in one mode, over `repeat` runs.
@@ -346,6 +348,9 @@ fn engine(p: &Params, mut options: EngineOptions) -> anyhow::Result<(Option<Loca
         options.memory = memory;
     }
     options.checkpoints = p.checkpoint_interval.map(engine_adapter::CheckpointOptions::every);
+    if let Some(linger) = p.linger {
+        options.linger = linger;
+    }
     options.replication = p.server.replication();
     if let Some(processes) = p.server.start_processes()? {
         eprintln!("started {processes}");
@@ -729,6 +734,9 @@ pub fn stream(p: &Params, rate: Option<f64>, times: StreamTimes) -> anyhow::Resu
     let elapsed = start.elapsed().as_secs_f64();
     let mut extra = serde_json::Map::new();
     extra.insert("max_rate".into(), serde_json::json!(max_rate));
+    extra.insert("searched".into(), serde_json::json!(rate.is_none()));
+    let linger = p.linger.unwrap_or(EngineOptions::default().linger);
+    extra.insert("linger_ms".into(), serde_json::json!(linger.as_secs_f64() * 1000.0));
     extra.insert("rate".into(), serde_json::json!(measured.rate));
     extra.insert("achieved_rate".into(), serde_json::json!(measured.achieved_rate));
     extra.insert("p50_ms".into(), serde_json::json!(measured.p50_ms));

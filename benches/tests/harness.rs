@@ -60,10 +60,16 @@ fn every_workload_runs_small_through_client_and_engine() {
         &["sort", "--records", "20000", "--repeat", "1", "--json", j],
         &["sort", "--records", "20000", "--repeat", "1", "--via", "engine", "--json", j],
         &["spill", "--records", "60000", "--memory", "4MiB", "--repeat", "1", "--json", j],
-        &["stream", "--rate", "20000", "--seconds", "1", "--warmup", "1", "--json", j],
+        &["stream", "--rate", "20000", "--seconds", "1", "--warmup", "1", "--linger-ms", "2", "--json", j],
     ] {
         let out = bench(args);
         assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        if args[0] == "stream" {
+            // A rate given is not a search, and the table says so.
+            let table = String::from_utf8_lossy(&out.stdout);
+            assert!(table.contains("a rate given, no search; map tasks push at least every 2 ms"), "{table}");
+            assert!(!table.contains("max rate"), "{table}");
+        }
     }
     let runs = json_lines(&json);
     let names: Vec<String> = runs.iter().map(|r| format!("{}/{}/{}", r["workload"], r["via"], r["mode"])).collect();
@@ -73,6 +79,8 @@ fn every_workload_runs_small_through_client_and_engine() {
     for field in ["max_rate", "p50_ms", "p99_ms", "p999_ms"] {
         assert!(stream[field].as_f64().is_some(), "{field} in {stream}");
     }
+    assert_eq!(stream["searched"], false);
+    assert_eq!(stream["linger_ms"].as_f64(), Some(2.0));
 }
 
 #[test]
