@@ -93,9 +93,6 @@ pub(crate) struct KeyMerge {
     heads: BinaryHeap<Head>,
     /// Runs whose first record was put into `heads` (runs are started in order).
     started: usize,
-    /// The run whose head the last call took: its next record goes into
-    /// `heads` before the next one is taken.
-    refill: Option<usize>,
     finished: bool,
     /// Bytes of blocks each run may hold.
     chunk_bytes: usize,
@@ -161,7 +158,6 @@ impl KeyMerge {
             maps,
             heads: BinaryHeap::new(),
             started: 0,
-            refill: None,
             finished: false,
             chunk_bytes,
             files: HashMap::new(),
@@ -183,15 +179,11 @@ impl KeyMerge {
     /// checked. After an error (the copy being read failed) it may be
     /// called again, once [`KeyMerge::resume`] gave it another stream.
     pub(crate) async fn next(&mut self) -> Result<Option<Record>, ClientError> {
-        if let Some(i) = self.refill {
-            self.push_head(i).await?;
-            self.refill = None;
-        }
         while self.started < self.runs.len() {
             self.push_head(self.started).await?;
             self.started += 1;
         }
-        let Some(Reverse((_, key, i, value))) = self.heads.pop() else {
+        let Some(&Reverse((_, _, i, _))) = self.heads.peek() else {
             if !self.finished {
                 self.check_end()?;
                 self.send.finish();
@@ -199,8 +191,17 @@ impl KeyMerge {
             }
             return Ok(None);
         };
-        // Run `i`'s next record is no smaller: it may wait for the next call.
-        self.refill = Some(i);
+        // The smallest head stays in the heap until its run's next record
+        // is at hand (a fetch that fails leaves both where they were), then
+        // that record takes its place with one sift instead of a pop and a
+        // push.
+        let Reverse((_, key, _, value)) = match self.next_of(i).await? {
+            Some(r) => {
+                let mut top = self.heads.peek_mut().expect("the heap had a head before the fetch");
+                std::mem::replace(&mut *top, Reverse((key_prefix(&r.key), r.key, i, r.value)))
+            }
+            None => self.heads.pop().expect("the heap had a head before the fetch"),
+        };
         Ok(Some(Record { key, value }))
     }
 

@@ -21,6 +21,7 @@ use shuffle_protocol::{
 use crate::{
     ClientError, ClientOptions, SortBuffer,
     cluster::ClusterSink,
+    sort_buffer::PREFETCH_AHEAD,
     transport::{FrameReader, SendError, StreamSend, request_frame},
 };
 
@@ -254,6 +255,7 @@ impl MapWriter {
         let mut block = Vec::with_capacity(self.block_size + self.block_size / 8);
         let mut count = 0u32;
         for i in 0..sorted.len() {
+            sorted.prefetch(i + PREFETCH_AHEAD);
             let (partition, k, v) = sorted.record(i);
             if count > 0 && block.len() + record_len(k.len(), v.len()) > self.block_size {
                 let full = std::mem::replace(&mut block, Vec::with_capacity(self.block_size + self.block_size / 8));
