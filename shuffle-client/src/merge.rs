@@ -42,7 +42,7 @@ use std::{
 use bytes::Bytes;
 use shuffle_protocol::{
     Frame, FrameKind, MapCommit, MapId, PartitionId, PartitionTotals, RecordIter, Request, Response, RunInfo,
-    ShuffleId, key_prefix,
+    ShuffleId, key_prefix, prefetch,
 };
 
 use crate::{
@@ -77,6 +77,9 @@ struct RunCursor {
     raw_bytes: u64,
     stored_bytes: u64,
 }
+
+/// Bytes of a run's next record that [`KeyMerge`] prefetches (two cache lines).
+const NEXT_RECORD_PREFETCH: usize = 128;
 
 /// The merge of a partition's runs.
 pub(crate) struct KeyMerge {
@@ -255,6 +258,11 @@ impl KeyMerge {
                 };
                 let record = Record { key: run.current.slice_ref(key), value: run.current.slice_ref(value) };
                 run.offset = run.current.len() - records.remaining_bytes();
+                // This run's next record is read when this one has left the
+                // heap, many records later: by then the block's lines are out
+                // of the caches, so ask for (up to two lines of) it now.
+                let rest = &run.current[run.offset..];
+                prefetch(&rest[..rest.len().min(NEXT_RECORD_PREFETCH)]);
                 return Ok(Some(record));
             }
             self.held -= run.current.len();

@@ -4,7 +4,7 @@
 //! asks for key ordering) and becomes one run. Nothing is allocated per
 //! partition, so R can be in the thousands.
 
-use shuffle_protocol::{PartitionId, key_prefix};
+use shuffle_protocol::{PartitionId, key_prefix, prefetch};
 
 /// How many records ahead of the one being copied [`SortBuffer::prefetch`] is asked for.
 pub const PREFETCH_AHEAD: usize = 16;
@@ -116,23 +116,12 @@ impl SortBuffer {
     /// if there is such a record. Reading the records in sorted order jumps
     /// around an arena far larger than the caches, and every jump would
     /// otherwise wait for memory; a caller copying record `j` prefetches
-    /// record `j + PREFETCH_AHEAD`. Only a hint: it does nothing on targets
-    /// other than x86-64.
+    /// record `j + PREFETCH_AHEAD`. Only a hint (see [`prefetch`]).
     pub fn prefetch(&self, i: usize) {
-        #[cfg(target_arch = "x86_64")]
         if let Some(e) = self.entries.get(i) {
             let start = e.offset as usize;
-            let end = start + (e.key_len + e.value_len) as usize;
-            // The record may span two cache lines (or more, if it is long: the rest streams in).
-            for at in [start, end.saturating_sub(1).max(start)] {
-                let p = self.arena[at..].as_ptr();
-                // SAFETY: a prefetch reads no memory into the program and never
-                // faults; `p` points into the arena anyway.
-                unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast()) };
-            }
+            prefetch(&self.arena[start..start + (e.key_len + e.value_len) as usize]);
         }
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = i;
     }
 
     /// Empties the buffer, keeping its allocations.
@@ -224,6 +213,8 @@ mod tests {
         for i in [0, 2, 3, usize::MAX] {
             b.prefetch(i);
         }
+        // An empty slice has no line to ask for.
+        prefetch(&[]);
         let keys: Vec<&[u8]> = (0..b.len()).map(|i| b.record(i).1).collect();
         assert_eq!(keys, [b"a", b"b", b"c"]);
     }

@@ -36,5 +36,5 @@ pub use message::{
     APP_SECRET_BYTES, AppSecret, ErrorKind, ExchangeMode, MAX_MAPS, MAX_PARTITIONS, MapCommit, MapEnd,
     PROTOCOL_VERSION, Request, Response, RunInfo, ServiceError, ShuffleSpec, SpillStrategy,
 };
-pub use record::{RecordIter, append_record, key_prefix, record_len};
+pub use record::{RecordIter, append_record, key_prefix, prefetch, record_len};
 pub use totals::PartitionTotals;
