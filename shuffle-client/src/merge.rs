@@ -81,6 +81,15 @@ struct RunCursor {
 /// Bytes of a run's next record that [`KeyMerge`] prefetches (two cache lines).
 const NEXT_RECORD_PREFETCH: usize = 128;
 
+/// What a run holds next, without fetching.
+enum Buffered {
+    Record(Record),
+    /// Every block of the run was received and read.
+    RunDone,
+    /// The run's next chunk must be fetched first.
+    NeedsFetch,
+}
+
 /// The merge of a partition's runs.
 pub(crate) struct KeyMerge {
     /// Our side of the stream: `ReadRun` requests.
@@ -194,18 +203,43 @@ impl KeyMerge {
             }
             return Ok(None);
         };
-        // The smallest head stays in the heap until its run's next record
-        // is at hand (a fetch that fails leaves both where they were), then
-        // that record takes its place with one sift instead of a pop and a
-        // push.
-        let Reverse((_, key, _, value)) = match self.next_of(i).await? {
+        let successor = self.next_of(i).await?;
+        Ok(Some(self.take_top(i, successor)))
+    }
+
+    /// The next record in key order when it can be had without waiting:
+    /// every run started and the smallest head's run has its next record at
+    /// hand (or has none left). `None` when [`KeyMerge::next`] must wait
+    /// for a chunk or the merge is at its end; nothing changes then that
+    /// `next` would not have changed. Most records come this way, without
+    /// the nested futures of the waiting path.
+    pub(crate) fn next_at_hand(&mut self) -> Result<Option<Record>, ClientError> {
+        if self.started < self.runs.len() {
+            return Ok(None);
+        }
+        let Some(&Reverse((_, _, i, _))) = self.heads.peek() else { return Ok(None) };
+        let successor = match self.next_buffered_of(i)? {
+            Buffered::Record(r) => Some(r),
+            Buffered::RunDone => None,
+            Buffered::NeedsFetch => return Ok(None),
+        };
+        Ok(Some(self.take_top(i, successor)))
+    }
+
+    /// Takes the smallest head, run `i`'s, out of the heap and puts that
+    /// run's `successor` in its place. The head stays in the heap until its
+    /// successor is at hand (a fetch that fails leaves both where they
+    /// were); the successor replaces it with one sift instead of a pop and
+    /// a push.
+    fn take_top(&mut self, i: usize, successor: Option<Record>) -> Record {
+        let Reverse((_, key, _, value)) = match successor {
             Some(r) => {
-                let mut top = self.heads.peek_mut().expect("the heap had a head before the fetch");
+                let mut top = self.heads.peek_mut().expect("the caller saw run i's head at the top");
                 std::mem::replace(&mut *top, Reverse((key_prefix(&r.key), r.key, i, r.value)))
             }
-            None => self.heads.pop().expect("the heap had a head before the fetch"),
+            None => self.heads.pop().expect("the caller saw run i's head at the top"),
         };
-        Ok(Some(Record { key, value }))
+        Record { key, value }
     }
 
     /// Puts run `i`'s next record, if it has one, into the heap.
@@ -249,6 +283,18 @@ impl KeyMerge {
     /// The next record of run `i`, fetching its next chunk when its blocks are used up.
     async fn next_of(&mut self, i: usize) -> Result<Option<Record>, ClientError> {
         loop {
+            match self.next_buffered_of(i)? {
+                Buffered::Record(r) => return Ok(Some(r)),
+                Buffered::RunDone => return Ok(None),
+                Buffered::NeedsFetch => self.fetch(i).await?,
+            }
+        }
+    }
+
+    /// The next record of run `i` from the blocks it holds. Asking again
+    /// after `NeedsFetch` (before a fetch) answers the same.
+    fn next_buffered_of(&mut self, i: usize) -> Result<Buffered, ClientError> {
+        loop {
             let run = &mut self.runs[i];
             if run.offset < run.current.len() {
                 let mut records = RecordIter::new(&run.current[run.offset..]);
@@ -263,7 +309,7 @@ impl KeyMerge {
                 // of the caches, so ask for (up to two lines of) it now.
                 let rest = &run.current[run.offset..];
                 prefetch(&rest[..rest.len().min(NEXT_RECORD_PREFETCH)]);
-                return Ok(Some(record));
+                return Ok(Buffered::Record(record));
             }
             self.held -= run.current.len();
             run.current = Bytes::new();
@@ -272,10 +318,7 @@ impl KeyMerge {
                 run.current = block;
                 continue;
             }
-            if run.received == run.info.blocks {
-                return Ok(None);
-            }
-            self.fetch(i).await?;
+            return Ok(if run.received == run.info.blocks { Buffered::RunDone } else { Buffered::NeedsFetch });
         }
     }
 

@@ -487,6 +487,13 @@ impl PartitionReader {
     /// [`crate::merge`] for the order of equal keys) —; `None` once the
     /// partition is complete and checked.
     pub async fn next_record(&mut self) -> Result<Option<Record>, ClientError> {
+        // Most records of a key-ordered read are at hand. An error here
+        // recurs on the path below, which knows whether to fail over.
+        if let Some(merge) = &mut self.merge
+            && let Ok(Some(record)) = merge.next_at_hand()
+        {
+            return Ok(Some(record));
+        }
         self.open(true).await?;
         if self.merge.is_some() {
             return self.next_merged().await;
