@@ -817,9 +817,16 @@ mod tests {
                 let mut writes = SinkWrites::default();
                 let mut quick = FnSink(|| {});
                 for _ in 0..1000 {
+                    let started = Instant::now();
                     writes.write(&mut quick, batch()).unwrap();
+                    if started.elapsed() < SLOW_SINK_WRITE {
+                        assert!(!writes.blocking, "quick writes stay in place");
+                    } else {
+                        // This thread was descheduled for a millisecond inside
+                        // the write (a busy machine): it counts as slow.
+                        writes.blocking = false;
+                    }
                 }
-                assert!(!writes.blocking, "quick writes stay in place");
 
                 // The first slow write runs in place: the only worker is busy with it.
                 let ticks_seen = ticks.clone();
