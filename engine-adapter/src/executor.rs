@@ -772,25 +772,11 @@ mod tests {
     use std::sync::atomic::AtomicU64;
 
     use super::*;
-    use crate::task::Event;
+    use crate::{sink::ForEachPart, task::Event};
 
-    /// A part sink whose writes run `f`.
-    struct FnSink<F>(F);
-
-    impl<F: FnMut() + Send> PartSink<u8> for FnSink<F> {
-        fn write(&mut self, _batch: Batch<u8>) -> Result<(), EngineError> {
-            (self.0)();
-            Ok(())
-        }
-        fn snapshot(&mut self, _checkpoint: u64) -> Result<Vec<u8>, EngineError> {
-            Ok(Vec::new())
-        }
-        fn commit(&mut self, _checkpoint: u64) -> Result<(), EngineError> {
-            Ok(())
-        }
-        fn finish(self: Box<Self>) -> Result<(), EngineError> {
-            Ok(())
-        }
+    /// A part sink whose writes (of one record each) run `f`.
+    fn fn_sink(f: impl Fn() + Send + Sync) -> ForEachPart<impl Fn(u32, u8, Duration) + Send + Sync> {
+        ForEachPart { part: 0, f: Arc::new(move |_, _, _| f()) }
     }
 
     fn batch() -> Batch<u8> {
@@ -815,7 +801,7 @@ mod tests {
             };
             tokio::spawn(async move {
                 let mut writes = SinkWrites::default();
-                let mut quick = FnSink(|| {});
+                let mut quick = fn_sink(|| {});
                 for _ in 0..1000 {
                     let started = Instant::now();
                     writes.write(&mut quick, batch()).unwrap();
@@ -830,7 +816,7 @@ mod tests {
 
                 // The first slow write runs in place: the only worker is busy with it.
                 let ticks_seen = ticks.clone();
-                let mut slow = FnSink(move || {
+                let mut slow = fn_sink(move || {
                     let before = ticks_seen.load(Ordering::Relaxed);
                     std::thread::sleep(SLOW_SINK_WRITE * 5);
                     assert_eq!(ticks_seen.load(Ordering::Relaxed), before, "nothing else ran during an in-place write");
@@ -840,7 +826,7 @@ mod tests {
 
                 // Later writes hand the worker over, so the ticker runs meanwhile.
                 let ticks_seen = ticks.clone();
-                let mut waiting = FnSink(move || {
+                let mut waiting = fn_sink(move || {
                     let (before, deadline) =
                         (ticks_seen.load(Ordering::Relaxed), Instant::now() + Duration::from_secs(10));
                     while ticks_seen.load(Ordering::Relaxed) == before {

@@ -181,9 +181,9 @@ impl<T: Value> PartSink<T> for CollectPart<T> {
 }
 
 /// Calls the user's function on every record with its part and age.
-struct ForEachPart<F> {
-    part: u32,
-    f: Arc<F>,
+pub(crate) struct ForEachPart<F> {
+    pub(crate) part: u32,
+    pub(crate) f: Arc<F>,
 }
 
 impl<T: Send, F: Fn(u32, T, Duration) + Send + Sync> PartSink<T> for ForEachPart<F> {
